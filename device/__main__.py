@@ -1,0 +1,5 @@
+import sys
+
+from device.process import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""The work engine: a minimal doorbell -> DMA completion -> MSI-X interrupt block.
+
+It is the lab's stand-in for a real device's work queue: software rings a
+doorbell with a 32-bit cookie, the engine "completes" the work item by DMA-
+writing a completion record into a ring in host memory, then raises an MSI-X
+vector.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
+
+    off    name               access  meaning
+    -----  -----------------  ------  --------------------------------------------------------
+    0x00   ENGINE_ID          RO      0x4C515249 = b"IRQL" (little-endian magic)
+    0x04   ENGINE_VERSION     RO      0x00010000 (major 16 bits . minor 16 bits)
+    0x08   CMPL_BASE_LO       RW      completion ring bus address [31:4] (bits 3:0 read 0)
+    0x0C   CMPL_BASE_HI       RW      completion ring bus address [63:32]
+    0x10   CMPL_RING_ENTRIES  RW      ring size in records; 0 (off) or a power of two,
+                                      other values are ignored
+    0x14   IRQ_VECTOR         RW      MSI-X vector index raised on each completion
+    0x18   DOORBELL           WO      full-DW write = one work item, value = cookie; reads 0
+    0x1C   COMPLETED          RO      work items completed since reset (= next completion_seq)
+    0x20   MSIX_SENT          RO      completion interrupts sent at once
+    0x24   MSIX_PENDED        RO      completion interrupts found masked (PBA bit set instead)
+    other                     -       read 0, writes ignored
+
+Completion record (16 bytes, little-endian), written to
+``CMPL_BASE + (seq % CMPL_RING_ENTRIES) * 16``::
+
+     0               4               8                              16
+    +---------------+---------------+-------------------------------+
+    | u32 cookie    | u32 status=1  | u64 completion_seq (0-based)  |
+    +---------------+---------------+-------------------------------+
+
+A doorbell completes only while Bus Master Enable is set and the ring is
+programmed (CMPL_RING_ENTRIES != 0); otherwise it is dropped, COMPLETED does not
+move and the function counts ``doorbells_dropped``.  The function, not this
+block, turns the record into a DMA MWr followed by the MSI-X MWr.
+"""
+
+from __future__ import annotations
+
+import struct
+
+ENGINE_ID = 0x00
+ENGINE_VERSION = 0x04
+CMPL_BASE_LO = 0x08
+CMPL_BASE_HI = 0x0C
+CMPL_RING_ENTRIES = 0x10
+IRQ_VECTOR = 0x14
+DOORBELL = 0x18
+COMPLETED = 0x1C
+MSIX_SENT = 0x20
+MSIX_PENDED = 0x24
+
+ENGINE_MAGIC = int.from_bytes(b"IRQL", "little")  # 0x4C515249
+ENGINE_VERSION_1_0 = 0x00010000
+
+CMPL_RECORD = struct.Struct("<IIQ")
+CMPL_RECORD_SIZE = CMPL_RECORD.size  # 16
+CMPL_STATUS_DONE = 1
+_ADDR_MASK = (1 << 64) - 1
+
+
+class WorkEngine:
+    """Register file and completion bookkeeping of the work engine."""
+
+    __slots__ = ("cmpl_base", "ring_entries", "irq_vector", "completed", "msix_sent", "msix_pended")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.cmpl_base = 0
+        self.ring_entries = 0
+        self.irq_vector = 0
+        self.completed = 0
+        self.msix_sent = 0
+        self.msix_pended = 0
+
+    def read32(self, off: int) -> int:
+        if off == COMPLETED:
+            return self.completed & 0xFFFFFFFF
+        if off == MSIX_SENT:
+            return self.msix_sent & 0xFFFFFFFF
+        if off == MSIX_PENDED:
+            return self.msix_pended & 0xFFFFFFFF
+        if off == ENGINE_ID:
+            return ENGINE_MAGIC
+        if off == ENGINE_VERSION:
+            return ENGINE_VERSION_1_0
+        if off == CMPL_BASE_LO:
+            return self.cmpl_base & 0xFFFFFFFF
+        if off == CMPL_BASE_HI:
+            return self.cmpl_base >> 32
+        if off == CMPL_RING_ENTRIES:
+            return self.ring_entries
+        if off == IRQ_VECTOR:
+            return self.irq_vector
+        return 0
+
+    def write32(self, off: int, value: int) -> None:
+        """Write a RW register (DOORBELL is the function's business, see ``complete``)."""
+        if off == CMPL_BASE_LO:
+            self.cmpl_base = (self.cmpl_base & ~0xFFFFFFFF) | (value & 0xFFFFFFF0)
+        elif off == CMPL_BASE_HI:
+            self.cmpl_base = (self.cmpl_base & 0xFFFFFFFF) | (value & 0xFFFFFFFF) << 32
+        elif off == CMPL_RING_ENTRIES:
+            if value & (value - 1) == 0:
+                self.ring_entries = value
+        elif off == IRQ_VECTOR:
+            self.irq_vector = value & 0xFFFFFFFF
+
+    @property
+    def ring_ready(self) -> bool:
+        return self.ring_entries != 0
+
+    def complete(self, cookie: int) -> tuple[int, bytes]:
+        """Complete one work item: the (bus address, 16-byte record) to DMA-write.
+
+        The caller checks ``ring_ready`` and Bus Master Enable first.
+        """
+        seq = self.completed
+        self.completed = seq + 1
+        # 64-bit address arithmetic wraps, as in hardware (a hostile base cannot make it overflow)
+        address = (self.cmpl_base + (seq & (self.ring_entries - 1)) * CMPL_RECORD_SIZE) & _ADDR_MASK
+        return address, CMPL_RECORD.pack(cookie & 0xFFFFFFFF, CMPL_STATUS_DONE, seq)

@@ -1,0 +1,280 @@
+"""One PCIe function of the lab device (a PF or an SR-IOV VF).
+
+A function = type-0 config space (PCIe cap v2 with FLR, MSI-X cap) + BAR0::
+
+    BAR0 (16 KiB, 32-bit non-prefetchable memory BAR)
+    +---------+-----------------------------------------------------------+
+    | 0x0000  | work-engine registers (``device.engine``), 0x28 bytes used |
+    | 0x2000  | MSI-X table, 16 bytes per vector (BIR 0, offset 0x2000)    |
+    | 0x3000  | MSI-X PBA (BIR 0, offset 0x3000), read-only                |
+    +---------+-----------------------------------------------------------+
+    holes read 0 and ignore writes
+
+Config space layout of both kinds::
+
+    0x000  type-0 header (PF: BAR0 = 16 KiB; VF: BARs read 0, Vendor/Device ID 0xFFFF)
+    0x040  PCI Express capability v2 (0x3C bytes; DevCap FLR capable)
+    0x07C  MSI-X capability (12 bytes)
+    0x100  PF only: SR-IOV extended capability (added by the device)
+
+VF differences (SR-IOV 1.1 ch. 3.4): Vendor ID and Device ID read 0xFFFF, the
+header BARs are read-only 0 (the VF's BAR space is the PF's VF BAR0 + i * size),
+Command MSE and INTx Disable are read-only 0 (memory decode is the PF's VF MSE),
+only Bus Master Enable is writable.
+
+Functions do not decode addresses: the device maps an MRd/MWr to a function and
+hands over the offset inside BAR0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from device.caps.msix import MsixCap
+from device.caps.pcie import PcieCap
+from device.config import (
+    PCI_BASE_ADDRESS_0,
+    PCI_COMMAND,
+    PCI_COMMAND_MASTER,
+    PCI_COMMAND_MEMORY,
+    PCI_COMMAND_PARITY,
+    PCI_COMMAND_SERR,
+    PCI_COMMAND_INTX_DISABLE,
+    BE_MASK,
+    ConfigSpace,
+)
+from device.emit import Emit, mem_write_dw
+from device.engine import DOORBELL, WorkEngine
+from device.msix import MsixTable
+from fabric.bdf import rid_str
+from fabric.tlp import Tlp
+
+BAR0_SIZE = 0x4000
+ENGINE_OFFSET = 0x0000
+MSIX_TABLE_OFFSET = 0x2000
+MSIX_PBA_OFFSET = 0x3000
+MAX_VECTORS = (MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) // 16  # 256
+
+CLASS_SYSTEM_PERIPHERAL_OTHER = 0x088000  # what IDXD reports
+PF_COMMAND_WMASK = (
+    PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_PARITY | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE
+)
+VF_COMMAND_WMASK = PCI_COMMAND_MASTER
+
+PCIE_CAP_OFFSET = 0x40
+MSIX_CAP_OFFSET = 0x7C
+
+
+class Function:
+    """A PF or VF: config space, MSI-X table/PBA and work engine behind BAR0."""
+
+    __slots__ = (
+        "_rid", "is_vf", "vf_index", "cfg", "pcie", "msix_cap", "msix", "engine", "on_flr",
+        "cfg_reads", "cfg_writes", "mem_reads", "mem_writes", "doorbells", "doorbells_dropped",
+        "dma_writes", "flrs",
+    )
+
+    def __init__(
+        self,
+        rid: int,
+        *,
+        vendor_id: int,
+        device_id: int,
+        vectors: int,
+        is_vf: bool = False,
+        vf_index: int | None = None,
+        revision: int = 1,
+        class_code: int = CLASS_SYSTEM_PERIPHERAL_OTHER,
+        subsystem_vendor_id: int | None = None,
+        subsystem_id: int = 0,
+        on_flr: Callable[["Function"], None] | None = None,
+    ) -> None:
+        if not 1 <= vectors <= MAX_VECTORS:
+            raise ValueError(f"{vectors} MSI-X vectors do not fit between 0x2000 and 0x3000")
+        self._rid = rid & 0xFFFF
+        self.is_vf = is_vf
+        self.vf_index = vf_index
+        self.on_flr = on_flr
+        self.cfg_reads = self.cfg_writes = self.mem_reads = self.mem_writes = 0
+        self.doorbells = self.doorbells_dropped = self.dma_writes = self.flrs = 0
+
+        cfg = self.cfg = ConfigSpace()
+        cfg.init_header(
+            0xFFFF if is_vf else vendor_id,
+            0xFFFF if is_vf else device_id,
+            revision=revision,
+            class_code=class_code,
+            subsystem_vendor_id=vendor_id if subsystem_vendor_id is None else subsystem_vendor_id,
+            subsystem_id=subsystem_id,
+            command_wmask=VF_COMMAND_WMASK if is_vf else PF_COMMAND_WMASK,
+        )
+        if not is_vf:
+            cfg.add_bar(0, BAR0_SIZE)
+        self.pcie = PcieCap(flr_capable=True, on_flr=self.flr)
+        cfg.add_capability(self.pcie, PCIE_CAP_OFFSET)
+        self.msix_cap = MsixCap(
+            vectors,
+            table_bir=0,
+            table_offset=MSIX_TABLE_OFFSET,
+            pba_bir=0,
+            pba_offset=MSIX_PBA_OFFSET,
+            on_control=self._msix_control,
+        )
+        cfg.add_capability(self.msix_cap, MSIX_CAP_OFFSET)
+        cfg.add_hook(PCI_COMMAND, 2, self._command_written)
+        cfg.seal()
+
+        self.msix = MsixTable(vectors, requester_id=self._rid)
+        self.engine = WorkEngine()
+
+    # ---- identity --------------------------------------------------------------------------------
+
+    @property
+    def rid(self) -> int:
+        return self._rid
+
+    @rid.setter
+    def rid(self, value: int) -> None:
+        self._rid = value & 0xFFFF
+        self.msix.requester_id = self._rid
+
+    def __repr__(self) -> str:
+        kind = f"VF{self.vf_index}" if self.is_vf else "PF"
+        return f"<Function {kind} {rid_str(self._rid)}>"
+
+    @property
+    def bar0_address(self) -> int:
+        """PF only: the base programmed in header BAR0."""
+        return self.cfg.bar_address(PCI_BASE_ADDRESS_0)
+
+    # ---- config ----------------------------------------------------------------------------------
+
+    def config_read(self, reg: int, first_be: int = 0xF) -> int:
+        self.cfg_reads += 1
+        return self.cfg.read(reg, first_be)
+
+    def config_write(self, reg: int, value: int, first_be: int = 0xF) -> list[Emit]:
+        """CfgWr; returns MSI-X messages replayed by an MSI-X Enable / Function Mask change."""
+        self.cfg_writes += 1
+        return self.cfg.write(reg, value, first_be)
+
+    def _command_written(self, reg: int, old: int, new: int) -> None:
+        self.msix.bus_master = bool(new & PCI_COMMAND_MASTER)
+
+    def _msix_control(self, enabled: bool, function_mask: bool) -> list[Emit]:
+        return self.msix.set_control(enabled, function_mask)
+
+    # ---- reset -----------------------------------------------------------------------------------
+
+    def flr(self) -> None:
+        """Function Level Reset (PCIe Base 6.6.2): registers, MSI-X and engine to power-on state.
+
+        As on real hardware the BARs and Command register are cleared too;
+        software saves and restores config around an FLR (Linux
+        ``pci_reset_function``).  Counters are statistics and survive.
+        """
+        self.flrs += 1
+        self.cfg.reset()
+        self.msix.reset()
+        self.msix.bus_master = False
+        self.engine.reset()
+        if self.on_flr is not None:
+            self.on_flr(self)
+
+    # ---- BAR0 MMIO -------------------------------------------------------------------------------
+
+    def mmio_read(self, off: int, length: int) -> bytes:
+        """MRd of ``length`` DWs starting at DW-aligned BAR offset ``off``: the CplD payload."""
+        self.mem_reads += 1
+        if length == 1:
+            return self._read_dw(off).to_bytes(4, "little")
+        return b"".join(self._read_dw(off + 4 * i).to_bytes(4, "little") for i in range(length))
+
+    def mmio_write(self, off: int, tlp: Tlp) -> list[Emit]:
+        """MWr at DW-aligned BAR offset ``off``; returns the TLPs it causes (DMA, interrupts)."""
+        self.mem_writes += 1
+        data = tlp.data
+        length = tlp.length
+        if length == 1:
+            return self._write_dw(off, int.from_bytes(data[0:4], "little"), tlp.first_be)
+        out: list[Emit] = []
+        for i in range(length):
+            be = tlp.first_be if i == 0 else (tlp.last_be if i == length - 1 else 0xF)
+            if be:
+                out += self._write_dw(off + 4 * i, int.from_bytes(data[4 * i:4 * i + 4], "little"), be)
+        return out
+
+    def _read_dw(self, off: int) -> int:
+        if off < MSIX_TABLE_OFFSET:
+            return self.engine.read32(off)
+        if off < MSIX_PBA_OFFSET:
+            return self.msix.table_read(off - MSIX_TABLE_OFFSET)
+        if off < BAR0_SIZE:
+            return self.msix.pba_read(off - MSIX_PBA_OFFSET)
+        return 0
+
+    def _write_dw(self, off: int, value: int, be: int) -> list[Emit]:
+        if off < MSIX_TABLE_OFFSET:
+            if off == DOORBELL:
+                # Only a full-DW write carries a cookie; a partial one is ignored.
+                return self.doorbell(value) if be == 0xF else []
+            if be != 0xF:
+                m = BE_MASK[be]
+                value = (self.engine.read32(off) & ~m) | (value & m)
+            self.engine.write32(off, value)
+            return []
+        if off < MSIX_PBA_OFFSET:
+            off -= MSIX_TABLE_OFFSET
+            if be != 0xF:
+                m = BE_MASK[be]
+                value = (self.msix.table_read(off) & ~m) | (value & m)
+            return self.msix.table_write(off, 4, value)
+        return []  # PBA and holes: read-only / ignored
+
+    # ---- work engine -----------------------------------------------------------------------------
+
+    def doorbell(self, cookie: int) -> list[Emit]:
+        """One work item: ``[DMA MWr of the completion record, MSI-X MWr]`` in that order.
+
+        Nothing at all without Bus Master Enable or a programmed ring
+        (``doorbells_dropped``).  The interrupt may be pended (masked vector),
+        in which case only the DMA write is returned.
+        """
+        self.doorbells += 1
+        engine = self.engine
+        msix = self.msix
+        if not msix.bus_master or not engine.ring_entries:
+            self.doorbells_dropped += 1
+            return []
+        address, record = engine.complete(cookie)
+        self.dma_writes += 1
+        out = [Emit(mem_write_dw(address, record, self._rid), None)]
+        vector = engine.irq_vector
+        irq = msix.notify(vector)
+        if irq is not None:
+            engine.msix_sent += 1
+            out.append(irq)
+        elif vector < msix.nvectors and msix.is_pending(vector):
+            engine.msix_pended += 1
+        return out
+
+    # ---- observation -----------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Monotonic statistics (they survive FLR), for the control interface."""
+        m = self.msix
+        return {
+            "cfg_reads": self.cfg_reads,
+            "cfg_writes": self.cfg_writes,
+            "mem_reads": self.mem_reads,
+            "mem_writes": self.mem_writes,
+            "doorbells": self.doorbells,
+            "doorbells_dropped": self.doorbells_dropped,
+            "dma_writes": self.dma_writes,
+            "flrs": self.flrs,
+            "msix_sent": m.sent,
+            "msix_pended": m.pended,
+            "msix_replayed": m.replayed,
+            "blocked_no_bme": m.blocked_no_bme,
+            "msix_invalid_vector": m.invalid_vector,
+        }

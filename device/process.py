@@ -1,0 +1,110 @@
+"""The device process shell: one physical device model behind one port.
+
+Run as ``python -m device --runtime DIR --name d0`` with the registration token
+in ``IRQLAB_TOKEN``.  Every TLP from the link goes to ``handle_tlp``; what the
+model returns is sent in list order on the one socket, which is what keeps a
+completion record's DMA write ahead of the interrupt that announces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+from device.sriov_device import SriovDevice
+from fabric import wire
+from fabric.loop import die_with_parent, run
+from fabric.port import Port
+from fabric.tlp import Tlp, TlpError
+
+
+class DeviceShell:
+    def __init__(self, cfg: dict, port: Port):
+        self.port = port
+        self.model = SriovDevice(total_vfs=int(cfg.get("total_vfs", 4)),
+                                 pf_vectors=int(cfg.get("pf_vectors", 8)),
+                                 vf_vectors=int(cfg.get("vf_vectors", 4)))
+        self.bad_tlps = 0
+        self.stop = asyncio.get_running_loop().create_future()
+        self._ops = {"stats": self.op_stats, "flr": self.op_flr, "shutdown": self.op_shutdown}
+
+    def on_message(self, msg: list) -> None:
+        kind = msg[0]
+        if kind == wire.TLP:
+            try:
+                tlp = Tlp.unpack(msg[1])
+            except TlpError:
+                self.bad_tlps += 1
+                return
+            emits = self.model.handle_tlp(tlp)
+            if emits:
+                send = self.port.send
+                for e in emits:
+                    if e.origin is None:
+                        send(wire.tlp(e.tlp.pack()))
+                    else:
+                        send(wire.tlp(e.tlp.pack(), e.origin, time.monotonic_ns()))
+        elif kind == wire.CTL:
+            try:
+                c = wire.as_ctl(msg)
+            except wire.WireError:
+                return
+            op = self._ops.get(c.op)
+            if op is None:
+                self.port.reply(c.req_id, False, f"device: unknown op {c.op!r} (known: {sorted(self._ops)})")
+                return
+            try:
+                self.port.reply(c.req_id, True, op(c.args))
+            except (KeyError, ValueError, TypeError) as exc:
+                self.port.reply(c.req_id, False, f"device: {c.op}: {exc}")
+
+    def op_stats(self, args: dict) -> dict:
+        snap = self.model.snapshot()
+        snap["shell"] = {"bad_tlps": self.bad_tlps, "port_malformed": self.port.malformed}
+        return snap
+
+    def op_flr(self, args: dict) -> bool:
+        return self.model.function_level_reset(int(args["rid"]))
+
+    def op_shutdown(self, args: dict) -> bool:
+        asyncio.get_running_loop().call_soon(lambda: self.stop.done() or self.stop.set_result("shutdown"))
+        return True
+
+
+async def main_async(cfg: dict, token: str, name: str) -> int:
+    shell: DeviceShell | None = None
+    port = Port(cfg["endpoint"], token, name, on_message=lambda m: shell.on_message(m) if shell else None)
+    await port.connect()
+    shell = DeviceShell(cfg, port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: shell.stop.done() or shell.stop.set_result(signal.Signals(s).name))
+    port.event("ready", {"buses": port.info.get("buses")})
+    why = await shell.stop
+    await asyncio.sleep(0.05)
+    port.close()
+    print(f"device {name}: stopped ({why})", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m device", description="irqlab device: one PCIe device model")
+    ap.add_argument("--runtime", required=True, help="runtime directory written by launch.py")
+    ap.add_argument("--name", required=True)
+    args = ap.parse_args(argv)
+    die_with_parent()
+    with open(os.path.join(args.runtime, f"{args.name}.json")) as f:
+        cfg = json.load(f)
+    rc = 0
+
+    async def go():
+        nonlocal rc
+        rc = await main_async(cfg, os.environ.get("IRQLAB_TOKEN", ""), args.name)
+
+    run(go())
+    return rc

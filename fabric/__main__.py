@@ -1,0 +1,5 @@
+import sys
+
+from fabric.process import main
+
+sys.exit(main())

@@ -1,0 +1,639 @@
+"""The fabric model: root complex, switch ports, IOMMU and IR unit of one machine.
+
+Pure and synchronous: ``Fabric.on_frame(identity, frame)`` takes one frame as the
+ROUTER received it and calls ``send(identity, frame)`` for every frame it emits.
+The process shell (``fabric.process``) owns the socket; tests drive this class
+directly with a list as the send function.
+
+Theory of operation
+-------------------
+*Ports.*  Every process registers with a one-time token the launcher issued for
+its role; the token table says which name and role it gets and, for a device,
+which bus range sits behind its port (the port's secondary..subordinate buses).
+From then on a frame's sender is its ZeroMQ routing identity, never anything the
+frame says.
+
+*Stamping.*  A TLP from a CPU-side port (the host) is a root-complex request:
+the fabric overwrites its requester ID with 00:00.0 and, for non-posted
+requests, replaces its tag with a root-complex tag so that the completion can be
+routed back to the port that asked.  A TLP from a device port must carry a
+requester (or completer) ID inside the port's bus range — PCIe ACS Source
+Validation; anything else is dropped and counted as ``spoofed_rid``.
+
+*Routing.*
+  - CfgRd0/CfgWr0 by the target's bus to the device port owning it; no such port
+    gives the root complex's UR completion.
+  - Memory requests from a CPU port by address through the BAR windows the host
+    programmed (``window.set``); a miss is a master abort (UR for reads).
+  - Completions by requester ID: 00:00.0 through the root-complex tag table,
+    anything else to the device port owning that bus.
+  - Memory requests from a device port: a DWORD MWr to 0xFEE0_0000-0xFEEF_FFFF is an
+    interrupt request and goes to the IR unit, which delivers it to the CPU port
+    owning the destination APIC ID (``IRQ`` frame) or records a fault; any other
+    address is DMA and goes through the IOMMU context of the requester (pass-through
+    to the host's RAM, or blocked with a DMA fault).
+
+*Robustness.*  Nothing a peer sends can raise out of ``on_frame``: malformed,
+oversized, unauthorized and spoofed frames are dropped and counted per reason,
+and the sender is told with a ``DROPPED`` frame at exponentially spaced counts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fabric import tlp as T
+from fabric import wire
+from fabric.bdf import rid_str
+from fabric.dmar import FaultLog, FaultReason, FaultRecord
+from fabric.ir import Irte, InterruptRemapper, IrFault, Passthrough, Posted, Remapped
+
+MSI_LO = 0xFEE0_0000
+MSI_HI = 0xFEEF_FFFF
+
+ROLES = ("host", "device", "guest", "control")
+
+_MWR = (T.TlpType.MEM_WRITE, T.TlpType.MEM_WRITE_64)
+_MRD = (T.TlpType.MEM_READ, T.TlpType.MEM_READ_64)
+_CFG = (T.TlpType.CFG_READ_0, T.TlpType.CFG_WRITE_0)
+_CPL = (T.TlpType.CPL, T.TlpType.CPL_DATA)
+_MWR32, _MWR64 = int(T.TlpType.MEM_WRITE), int(T.TlpType.MEM_WRITE_64)
+_MRD32, _MRD64 = int(T.TlpType.MEM_READ), int(T.TlpType.MEM_READ_64)
+_CFGRD, _CFGWR = int(T.TlpType.CFG_READ_0), int(T.TlpType.CFG_WRITE_0)
+_CPLT, _CPLD = int(T.TlpType.CPL), int(T.TlpType.CPL_DATA)
+
+ROOT_COMPLEX_RID = 0x0000
+RC_TAGS = 256
+
+
+# In-place header edits for the routing hot path.  ``peek`` has already checked
+# framing, so these touch known byte offsets (tlp.py's layout map): DW0 byte 1
+# holds T9 (bit 7) and T8 (bit 3); a request's DW1 is Requester ID | Tag[7:0];
+# a completion's DW1 is Completer ID, its DW2 Requester ID | Tag[7:0].
+
+def _request_tag(raw: bytes, off: int) -> int:
+    b1 = raw[off + 1]
+    return ((b1 & 0x80) << 2) | ((b1 & 0x08) << 5) | raw[off + 6]
+
+
+def _stamp_request(raw: bytes, off: int, rid: int, tag: int) -> bytes:
+    """Set requester ID and an 8-bit tag (T8/T9 cleared)."""
+    out = bytearray(raw)
+    out[off + 1] &= 0x77
+    out[off + 4] = rid >> 8
+    out[off + 5] = rid & 0xFF
+    out[off + 6] = tag
+    return bytes(out)
+
+
+def _stamp_completion_tag(raw: bytes, tag: int) -> bytes:
+    """Restore a completion's 10-bit tag (completions carry no prefix)."""
+    out = bytearray(raw)
+    out[1] = (out[1] & 0x77) | ((tag >> 2) & 0x80) | ((tag >> 5) & 0x08)
+    out[10] = tag & 0xFF
+    return bytes(out)
+
+
+def _stamp_completer(raw: bytes, cid: int) -> bytes:
+    out = bytearray(raw)
+    out[4] = cid >> 8
+    out[5] = cid & 0xFF
+    return bytes(out)
+
+
+def _stamp_requester(raw: bytes, off: int, rid: int) -> bytes:
+    out = bytearray(raw)
+    out[off + 4] = rid >> 8
+    out[off + 5] = rid & 0xFF
+    return bytes(out)
+
+
+@dataclass
+class PeerSpec:
+    """What the launcher authorized for one token."""
+
+    name: str
+    role: str
+    buses: tuple[int, int] | None = None  # device ports: (secondary, subordinate)
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    spec: PeerSpec
+    rx: int = 0
+    drops: Counter = field(default_factory=Counter)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+
+@dataclass
+class Platform:
+    """Platform capabilities (topology ``[platform]``)."""
+
+    ir: bool = True                 # an interrupt-remapping unit exists
+    ir_entries: int = 65536
+    fault_records: int = 8
+    max_bus: int = 32               # buses the host scans
+    limits: dict = field(default_factory=dict)
+
+
+class Fabric:
+    """Root complex + IOMMU + IR unit; see the module docstring."""
+
+    def __init__(self, specs: dict[str, PeerSpec], platform: Platform | None = None,
+                 send: Callable[[bytes, bytes], None] | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 on_fault: Callable[[FaultRecord], None] | None = None):
+        self.platform = platform or Platform()
+        self._tokens = dict(specs)          # token -> spec; consumed on registration
+        self.send = send or (lambda ident, frame: None)
+        self.clock = clock
+        self.on_fault = on_fault or (lambda rec: None)
+        self.peers: dict[bytes, Peer] = {}
+        self.by_name: dict[str, Peer] = {}
+        self.controls: list[Peer] = []
+        self.bus_owner: list[Peer | None] = [None] * 256
+        # BAR windows: parallel sorted lists of base, (limit, peer)
+        self._win_base: list[int] = []
+        self._win: list[tuple[int, int, Peer]] = []
+        self.apic_owner: dict[int, Peer] = {}
+        self.ram: list[tuple[int, int, Peer]] = []        # host RAM ranges
+        self.context: dict[int, str] = {}                 # RID -> "pt" | "block"
+        self.fault_log = FaultLog(self.platform.fault_records)
+        self.ir = InterruptRemapper(entries=self.platform.ir_entries, fault_log=self.fault_log)
+        self._rc_free = list(range(RC_TAGS - 1, -1, -1))
+        self._rc_tags: list[tuple[Peer, int] | None] = [None] * RC_TAGS
+        self._ctl_routes: dict[int, tuple[Peer, int]] = {}
+        self._ctl_seq = 0
+        self.counters: Counter = Counter()
+        # hot counters as attributes
+        self.tlps = 0
+        self.irqs_delivered = 0
+        self.dma_tlps = 0
+        self.shutdown_requested = False
+        self._faults_seen = 0
+
+        self._by_role = {
+            "device": {wire.TLP: self._device_tlp, wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep},
+            "host": {wire.TLP: self._cpu_tlp, wire.REG: self._reg, wire.EVENT: self._event,
+                     wire.CTL_REP: self._ctl_rep},
+            "guest": {wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep},
+            "control": {wire.CTL: self._ctl},
+        }
+        self._reg_ops: dict[str, Callable[[Peer, dict], Any]] = {
+            "window.set": self._reg_window_set,
+            "window.clear": self._reg_window_clear,
+            "cpus.bind": self._reg_cpus_bind,
+            "ram.set": self._reg_ram_set,
+            "context.set": self._reg_context_set,
+            "irte.write": self._reg_irte_write,
+            "irte.clear": self._reg_irte_clear,
+            "ir.enable": self._reg_ir_enable,
+            "ir.cfi": self._reg_ir_cfi,
+            "faults.drain": self._reg_faults_drain,
+        }
+
+    # ------------------------------------------------------------------
+    # entry point
+
+    def on_frame(self, identity: bytes, frame: bytes) -> None:
+        """Handle one frame from ``identity``.  Never raises on peer input."""
+        peer = self.peers.get(identity)
+        if peer is None:
+            self._unregistered(identity, frame)
+            return
+        peer.rx += 1
+        limit = wire.MAX_CONTROL_FRAME if peer.spec.role in ("host", "control") else wire.MAX_DATA_FRAME
+        if len(frame) > limit:
+            self._drop(peer, "oversized")
+            return
+        try:
+            msg = wire.decode(frame)
+        except wire.WireError:
+            self._drop(peer, "malformed")
+            return
+        handler = self._by_role[peer.spec.role].get(msg[0])
+        if handler is None:
+            self._drop(peer, "unauthorized")
+            return
+        try:
+            handler(peer, msg)
+        except (T.TlpError, wire.WireError):
+            self._drop(peer, "malformed")
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+            # A hostile value that got past the type checks; never let it kill the bus.
+            self.counters[f"rejected:{type(exc).__name__}"] += 1
+            self._drop(peer, "invalid")
+
+    def on_multipart(self, parts: list[bytes]) -> None:
+        """Shell entry: a ROUTER message is [identity, frame]; anything else is malformed."""
+        if len(parts) == 2:
+            self.on_frame(parts[0], parts[1])
+            return
+        peer = self.peers.get(parts[0]) if parts else None
+        if peer is not None:
+            self._drop(peer, "multipart")
+        else:
+            self.counters["drop:unregistered"] += 1
+
+    # ------------------------------------------------------------------
+    # registration
+
+    def _unregistered(self, identity: bytes, frame: bytes) -> None:
+        if len(frame) > 4096:
+            self.counters["drop:unregistered"] += 1
+            return
+        try:
+            msg = wire.decode(frame)
+            if msg[0] != wire.HELLO:
+                raise wire.WireError("not HELLO")
+            hello = wire.as_hello(msg)
+        except wire.WireError:
+            self.counters["drop:unregistered"] += 1
+            self.send(identity, wire.refused("register with HELLO and a token first"))
+            return
+        if hello.version != wire.PROTOCOL_VERSION:
+            self.counters["refused:version"] += 1
+            self.send(identity, wire.refused(f"protocol version {hello.version} != {wire.PROTOCOL_VERSION}"))
+            return
+        spec = self._tokens.get(hello.token)
+        if spec is None or spec.name != hello.name:
+            self.counters["refused:token"] += 1
+            self.send(identity, wire.refused("unknown, used or mismatched token"))
+            return
+        del self._tokens[hello.token]
+        peer = Peer(identity, spec)
+        self.peers[identity] = peer
+        self.by_name[spec.name] = peer
+        info: dict[str, Any] = {"role": spec.role, "name": spec.name}
+        if spec.role == "device" and spec.buses:
+            lo, hi = spec.buses
+            for b in range(lo, hi + 1):
+                self.bus_owner[b] = peer
+            info["buses"] = [lo, hi]
+        elif spec.role == "host":
+            info["max_bus"] = self.platform.max_bus
+            info["ir"] = self.platform.ir
+            info["ir_entries"] = self.platform.ir_entries
+        elif spec.role == "control":
+            self.controls.append(peer)
+        self.counters["registered"] += 1
+        self.send(identity, wire.welcome(spec.name, info))
+        self._broadcast_event("fabric", "registered", {"peer": spec.name, "role": spec.role})
+
+    # ------------------------------------------------------------------
+    # drops
+
+    def _drop(self, peer: Peer, reason: str) -> None:
+        peer.drops[reason] += 1
+        self.counters[f"drop:{reason}"] += 1
+        n = peer.drops[reason]
+        if n & (n - 1) == 0:  # 1, 2, 4, 8, ... : tell the sender without amplifying a flood
+            self.send(peer.identity, wire.dropped(reason, n))
+
+    # ------------------------------------------------------------------
+    # TLPs from device ports
+
+    def _device_tlp(self, peer: Peer, msg: list) -> None:
+        raw = msg[1]
+        if type(raw) is not bytes:
+            raise wire.WireError("TLP payload is not bytes")
+        ftype, off, rid, addr = T.peek(raw)
+        lo, hi = peer.spec.buses or (0, -1)
+        # ACS Source Validation: a request's requester ID, a completion's completer ID.
+        source = addr if (ftype == _CPLT or ftype == _CPLD) else rid
+        if not lo <= (source >> 8) <= hi:
+            self._drop(peer, "spoofed_rid")
+            return
+        self.tlps += 1
+        if ftype == _MWR32 or ftype == _MWR64:
+            if MSI_LO <= addr <= MSI_HI:
+                self._interrupt(peer, raw, off, ftype, rid, addr, msg[2], msg[3])
+            else:
+                self._dma(peer, raw, rid, addr, True)
+        elif ftype == _MRD32 or ftype == _MRD64:
+            self._dma(peer, raw, rid, addr, False)
+        elif ftype == _CPLT or ftype == _CPLD:
+            self._completion(peer, raw, rid)
+        else:
+            self._drop(peer, "unsupported_tlp")
+
+    def _interrupt(self, peer: Peer, raw: bytes, off: int, ftype: int, rid: int, addr: int,
+                   origin: Any, t_ns: Any) -> None:
+        hdr = 12 if ftype == _MWR32 else 16
+        if len(raw) != off + hdr + 4 or raw[off + 7] & 0xFF != 0x0F:
+            # An interrupt request is exactly one DWORD with all bytes enabled.
+            self._ir_fault(rid, FaultReason.IR_REQ_RSVD, 0, addr, 0, T.prefix_pasid(raw), "not a DWORD write")
+            return
+        data = int.from_bytes(raw[off + hdr:off + hdr + 4], "little")
+        pasid = T.prefix_pasid(raw) if off else None
+        res = self.ir.remap(rid, addr, data, pasid)
+        if type(res) is Remapped or type(res) is Passthrough:
+            dest = self.apic_owner.get(res.dest_id)
+            if dest is None:
+                self.counters["irq:no_cpu"] += 1
+                return
+            self.irqs_delivered += 1
+            self.send(dest.identity, wire.irq(res.dest_id, res.vector, origin if type(origin) is int else None,
+                                              t_ns if type(t_ns) is int else 0,
+                                              res.index if type(res) is Remapped else -1))
+        elif type(res) is IrFault:
+            self.counters[f"irq:fault:0x{int(res.reason):02x}"] += 1
+            self._announce(FaultRecord(res.reason, rid, "intr", index=res.index & 0xFFFF))
+        else:  # Posted: not on this platform yet
+            self.counters["irq:posted_unsupported"] += 1
+
+    def _ir_fault(self, rid: int, reason: int, index: int, addr: int, data: int, pasid, detail: str) -> None:
+        rec = FaultRecord(reason, rid, "intr", index=index, detail={"addr": addr, "data": data, "why": detail})
+        self.fault_log.record(rec)
+        self.counters[f"irq:fault:0x{int(reason):02x}"] += 1
+        self._announce(rec)
+
+    def _dma(self, peer: Peer, raw: bytes, rid: int, addr: int, write: bool) -> None:
+        self.dma_tlps += 1
+        mode = self.context.get(rid)
+        if mode != "pt":
+            reason = FaultReason.CONTEXT_ENTRY_P if mode is None else FaultReason.CONTEXT_ENTRY_TT
+            self._dma_fault(peer, raw, rid, addr, write, reason)
+            return
+        owner = self._ram_owner(addr)
+        if owner is None:
+            self.counters["dma:unmapped"] += 1
+            if not write:
+                self._ur_to_device(peer, raw)
+            return
+        self.send(owner.identity, wire.tlp(raw))
+
+    def _dma_fault(self, peer: Peer, raw: bytes, rid: int, addr: int, write: bool, reason: int) -> None:
+        rec = FaultRecord(reason, rid, "dma-write" if write else "dma-read",
+                          addr=addr & 0xFFFF_FFFF_FFFF_FFFF, pasid=T.prefix_pasid(raw))
+        self.fault_log.record(rec)
+        self.counters[f"dma:fault:0x{int(reason):02x}"] += 1
+        self._announce(rec)
+        if not write:
+            self._ur_to_device(peer, raw)
+
+    def _ur_to_device(self, peer: Peer, raw: bytes) -> None:
+        req = T.Tlp.unpack(raw)
+        cpl = T.Tlp.completion(req, ROOT_COMPLEX_RID, T.CplStatus.UR)
+        self.send(peer.identity, wire.tlp(cpl.pack()))
+
+    def _ram_owner(self, addr: int) -> Peer | None:
+        for base, limit, owner in self.ram:
+            if base <= addr <= limit:
+                return owner
+        return None
+
+    # ------------------------------------------------------------------
+    # TLPs from CPU ports (the host)
+
+    def _cpu_tlp(self, peer: Peer, msg: list) -> None:
+        raw = msg[1]
+        if type(raw) is not bytes:
+            raise wire.WireError("TLP payload is not bytes")
+        ftype, off, rid, addr = T.peek(raw)
+        self.tlps += 1
+        if ftype == _CFGRD or ftype == _CFGWR:
+            target = addr >> 16
+            dest = self.bus_owner[target >> 8]
+            if dest is None:
+                self._rc_ur(peer, raw)
+                return
+            self._forward_nonposted(peer, dest, raw, off)
+        elif ftype == _MWR32 or ftype == _MWR64:
+            dest = self._window(addr)
+            if dest is None:
+                self.counters["mmio:master_abort"] += 1
+                return
+            self.send(dest.identity, wire.tlp(_stamp_requester(raw, off, ROOT_COMPLEX_RID)))
+        elif ftype == _MRD32 or ftype == _MRD64:
+            dest = self._window(addr)
+            if dest is None:
+                self.counters["mmio:master_abort"] += 1
+                self._rc_ur(peer, raw)
+                return
+            self._forward_nonposted(peer, dest, raw, off)
+        elif ftype == _CPLT or ftype == _CPLD:
+            # The host's memory answering a device's DMA read: route by requester ID.
+            dest = self.bus_owner[(rid >> 8) & 0xFF]
+            if dest is None:
+                self._drop(peer, "unroutable_completion")
+                return
+            self.send(dest.identity, wire.tlp(_stamp_completer(raw, ROOT_COMPLEX_RID)))
+        else:
+            self._drop(peer, "unsupported_tlp")
+
+    def _forward_nonposted(self, peer: Peer, dest: Peer, raw: bytes, off: int) -> None:
+        if not self._rc_free:
+            self._drop(peer, "rc_tags_exhausted")
+            return
+        tag = self._rc_free.pop()
+        self._rc_tags[tag] = (peer, _request_tag(raw, off))
+        self.send(dest.identity, wire.tlp(_stamp_request(raw, off, ROOT_COMPLEX_RID, tag)))
+
+    def _rc_ur(self, peer: Peer, raw: bytes) -> None:
+        """The root complex completes a request nobody decodes with Unsupported Request."""
+        req = T.Tlp.unpack(raw)
+        cpl = T.Tlp.completion(req, ROOT_COMPLEX_RID, T.CplStatus.UR)
+        self.counters["rc:ur"] += 1
+        self.send(peer.identity, wire.tlp(cpl.pack()))
+
+    def _completion(self, peer: Peer, raw: bytes, requester: int) -> None:
+        if requester == ROOT_COMPLEX_RID:
+            tag = raw[10]
+            entry = self._rc_tags[tag] if tag < RC_TAGS else None
+            if entry is None:
+                self._drop(peer, "unexpected_completion")
+                return
+            dest, orig_tag = entry
+            self._rc_tags[tag] = None
+            self._rc_free.append(tag)
+            self.send(dest.identity, wire.tlp(_stamp_completion_tag(raw, orig_tag)))
+            return
+        dest = self.bus_owner[(requester >> 8) & 0xFF]
+        if dest is None:
+            self._drop(peer, "unroutable_completion")
+            return
+        self.send(dest.identity, wire.tlp(raw))
+
+    def _window(self, addr: int) -> Peer | None:
+        i = bisect.bisect_right(self._win_base, addr) - 1
+        if i >= 0:
+            base, limit, peer = self._win[i]
+            if addr <= limit:
+                return peer
+        return None
+
+    # ------------------------------------------------------------------
+    # privileged register interface (host only)
+
+    def _reg(self, peer: Peer, msg: list) -> None:
+        r = wire.as_reg(msg)
+        op = self._reg_ops.get(r.op)
+        if op is None:
+            self.send(peer.identity, wire.reg_ack(r.seq, False, f"unknown register op {r.op!r}"))
+            return
+        try:
+            result = op(peer, r.args)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.send(peer.identity, wire.reg_ack(r.seq, False, f"{r.op}: {exc}"))
+            return
+        self.send(peer.identity, wire.reg_ack(r.seq, True, result))
+
+    def _reg_window_set(self, peer: Peer, a: dict) -> None:
+        base, size, rid = int(a["base"]), int(a["size"]), int(a["rid"])
+        if size <= 0 or base < 0 or base + size > 1 << 64:
+            raise ValueError(f"bad window base 0x{base:x} size 0x{size:x}")
+        dest = self.bus_owner[(rid >> 8) & 0xFF]
+        if dest is None:
+            raise ValueError(f"no device port owns {rid_str(rid)}")
+        limit = base + size - 1
+        for b, lim, _ in self._win:
+            if base <= lim and b <= limit:
+                if b == base and lim == limit:
+                    break
+                raise ValueError(f"window 0x{base:x}-0x{limit:x} overlaps 0x{b:x}-0x{lim:x}")
+        self._window_remove(base)
+        i = bisect.bisect_left(self._win_base, base)
+        self._win_base.insert(i, base)
+        self._win.insert(i, (base, limit, dest))
+
+    def _window_remove(self, base: int) -> bool:
+        i = bisect.bisect_left(self._win_base, base)
+        if i < len(self._win_base) and self._win_base[i] == base:
+            del self._win_base[i]
+            del self._win[i]
+            return True
+        return False
+
+    def _reg_window_clear(self, peer: Peer, a: dict) -> bool:
+        return self._window_remove(int(a["base"]))
+
+    def _reg_cpus_bind(self, peer: Peer, a: dict) -> None:
+        for apic in a["apic_ids"]:
+            self.apic_owner[int(apic)] = peer
+
+    def _reg_ram_set(self, peer: Peer, a: dict) -> None:
+        base, size = int(a["base"]), int(a["size"])
+        self.ram = [r for r in self.ram if r[2] is not peer] + [(base, base + size - 1, peer)]
+
+    def _reg_context_set(self, peer: Peer, a: dict) -> None:
+        rid, mode = int(a["rid"]), str(a["mode"])
+        if mode not in ("pt", "block"):
+            raise ValueError(f"context mode {mode!r} (expected 'pt' or 'block')")
+        if not 0 <= rid <= 0xFFFF:
+            raise ValueError(f"RID 0x{rid:x}")
+        self.context[rid] = mode
+
+    def _reg_irte_write(self, peer: Peer, a: dict) -> None:
+        index = int(a["index"])
+        raw = int(a["lo"]) | (int(a["hi"]) << 64)
+        self.ir.write_irte(index, raw)
+
+    def _reg_irte_clear(self, peer: Peer, a: dict) -> None:
+        self.ir.clear_irte(int(a["index"]))
+
+    def _reg_ir_enable(self, peer: Peer, a: dict) -> None:
+        self.ir.set_ir_enabled(bool(a["on"]))
+
+    def _reg_ir_cfi(self, peer: Peer, a: dict) -> None:
+        self.ir.set_cfi(bool(a["on"]))
+
+    def _reg_faults_drain(self, peer: Peer, a: dict) -> list[str]:
+        return [rec.line() for rec in self.fault_log.drain()]
+
+    # ------------------------------------------------------------------
+    # faults
+
+    def _announce(self, rec: FaultRecord) -> None:
+        """Tell the shell about a reported fault (not about FPD-suppressed ones)."""
+        log = self.fault_log
+        seen = log.recorded + log.overflow
+        if seen != self._faults_seen:
+            self._faults_seen = seen
+            self.on_fault(rec)
+
+    # ------------------------------------------------------------------
+    # control plane
+
+    def _ctl(self, peer: Peer, msg: list) -> None:
+        c = wire.as_ctl(msg)
+        if c.peer == "fabric":
+            try:
+                result = self.control(c.op, c.args)
+                self.send(peer.identity, wire.ctl_rep(c.req_id, True, result))
+            except (ValueError, KeyError, TypeError) as exc:
+                self.send(peer.identity, wire.ctl_rep(c.req_id, False, f"fabric: {c.op}: {exc}"))
+            return
+        dest = self.by_name.get(c.peer)
+        if dest is None or dest.role == "control":
+            self.send(peer.identity, wire.ctl_rep(c.req_id, False, f"no such peer {c.peer!r}"))
+            return
+        self._ctl_seq += 1
+        self._ctl_routes[self._ctl_seq] = (peer, c.req_id)
+        self.send(dest.identity, wire.ctl(self._ctl_seq, peer.name, c.op, c.args))
+
+    def _ctl_rep(self, peer: Peer, msg: list) -> None:
+        route = self._ctl_routes.pop(msg[1], None) if type(msg[1]) is int else None
+        if route is None:
+            self._drop(peer, "unexpected_reply")
+            return
+        ctl_peer, req_id = route
+        self.send(ctl_peer.identity, wire.ctl_rep(req_id, bool(msg[2]), msg[3]))
+
+    def _event(self, peer: Peer, msg: list) -> None:
+        kind, data = msg[2], msg[3]
+        if type(kind) is not str or type(data) is not dict:
+            raise wire.WireError("EVENT fields have the wrong types")
+        self._broadcast_event(peer.name, kind, data)
+
+    def _broadcast_event(self, name: str, kind: str, data: dict) -> None:
+        if self.controls:
+            frame = wire.event(name, kind, data)
+            for c in self.controls:
+                self.send(c.identity, frame)
+
+    def control(self, op: str, args: dict) -> Any:
+        """Operations the fabric itself answers on the control interface."""
+        if op == "counters":
+            return self.snapshot()
+        if op == "faults":
+            return {"lines": self.fault_lines(), "totals": {f"0x{int(k):02x}": v for k, v in self.fault_log.totals.items()},
+                    "overflow": self.fault_log.overflow}
+        if op == "irt":
+            return self.irt_dump()
+        if op == "peers":
+            return {p.name: {"role": p.role, "rx": p.rx, "drops": dict(p.drops)} for p in self.peers.values()}
+        if op == "shutdown":
+            self.shutdown_requested = True
+            return True
+        raise KeyError(f"unknown op {op!r}")
+
+    def fault_lines(self) -> list[str]:
+        return [rec.line() for rec in self.fault_log.pending()]
+
+    def irt_dump(self) -> list[str]:
+        out = []
+        for index, raw in sorted(self.ir.table.items()):
+            e = Irte.unpack(raw)
+            out.append(f"{index:5d}: {e}")
+        return out
+
+    def snapshot(self) -> dict:
+        c = dict(self.counters)
+        c.update(tlps=self.tlps, irqs_delivered=self.irqs_delivered, dma_tlps=self.dma_tlps,
+                 ir_faults_total=sum(v for k, v in self.fault_log.totals.items() if int(k) >= 0x20),
+                 dma_faults_total=sum(v for k, v in self.fault_log.totals.items() if int(k) < 0x20),
+                 rc_tags_in_use=RC_TAGS - len(self._rc_free))
+        return c

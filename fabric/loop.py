@@ -1,0 +1,194 @@
+"""Driving plain pyzmq sockets from an asyncio (uvloop) loop without ``zmq.asyncio``.
+
+``zmq.asyncio`` costs ~15 µs of receiver CPU per message (DESIGN.md §3a).  We
+instead register the socket's ``zmq.FD`` with the loop and drain with
+``NOBLOCK`` until ``zmq.Again``.  The FD is edge-triggered and is also consumed
+by sends, so after draining we re-check ``zmq.EVENTS`` before going back to
+sleep; a wake-up that finds nothing is harmless.
+
+This module and the process shells are the only places that own sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import os
+import signal
+import sys
+from typing import Callable
+
+import zmq
+
+#: How many frames one wake-up drains before yielding to other callbacks.
+DRAIN_BATCH = 512
+
+
+class SocketReader:
+    """Calls ``on_frames(parts)`` for every multipart message a socket receives."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
+                 on_message: Callable[[list[bytes]], None]):
+        self._loop = loop
+        self._sock = sock
+        self._on_message = on_message
+        self._fd = sock.getsockopt(zmq.FD)
+        self._scheduled = False
+        loop.add_reader(self._fd, self._wake)
+        # Messages may already be queued before the first edge.
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _wake(self) -> None:
+        self._schedule()
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        sock = self._sock
+        on_message = self._on_message
+        recv = sock.recv_multipart
+        try:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    parts = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                on_message(parts)
+            else:
+                self._schedule()  # more may be queued: yield, then continue
+                return
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._schedule()
+        except zmq.ZMQError:
+            if not sock.closed:
+                raise
+
+    def kick(self) -> None:
+        """Re-check the socket (call after sending: a send can eat the read edge)."""
+        self._schedule()
+
+    def close(self) -> None:
+        try:
+            self._loop.remove_reader(self._fd)
+        except (ValueError, OSError):
+            pass
+
+
+class QueuedSender:
+    """Non-blocking sends that never lose a message.
+
+    On ``zmq.Again`` (the peer's queue is at its high-water mark) the frame is
+    queued and retried, and every later frame for the same destination waits
+    behind it, so per-destination order is preserved.  ``key`` is the routing
+    identity for a ROUTER, ``None`` for a DEALER.
+    """
+
+    RETRY_S = 0.0005
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, router: bool,
+                 on_unroutable: Callable[[bytes | None], None] | None = None):
+        self._loop = loop
+        self._sock = sock
+        self._router = router
+        self._pending: dict[bytes | None, collections.deque] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_unroutable = on_unroutable
+        self.queued = 0  # messages that ever had to wait
+
+    def send(self, key: bytes | None, frame: bytes) -> None:
+        q = self._pending.get(key)
+        if q is not None:
+            q.append(frame)
+            return
+        if not self._try(key, frame):
+            self._pending[key] = collections.deque([frame])
+            self.queued += 1
+            self._arm()
+
+    def _try(self, key: bytes | None, frame: bytes) -> bool:
+        sock = self._sock
+        try:
+            if self._router:
+                sock.send(key, zmq.NOBLOCK | zmq.SNDMORE)
+                sock.send(frame, zmq.NOBLOCK)
+            else:
+                sock.send(frame, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                if self._on_unroutable:
+                    self._on_unroutable(key)
+                return True  # the destination is gone: nothing will ever take it
+            raise
+
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.RETRY_S, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        for key in list(self._pending):
+            q = self._pending[key]
+            while q:
+                if not self._try(key, q[0]):
+                    break
+                q.popleft()
+            if not q:
+                del self._pending[key]
+        if self._pending:
+            self._arm()
+
+    def backlog(self) -> int:
+        return sum(len(q) for q in self._pending.values())
+
+    def drop(self, key: bytes | None) -> int:
+        """Forget everything queued for ``key`` (the peer is gone); returns how many."""
+        q = self._pending.pop(key, None)
+        return len(q) if q else 0
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop in the process shells; tests may run the models on any loop."""
+    try:
+        import uvloop
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        return asyncio.new_event_loop()
+
+
+def run(main) -> None:
+    """Run a process shell's ``main()`` coroutine on uvloop."""
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the launcher dies (Linux), then check it has not already.
+
+    Like ipykernel's ParentPollerUnix, but enforced by the kernel, so a launcher
+    killed with SIGKILL still takes its topology with it.
+    """
+    expected = os.environ.get("IRQLAB_PARENT_PID")
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except OSError:
+            pass
+    if expected and os.getppid() != int(expected):
+        os._exit(70)

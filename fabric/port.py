@@ -1,0 +1,182 @@
+"""A process's port on the bus: one DEALER connected to the fabric's ROUTER.
+
+Used by every process shell (device, host, guest) and by the launcher's control
+client, so the registration handshake, request/reply bookkeeping and shutdown
+handshake exist once.  ``Port`` owns its socket; the caller supplies a handler
+that receives every decoded message that is not a reply to one of its own
+requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Callable
+
+import zmq
+
+from fabric import wire
+from fabric.loop import QueuedSender, SocketReader
+
+
+class PortError(RuntimeError):
+    """The bus refused or failed a request of ours (registration, REG, CTL)."""
+
+
+class Port:
+    """A registered connection to the fabric.
+
+    Parameters
+    ----------
+    endpoint:
+        The fabric's address (``ipc://...`` or ``tcp://...``).
+    token, name:
+        The one-time registration token the launcher issued for this role, and
+        the name it was issued for.
+    on_message:
+        ``on_message(msg: list)`` for every incoming message except WELCOME,
+        REG_ACK and CTL_REP answers to our own requests.  It runs on the loop
+        and must not block.
+    """
+
+    def __init__(self, endpoint: str, token: str, name: str,
+                 on_message: Callable[[list], None] | None = None,
+                 ctx: zmq.Context | None = None, hwm: int = 200_000):
+        self.endpoint = endpoint
+        self.name = name
+        self._token = token
+        self._ctx = ctx or zmq.Context.instance()
+        self._own_ctx = ctx is None and False
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.RCVHWM, hwm)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.IMMEDIATE, 0)
+        self.on_message = on_message or (lambda msg: None)
+        self._welcome: asyncio.Future | None = None
+        self._reg_waiters: dict[int, asyncio.Future] = {}
+        self._ctl_waiters: dict[int, asyncio.Future] = {}
+        self._seq = itertools.count(1)
+        self._reader: SocketReader | None = None
+        self._sender: QueuedSender | None = None
+        self.info: dict = {}
+        self.malformed = 0
+        self.dropped_notices: dict[str, int] = {}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def connect(self, timeout: float = 30.0) -> dict:
+        """Connect, register with our token, and return the fabric's WELCOME info."""
+        loop = asyncio.get_running_loop()
+        self.sock.connect(self.endpoint)
+        self._sender = QueuedSender(loop, self.sock, router=False)
+        self._welcome = loop.create_future()
+        self._reader = SocketReader(loop, self.sock, self._dispatch)
+        self.send(wire.hello(self._token, self.name))
+        try:
+            async with asyncio.timeout(timeout):
+                self.info = await self._welcome
+        except TimeoutError:
+            raise PortError(f"{self.name}: no WELCOME from the fabric at {self.endpoint} "
+                            f"within {timeout:.0f} s") from None
+        return self.info
+
+    def close(self, linger_ms: int = 1000) -> None:
+        if self._reader:
+            self._reader.close()
+        if not self.sock.closed:
+            self.sock.close(linger=linger_ms)
+        for fut in itertools.chain(self._reg_waiters.values(), self._ctl_waiters.values()):
+            if not fut.done():
+                fut.set_exception(PortError(f"{self.name}: port closed"))
+
+    # -- sending -----------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Send one frame; never blocks, never loses it (queued on back-pressure)."""
+        self._sender.send(None, frame)
+        self._reader.kick()
+
+    def backlog(self) -> int:
+        return self._sender.backlog() if self._sender else 0
+
+    async def reg(self, op: str, args: dict | None = None, timeout: float = 30.0) -> Any:
+        """A privileged register operation on the fabric (host only); returns its result."""
+        seq = next(self._seq)
+        fut = asyncio.get_running_loop().create_future()
+        self._reg_waiters[seq] = fut
+        self.send(wire.reg(seq, op, args or {}))
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise PortError(f"{self.name}: fabric did not acknowledge REG {op} within {timeout:.0f} s") from None
+        finally:
+            self._reg_waiters.pop(seq, None)
+
+    def reg_nowait(self, op: str, args: dict) -> int:
+        """Fire a REG whose ack nobody awaits (ordering on the wire is what matters)."""
+        seq = next(self._seq)
+        self.send(wire.reg(seq, op, args))
+        return seq
+
+    async def call(self, peer: str, op: str, args: dict | None = None, timeout: float = 60.0) -> Any:
+        """A control request to ``peer`` (through the fabric); returns its result or raises PortError."""
+        req_id = next(self._seq)
+        fut = asyncio.get_running_loop().create_future()
+        self._ctl_waiters[req_id] = fut
+        self.send(wire.ctl(req_id, peer, op, args or {}))
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise PortError(f"no answer from {peer} to {op!r} within {timeout:.0f} s") from None
+        finally:
+            self._ctl_waiters.pop(req_id, None)
+
+    def reply(self, req_id: int, ok: bool, result: Any) -> None:
+        self.send(wire.ctl_rep(req_id, ok, result))
+
+    def event(self, kind: str, data: dict | None = None) -> None:
+        self.send(wire.event(self.name, kind, data or {}))
+
+    # -- receiving ---------------------------------------------------------
+
+    def _dispatch(self, parts: list[bytes]) -> None:
+        if len(parts) != 1:
+            self.malformed += 1
+            return
+        try:
+            msg = wire.decode(parts[0])
+        except wire.WireError:
+            self.malformed += 1
+            return
+        kind = msg[0]
+        if kind == wire.REG_ACK:
+            fut = self._reg_waiters.get(msg[1])
+            if fut is not None and not fut.done():
+                if msg[2]:
+                    fut.set_result(msg[3])
+                else:
+                    fut.set_exception(PortError(f"fabric refused REG: {msg[3]}"))
+            return
+        if kind == wire.CTL_REP:
+            fut = self._ctl_waiters.get(msg[1])
+            if fut is not None and not fut.done():
+                if msg[2]:
+                    fut.set_result(msg[3])
+                else:
+                    fut.set_exception(PortError(str(msg[3])))
+            return
+        if kind == wire.WELCOME:
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_result(msg[3])
+            return
+        if kind == wire.REFUSED:
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(PortError(f"{self.name}: fabric refused registration: {msg[1]}"))
+            return
+        if kind == wire.DROPPED:
+            self.dropped_notices[msg[1]] = self.dropped_notices.get(msg[1], 0) + 1
+            return
+        self.on_message(msg)

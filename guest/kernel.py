@@ -1,0 +1,214 @@
+"""The OS model: CPUs, memory, the irq hierarchy, the PCI core and drivers.
+
+One ``Kernel`` runs in the host process (bare metal) and, in later steps, one
+in every guest process.  It is I/O-free: everything that leaves the CPU goes
+through the injected ``hw`` (config/MMIO accesses, IOMMU and IR programming on
+bare metal), and everything that arrives (an interrupt, a DMA write into RAM)
+is handed to it by the process shell.
+
+Boot decides the irq-domain hierarchy from the CPUID probe, as the thread
+argues it must: bare metal builds ``VECTOR -> INTEL-IR -> PCI-MSIX`` (or
+``VECTOR -> PCI-MSIX`` without an IR unit).
+
+Interrupt entry (``deliver``) is the hot path: the local APIC accepts the
+vector, the CPU services everything pending in priority order, and each
+vector runs its irq's handler.  Before the handler runs, the provenance the
+device attached out of band is compared with the owner of the vector: a
+mismatch is an isolation breach, counted and kept with its path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from fabric.bdf import rid_str
+from guest.apic import LocalApic
+from guest.cpuid import CpuidInfo, probe
+from guest.irq.domain import IrqDomain, IrqTable
+from guest.irq.ir import IrDomain
+from guest.irq.vector import VectorDomain
+from guest.pci.core import PciBus, PciDev
+from guest.pci.msi import pci_alloc_irq_vectors_msix
+from guest.pci import regs as R
+
+
+class Hardware(Protocol):
+    """What the kernel needs from the machine it runs on (see host/ for the bare-metal one)."""
+
+    async def cfg_read(self, rid: int, reg: int) -> int | None: ...
+    async def cfg_write(self, rid: int, reg: int, value: int, first_be: int = 0xF) -> None: ...
+    def mmio_write(self, addr: int, data: bytes) -> None: ...
+    def irte_write(self, index: int, raw: int) -> None: ...
+    def irte_clear(self, index: int) -> None: ...
+    async def bar_window(self, base: int, size: int, rid: int) -> None: ...
+    async def dma_context(self, rid: int, mode: str) -> None: ...
+
+
+@dataclass
+class Breach:
+    """An interrupt delivered to a vector whose owner did not emit it."""
+
+    cpu: int
+    vector: int
+    irq: int | None
+    owner: int | None
+    origin: int | None
+
+    def __str__(self) -> str:
+        own = rid_str(self.owner) if self.owner is not None else "nobody"
+        org = rid_str(self.origin) if self.origin is not None else "unknown"
+        return (f"CPU{self.cpu} vector 0x{self.vector:02x} (irq {self.irq}) belongs to {own} "
+                f"but was raised by {org}")
+
+
+@dataclass
+class Ram:
+    """The OS's physical memory and a bump allocator for DMA buffers."""
+
+    size: int
+    base: int = 0
+    data: bytearray = field(init=False)
+    _next: int = 0x10_0000  # keep the first MiB for "firmware"
+
+    def __post_init__(self) -> None:
+        self.data = bytearray(self.size)
+
+    def alloc(self, size: int, align: int = 4096) -> int:
+        addr = (self._next + align - 1) & ~(align - 1)
+        if addr + size > self.size:
+            raise MemoryError(f"out of RAM allocating {size} bytes ({self.size} total)")
+        self._next = addr + size
+        return self.base + addr
+
+    def write(self, addr: int, data: bytes) -> bool:
+        off = addr - self.base
+        if off < 0 or off + len(data) > self.size:
+            return False
+        self.data[off:off + len(data)] = data
+        return True
+
+    def read(self, addr: int, size: int) -> bytes | None:
+        off = addr - self.base
+        if off < 0 or off + size > self.size:
+            return None
+        return bytes(self.data[off:off + size])
+
+
+class Kernel:
+    def __init__(self, name: str, apic_ids: list[int], ram_size: int, hw: Hardware,
+                 cpuid: Callable[[int, int], tuple[int, int, int, int]], *, ir_entries: int | None = 65536):
+        self.name = name
+        self.hw = hw
+        self.apic_ids = list(apic_ids)
+        self.cpus = [LocalApic(a) for a in self.apic_ids]
+        self._cpu_of_apic = {a: i for i, a in enumerate(self.apic_ids)}
+        self.ram = Ram(ram_size)
+        self.irq = IrqTable()
+        self.vector = VectorDomain(self.irq, self.apic_ids)
+        self._cpuid = cpuid
+        self._ir_entries = ir_entries
+        self.cpuid: CpuidInfo | None = None
+        self.ir: IrDomain | None = None
+        self.msi_parent: IrqDomain = self.vector
+        self.pci = PciBus(hw)
+        self.drivers: list[Any] = []
+        self.bound: dict[int, Any] = {}         # rid -> driver instance
+        self.irq_owner: dict[int, int] = {}     # virq -> RID that may raise it
+        self.breaches: list[Breach] = []
+        self.breach_count = 0
+        self.irqs_received = 0
+        self.cur_origin: int | None = None
+        self.cur_t_ns = 0
+        self.log: list[str] = []
+
+    # -- boot ----------------------------------------------------------------
+
+    def boot(self) -> CpuidInfo:
+        """Probe CPUID and build the interrupt hierarchy it calls for."""
+        info = self.cpuid = probe(self._cpuid)
+        if not info.hypervisor and self._ir_entries:
+            self.ir = IrDomain(self.vector, self.hw, entries=self._ir_entries)
+            self.msi_parent = self.ir
+            self.log.append(f"DMAR-IR: Enabled IRQ remapping in xapic mode ({self._ir_entries} entries)")
+        self.log.append(f"cpuid: {info.describe()}")
+        return info
+
+    # -- PCI -----------------------------------------------------------------
+
+    async def pci_init(self, buses: range, sriov: dict[int, int] | None = None) -> list[PciDev]:
+        """Scan, assign BARs, program windows/IOMMU context, enable SR-IOV, bind drivers."""
+        sriov = sriov or {}
+        devs = await self.pci.scan(buses)
+        for dev in devs:
+            await self._setup_function(dev)
+        for dev in devs:
+            nvf = sriov.get(dev.rid >> 8, 0)
+            if nvf and R.PCI_EXT_CAP_ID_SRIOV in dev.ext_caps:
+                for vf in await self.pci.sriov_enable(dev, nvf):
+                    for bar in vf.bars.values():
+                        await self.hw.bar_window(bar.base, bar.size, vf.rid)
+                    await self.hw.dma_context(vf.rid, "pt")
+                    await self.bind_driver(vf)
+        return list(self.pci.devices.values())
+
+    async def _setup_function(self, dev: PciDev) -> None:
+        for bar in await self.pci.assign_resources(dev):
+            await self.hw.bar_window(bar.base, bar.size, dev.rid)
+        await self.hw.dma_context(dev.rid, "pt")   # iommu=pt: host-owned devices DMA untranslated
+        await self.bind_driver(dev)
+
+    async def bind_driver(self, dev: PciDev) -> Any:
+        for drv in self.drivers:
+            if drv.match(dev):
+                inst = await drv.probe(self, dev)
+                self.bound[dev.rid] = inst
+                dev.driver = inst
+                return inst
+        return None
+
+    async def alloc_msix(self, dev: PciDev, nvec: int) -> list[int]:
+        irqs = await pci_alloc_irq_vectors_msix(self.pci, dev, self.msi_parent, self.hw, nvec)
+        for irq in irqs:
+            self.irq_owner[irq] = dev.rid
+        return irqs
+
+    # -- interrupt entry (hot path) ----------------------------------------
+
+    def deliver(self, apic_id: int, vector: int, origin: int | None = None, t_ns: int = 0) -> None:
+        """An interrupt message reached local APIC ``apic_id``: accept it and run what is pending."""
+        cpu = self._cpu_of_apic.get(apic_id)
+        if cpu is None:
+            return
+        apic = self.cpus[cpu]
+        self.irqs_received += 1
+        if not apic.accept(vector):
+            return
+        vector_irq = self.vector.vector_irq[cpu]
+        while True:
+            v = apic.ack()
+            if v is None:
+                break
+            irq = vector_irq.get(v)
+            owner = self.irq_owner.get(irq) if irq is not None else None
+            if v == vector and origin is not None and owner != origin:
+                self._breach(cpu, v, irq, owner, origin)
+            self.cur_origin, self.cur_t_ns = (origin, t_ns) if v == vector else (None, 0)
+            if irq is None:
+                self.vector.spurious += 1
+            else:
+                self.irq.handle_irq(irq, cpu)
+            apic.eoi()
+
+    def _breach(self, cpu: int, vector: int, irq: int | None, owner: int | None, origin: int) -> None:
+        self.breach_count += 1
+        if len(self.breaches) < 100:
+            self.breaches.append(Breach(cpu, vector, irq, owner, origin))
+
+    # -- views ---------------------------------------------------------------
+
+    def proc_interrupts(self) -> str:
+        return self.irq.proc_interrupts(len(self.cpus))
+
+    def domain_hierarchy(self) -> str:
+        return self.irq.domain_hierarchy()

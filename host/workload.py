@@ -1,0 +1,121 @@
+"""The host's workload: ring doorbells on every bound engine function and count
+what comes back.
+
+Closed loop per function: ``inflight`` doorbells are outstanding at any time;
+each completion the interrupt handler consumes rings the next one, until
+``per_function`` work items have completed.  Pure and synchronous; the shell
+awaits ``done``.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+
+from hdrh.histogram import HdrHistogram
+
+from guest.drivers.engine import EngineInstance
+
+HIST_LOWEST_NS = 1_000
+HIST_HIGHEST_NS = 60_000_000_000
+HIST_DIGITS = 3
+
+
+def histogram(values_ns: list[int]) -> HdrHistogram:
+    h = HdrHistogram(HIST_LOWEST_NS, HIST_HIGHEST_NS, HIST_DIGITS)
+    for v in values_ns:
+        h.record_value(min(max(v, HIST_LOWEST_NS), HIST_HIGHEST_NS))
+    return h
+
+
+def latency_summary(h: HdrHistogram) -> dict:
+    if h.get_total_count() == 0:
+        return {"count": 0, "p50_us": None, "p99_us": None, "p999_us": None, "max_us": None}
+    return {"count": h.get_total_count(),
+            "p50_us": h.get_value_at_percentile(50) / 1000,
+            "p99_us": h.get_value_at_percentile(99) / 1000,
+            "p999_us": h.get_value_at_percentile(99.9) / 1000,
+            "max_us": h.get_max_value() / 1000}
+
+
+@dataclass
+class FunctionRun:
+    inst: EngineInstance
+    target: int
+    inflight: int
+    issued: int = 0
+    done: int = 0
+    lat_start: int = 0       # index into inst.latencies_ns where this run started
+    t_first: int = 0
+    t_last: int = 0
+
+
+@dataclass
+class Workload:
+    runs: list[FunctionRun] = field(default_factory=list)
+    t_start: int = 0
+    on_finished: object = None
+    finished: bool = False
+
+    @classmethod
+    def start(cls, instances: list[EngineInstance], per_function: int, inflight: int,
+              on_finished=None) -> "Workload":
+        wl = cls(on_finished=on_finished, t_start=time.monotonic_ns())
+        for inst in instances:
+            run = FunctionRun(inst, per_function, inflight, lat_start=len(inst.latencies_ns))
+            wl.runs.append(run)
+            inst.on_complete = wl._completion_cb(run)
+        for run in wl.runs:
+            for _ in range(min(run.inflight, run.target)):
+                wl._issue(run)
+        wl._check_finished()
+        return wl
+
+    def _completion_cb(self, run: FunctionRun):
+        def on_complete(inst: EngineInstance, cookie: int) -> None:
+            run.done += 1
+            run.t_last = time.monotonic_ns()
+            if run.issued < run.target:
+                self._issue(run)
+            elif run.done >= run.target:
+                self._check_finished()
+        return on_complete
+
+    def _issue(self, run: FunctionRun) -> None:
+        if not run.t_first:
+            run.t_first = time.monotonic_ns()
+        run.inst.ring_doorbell(run.issued)
+        run.issued += 1
+
+    def _check_finished(self) -> None:
+        if not self.finished and all(r.done >= r.target for r in self.runs):
+            self.finished = True
+            if self.on_finished:
+                self.on_finished()
+
+    def detach(self) -> None:
+        for r in self.runs:
+            r.inst.on_complete = None
+
+    def report(self) -> dict:
+        """Per function: doorbells, interrupts, completions, ordering check, latency."""
+        out = {}
+        now = time.monotonic_ns()
+        for r in self.runs:
+            inst = r.inst
+            lat = inst.latencies_ns[r.lat_start:]
+            h = histogram(lat)
+            span = ((r.t_last or now) - (r.t_first or now)) / 1e9
+            out[inst.name] = {
+                "rid": inst.dev.rid,
+                "target": r.target,
+                "doorbells": r.issued,
+                "completed": r.done,
+                "interrupts": inst.interrupts,
+                "record_missing": inst.record_missing,
+                "rate_per_s": r.done / span if span > 0 else None,
+                "latency": latency_summary(h),
+                "hist": base64.b64encode(h.encode()).decode() if h.get_total_count() else "",
+            }
+        return out

@@ -1,0 +1,406 @@
+"""Starting, watching and stopping a topology's processes (the launcher's engine).
+
+``Lab`` is what ``launch.py`` and the test fixtures use::
+
+    async with Lab(topology) as lab:          # start(): fabric, devices, host; waits for "ready"
+        result = await lab.run_workload()
+        views = await lab.call("host", "views")
+    # stop(): polite shutdown, then SIGTERM, then SIGKILL; nothing is left behind
+
+Theory of operation
+-------------------
+*Secrets.*  The runtime directory (mode 0700) holds one JSON file per process;
+only ``fabric.json`` (mode 0600) holds the token table.  Each child gets its
+own one-time token in its environment, so a process can register only as the
+role it was started for, and only once.
+
+*Processes.*  Every child runs in its own process group and asks the kernel to
+SIGKILL it when the launcher dies (``PR_SET_PDEATHSIG``), so even a launcher
+killed with SIGKILL leaves nothing behind.  Each child's stderr goes to
+``<name>.log`` in the runtime directory; when a child dies unexpectedly the
+error names it, its exit status and the tail of that log.
+
+*Waiting.*  Every wait has a bound and races the death of any child: a wait that
+expires says what it waited for and what it saw instead.
+
+*Shutdown* (as jupyter_client's ``_async_finish_shutdown``): ask each process to
+shut down over the control interface (host and devices first, the fabric last),
+wait, SIGTERM every process group still alive, wait, SIGKILL.  ``stop()`` is
+idempotent and is also called from ``__aexit__`` whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fabric import wire
+from fabric.port import Port, PortError
+from irqlab.topology import Topology
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class LabError(RuntimeError):
+    """The topology could not be started or a process died; the message says which and why."""
+
+
+class ShutdownStatus(enum.Enum):
+    POLITE = "polite"
+    TERMINATED = "terminated"
+    KILLED = "killed"
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    proc: asyncio.subprocess.Process
+    log_path: str
+    expected_exit: bool = False
+
+    def tail(self, lines: int = 12) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:]).rstrip()
+        except OSError:
+            return ""
+
+
+@dataclass
+class Event:
+    name: str
+    kind: str
+    data: dict
+    t: float = field(default_factory=time.monotonic)
+
+
+class Lab:
+    """A running topology; see the module docstring."""
+
+    def __init__(self, topology: Topology, *, keep_runtime: bool = False,
+                 start_timeout: float = 60.0, on_progress: Callable[[str], None] | None = None):
+        self.topology = topology
+        self.keep_runtime = keep_runtime
+        self.start_timeout = start_timeout
+        self.on_progress = on_progress or (lambda msg: None)
+        self.runtime: str | None = None
+        self.endpoint: str | None = None
+        self.children: dict[str, Child] = {}
+        self.events: list[Event] = []
+        self._event_cond: asyncio.Condition | None = None
+        self.port: Port | None = None
+        self._died: asyncio.Future | None = None
+        self._watchers: list[asyncio.Task] = []
+        self.shutdown_status: ShutdownStatus | None = None
+        self.boot_info: dict = {}
+        self._stopped = False
+
+    # ------------------------------------------------------------------
+    # start
+
+    async def __aenter__(self) -> "Lab":
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _write(self, name: str, obj: dict, mode: int = 0o600) -> None:
+        path = os.path.join(self.runtime, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    def _plan(self) -> dict[str, str]:
+        """Write the runtime directory; return name -> token."""
+        topo = self.topology
+        self.runtime = tempfile.mkdtemp(prefix="irqlab-")
+        if topo.transport == "tcp":
+            self.endpoint = "tcp://127.0.0.1:%d" % _free_port()
+        else:
+            self.endpoint = f"ipc://{self.runtime}/fabric.sock"
+        tokens: dict[str, str] = {}
+        table: dict[str, dict] = {}
+
+        def issue(name: str, role: str, **extra) -> None:
+            tok = secrets.token_hex(16)
+            tokens[name] = tok
+            table[tok] = {"name": name, "role": role, **extra}
+
+        issue("control", "control")
+        issue("host", "host")
+        for d in topo.devices:
+            span = _bus_span(d)
+            issue(d.name, "device", buses=[d.bus, d.bus + span - 1])
+            self._write(f"{d.name}.json", {"endpoint": self.endpoint, "name": d.name, "kind": d.kind,
+                                           "total_vfs": d.total_vfs, "pf_vectors": d.pf_vectors,
+                                           "vf_vectors": d.vf_vectors})
+        plat = topo.platform
+        max_bus = max((d.bus + _bus_span(d) - 1 for d in topo.devices), default=1)
+        self._write("fabric.json", {"endpoint": self.endpoint, "tokens": table,
+                                    "platform": {"ir": plat.ir, "ir_entries": plat.ir_entries,
+                                                 "max_bus": max_bus}})
+        self._write("host.json", {"endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
+                                  "memory_mib": plat.memory_mib, "ir": plat.ir, "ir_entries": plat.ir_entries,
+                                  "sriov": {str(d.bus): d.vfs for d in topo.devices if d.vfs}})
+        return tokens
+
+    async def _spawn(self, name: str, role: str, module: str, token: str | None) -> Child:
+        log_path = os.path.join(self.runtime, f"{name}.log")
+        env = dict(os.environ)
+        env["IRQLAB_PARENT_PID"] = str(os.getpid())
+        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if token:
+            env["IRQLAB_TOKEN"] = token
+        args = [sys.executable, "-m", module, "--runtime", self.runtime]
+        if role != "fabric":
+            args += ["--name", name]
+        with open(log_path, "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                start_new_session=True, cwd=REPO_ROOT)
+        child = Child(name, role, proc, log_path)
+        self.children[name] = child
+        self._watchers.append(asyncio.get_running_loop().create_task(self._watch(child)))
+        return child
+
+    async def _watch(self, child: Child) -> None:
+        rc = await child.proc.wait()
+        if not child.expected_exit and self._died is not None and not self._died.done():
+            self._died.set_result(child)
+        self._notify()
+
+    def _death_error(self, child: Child) -> LabError:
+        rc = child.proc.returncode
+        how = f"was killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exited with status {rc}"
+        tail = child.tail()
+        return LabError(f"{child.role} {child.name!r} {how} unexpectedly"
+                        + (f"; last lines of its log:\n{tail}" if tail else ""))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._died = loop.create_future()
+        self._event_cond = asyncio.Condition()
+        tokens = self._plan()
+        self.on_progress("starting fabric")
+        await self._spawn("fabric", "fabric", "fabric", None)
+        self.port = Port(self.endpoint, tokens["control"], "control", on_message=self._on_message)
+        await self._race(self.port.connect(timeout=self.start_timeout), "the fabric to accept the controller")
+        for d in self.topology.devices:
+            self.on_progress(f"starting device {d.name}")
+            await self._spawn(d.name, "device", "device", tokens[d.name])
+        for d in self.topology.devices:
+            await self.wait_event(lambda e, n=d.name: e.name == n and e.kind == "ready",
+                                  f"device {d.name} to register")
+        self.on_progress("starting host (enumeration, drivers)")
+        await self._spawn("host", "host", "host", tokens["host"])
+        ev = await self.wait_event(lambda e: e.name == "host" and e.kind in ("ready", "failed"),
+                                   "the host to boot")
+        if ev.kind == "failed":
+            raise LabError(f"host failed to boot: {ev.data.get('error')}\n{self.children['host'].tail()}")
+        self.boot_info = ev.data
+
+    # ------------------------------------------------------------------
+    # events and calls
+
+    def _on_message(self, msg: list) -> None:
+        if msg[0] == wire.EVENT:
+            _, name, kind, data = msg
+            self.events.append(Event(name, kind, data if isinstance(data, dict) else {}))
+            self._notify()
+
+    def _notify(self) -> None:
+        cond = self._event_cond
+        if cond is None:
+            return
+
+        async def poke():
+            async with cond:
+                cond.notify_all()
+        asyncio.get_running_loop().create_task(poke())
+
+    async def _race(self, aw, what: str, timeout: float | None = None):
+        """Await ``aw`` unless a child dies first or ``timeout`` expires."""
+        task = asyncio.ensure_future(aw)
+        timeout = self.start_timeout if timeout is None else timeout
+        done, _ = await asyncio.wait({task, self._died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        if self._died.done():
+            raise self._death_error(self._died.result())
+        raise LabError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    async def wait_event(self, pred: Callable[[Event], bool], what: str, timeout: float | None = None) -> Event:
+        """Wait for an event matching ``pred``; on expiry say what was seen instead."""
+        timeout = self.start_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for ev in self.events[seen:]:
+                if pred(ev):
+                    return ev
+            seen = len(self.events)
+            if self._died.done():
+                raise self._death_error(self._died.result())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                recent = ", ".join(f"{e.name}:{e.kind}" for e in self.events[-8:]) or "no events"
+                alive = ", ".join(f"{c.name}({'alive' if c.proc.returncode is None else c.proc.returncode})"
+                                  for c in self.children.values())
+                raise LabError(f"timed out after {timeout:.0f} s waiting for {what}; saw {recent}; processes: {alive}")
+            async with self._event_cond:
+                try:
+                    await asyncio.wait_for(self._event_cond.wait(), timeout=min(left, 1.0))
+                except TimeoutError:
+                    pass
+
+    async def call(self, peer: str, op: str, args: dict | None = None, timeout: float = 60.0) -> Any:
+        """A control request to a process (``"fabric"``, ``"host"``, a device name)."""
+        if self.port is None:
+            raise LabError("the lab is not running")
+        try:
+            return await self._race(self.port.call(peer, op, args or {}, timeout=timeout),
+                                    f"{peer} to answer {op!r}", timeout=timeout + 5)
+        except PortError as exc:
+            raise LabError(str(exc)) from None
+
+    # ------------------------------------------------------------------
+    # the workload and its report
+
+    async def run_workload(self, per_function: int | None = None, inflight: int | None = None,
+                           timeout_s: float | None = None) -> dict:
+        wl = self.topology.workload
+        per_function = wl.per_function if per_function is None else per_function
+        inflight = wl.inflight if inflight is None else inflight
+        timeout_s = wl.timeout_s if timeout_s is None else timeout_s
+        before = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
+        res = await self.call("host", "workload.run", {"per_function": per_function, "inflight": inflight,
+                                                       "timeout_s": timeout_s}, timeout=timeout_s + 30)
+        after = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
+        fabric = await self.call("fabric", "counters")
+        faults = await self.call("fabric", "faults")
+        return build_report(self.topology, res, before, after, fabric, faults)
+
+    # ------------------------------------------------------------------
+    # stop
+
+    async def stop(self, grace: float = 5.0) -> ShutdownStatus | None:
+        if self._stopped:
+            return self.shutdown_status
+        self._stopped = True
+        alive = [c for c in self.children.values() if c.proc.returncode is None]
+        status = ShutdownStatus.POLITE
+        if alive and self.port is not None:
+            order = [c for c in alive if c.role != "fabric"] + [c for c in alive if c.role == "fabric"]
+            for c in order:
+                c.expected_exit = True
+                if c.proc.returncode is not None:
+                    continue
+                try:
+                    await asyncio.wait_for(self.port.call(c.name, "shutdown", {}, timeout=grace / 2),
+                                           timeout=grace / 2)
+                except (PortError, TimeoutError, asyncio.CancelledError):
+                    pass
+            await _wait_all(alive, grace / 2)
+        for c in self.children.values():
+            c.expected_exit = True
+        still = [c for c in self.children.values() if c.proc.returncode is None]
+        if still:
+            status = ShutdownStatus.TERMINATED
+            _signal_groups(still, signal.SIGTERM)
+            await _wait_all(still, grace)
+            still = [c for c in still if c.proc.returncode is None]
+        if still:
+            status = ShutdownStatus.KILLED
+            _signal_groups(still, signal.SIGKILL)
+            await _wait_all(still, grace)
+        # Reap anything a child may have left in its group.
+        _signal_groups(list(self.children.values()), signal.SIGKILL)
+        if self.port is not None:
+            self.port.close(linger_ms=0)
+        for t in self._watchers:
+            if not t.done():
+                t.cancel()
+        if self._watchers:
+            await asyncio.gather(*self._watchers, return_exceptions=True)
+        if self.runtime and not self.keep_runtime:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+        self.shutdown_status = status if self.children else None
+        return self.shutdown_status
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children.values()]
+
+
+def _signal_groups(children: list[Child], sig: int) -> None:
+    for c in children:
+        try:
+            os.killpg(c.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+async def _wait_all(children: list[Child], timeout: float) -> None:
+    waits = [c.proc.wait() for c in children if c.proc.returncode is None]
+    if waits:
+        await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=timeout)
+
+
+def _bus_span(dev) -> int:
+    from irqlab.topology import bus_span
+    return bus_span(dev.total_vfs)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_report(topo: Topology, res: dict, before: dict, after: dict, fabric: dict, faults: dict) -> dict:
+    """Join the host's view (delivered) with the devices' (sent) per function."""
+    from fabric.bdf import rid_str
+    sent_by_rid: dict[int, int] = {}
+    for name in after:
+        for key, f in after[name].get("functions", {}).items():
+            prev = before.get(name, {}).get("functions", {}).get(key, {})
+            sent_by_rid[f["rid"]] = f.get("msix_sent", 0) - prev.get("msix_sent", 0)
+    rows = []
+    for fname, f in res.get("functions", {}).items():
+        sent = sent_by_rid.get(f["rid"], 0)
+        delivered = f["completed"]
+        rows.append({"function": fname, "rid": rid_str(f["rid"]), "sent": sent,
+                     "delivered": delivered, "interrupts": f["interrupts"],
+                     "lost": max(sent - f["interrupts"], 0) + max(f["target"] - delivered, 0) * (sent < f["target"]),
+                     "record_missing": f["record_missing"], "rate_per_s": f["rate_per_s"],
+                     "latency": f["latency"], "hist": f["hist"], "target": f["target"]})
+    host = res.get("host", {})
+    total_sent = sum(r["sent"] for r in rows)
+    total_delivered = sum(r["interrupts"] for r in rows)
+    ok = (not res.get("timed_out") and all(r["lost"] == 0 and r["record_missing"] == 0 for r in rows)
+          and host.get("breaches", 0) == 0 and total_sent == total_delivered and bool(rows))
+    return {"topology": topo.name, "ok": ok, "timed_out": res.get("timed_out", False),
+            "elapsed_s": res.get("elapsed_s"), "functions": rows, "host": host,
+            "total_sent": total_sent, "total_delivered": total_delivered,
+            "fabric": fabric, "faults": faults}

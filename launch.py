@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""irqlab launcher: start a topology of real processes, run its workload, print the report.
+
+    python launch.py                       # the built-in default topology
+    python launch.py run topo.toml         # a topology file
+    python launch.py run --json            # the report as JSON on stdout
+    python launch.py show-default          # print the built-in topology (a starting point)
+
+Exit status: 0 when every interrupt sent was delivered (and nothing broke
+isolation or ordering), 1 when the run completed but something was lost, 2 for
+a bad topology or command line, 3 when a process died or the lab could not
+start.  Nothing is left running in any case: every child is in its own
+process group, is stopped politely then with SIGTERM then SIGKILL, and dies
+with the launcher even if the launcher is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+EXIT_OK, EXIT_LOST, EXIT_USAGE, EXIT_LAB = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Run an irqlab topology: a fabric (PCIe bus + IOMMU + IR unit), device and host "
+                    "processes, and report interrupt delivery per function.",
+        epilog="Without a command, 'run' on the built-in default topology. Topology format: docs/topology.md")
+    sub = ap.add_subparsers(dest="cmd")
+    run = sub.add_parser("run", help="start a topology, run its workload, print the report (the default)")
+    run.add_argument("topology", nargs="?", help="TOML topology file (default: the built-in one)")
+    run.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    run.add_argument("--per-function", type=int, metavar="N", help="override workload.per_function")
+    run.add_argument("--inflight", type=int, metavar="N", help="override workload.inflight")
+    run.add_argument("--views", action="store_true",
+                     help="also print the host's /proc/interrupts, irq-domain hierarchy and lspci -vv")
+    run.add_argument("--keep-runtime", action="store_true",
+                     help="keep the runtime directory (process logs, configs) and print its path")
+    sub.add_parser("show-default", help="print the built-in default topology (TOML)")
+    return ap
+
+
+async def _run(args, console) -> int:
+    from irqlab.lab import Lab, LabError
+    from irqlab.report import render
+    from irqlab.topology import TopologyError, load
+
+    try:
+        topo = load(args.topology)
+    except TopologyError as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for opt in ("per_function", "inflight"):
+        v = getattr(args, opt)
+        if v is not None and v < (0 if opt == "per_function" else 1):
+            print(f"launch.py: --{opt.replace('_', '-')} must be >= {0 if opt == 'per_function' else 1}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+
+    progress = (lambda msg: None) if args.json else (lambda msg: console.log(msg))
+    lab = Lab(topo, keep_runtime=args.keep_runtime, on_progress=progress)
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main_task.cancel)
+    try:
+        try:
+            await lab.start()
+            n = sum(1 + d.vfs for d in topo.devices)
+            per = topo.workload.per_function if args.per_function is None else args.per_function
+            progress(f"booted: {lab.boot_info.get('cpuid')}; {len(lab.boot_info.get('functions', []))} "
+                     f"functions; running {per:,} interrupts on each of {n} functions")
+            report = await lab.run_workload(per_function=args.per_function, inflight=args.inflight)
+            views = await lab.call("host", "views") if args.views else None
+        except LabError as exc:
+            print(f"launch.py: {exc}", file=sys.stderr)
+            return EXIT_LAB
+        except asyncio.CancelledError:
+            print("launch.py: interrupted; stopping the topology", file=sys.stderr)
+            return 130
+    finally:
+        status = await lab.stop()
+        if args.keep_runtime and lab.runtime:
+            print(f"launch.py: runtime directory kept at {lab.runtime}", file=sys.stderr)
+        if status is not None and status.value != "polite":
+            print(f"launch.py: processes had to be {status.value}", file=sys.stderr)
+
+    if args.json:
+        for r in report["functions"]:
+            r.pop("hist", None)
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        render(report, console)
+        if views:
+            console.print("\n[bold]/proc/interrupts (host)[/]")
+            console.print(views["proc_interrupts"], markup=False, highlight=False)
+            console.print("[bold]irq domains (host)[/]")
+            console.print(views["domains"], markup=False, highlight=False)
+            console.print("[bold]lspci -vv (host)[/]")
+            console.print(views["lspci"], markup=False, highlight=False)
+    return EXIT_OK if report["ok"] else EXIT_LOST
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run"] + argv
+    args = _parser().parse_args(argv)
+    if args.cmd == "show-default":
+        import importlib.resources
+        sys.stdout.write(importlib.resources.files("irqlab").joinpath("default_topology.toml").read_text())
+        return EXIT_OK
+    from rich.console import Console
+    console = Console(stderr=False)
+
+    from fabric.loop import run
+    rc = EXIT_LAB
+
+    async def go():
+        nonlocal rc
+        rc = await _run(args, console)
+
+    run(go())
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
