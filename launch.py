@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args, console) -> int:
+    from rich.console import Console
     from irqlab.lab import Lab, LabError
     from irqlab.report import render
     from irqlab.topology import TopologyError, load
@@ -62,7 +63,8 @@ async def _run(args, console) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
 
-    progress = (lambda msg: None) if args.json else (lambda msg: console.log(msg))
+    err_console = Console(stderr=True)
+    progress = (lambda msg: None) if args.json else (lambda msg: err_console.log(msg))
     lab = Lab(topo, keep_runtime=args.keep_runtime, on_progress=progress)
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(importlib.resources.files("irqlab").joinpath("default_topology.toml").read_text())
         return EXIT_OK
     from rich.console import Console
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a pipe or a file: don't fold the table at 80 columns
 
     from fabric.loop import run
     rc = EXIT_LAB

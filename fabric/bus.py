@@ -171,7 +171,8 @@ class Fabric:
         self.ram: list[tuple[int, int, Peer]] = []        # host RAM ranges
         self.context: dict[int, str] = {}                 # RID -> "pt" | "block"
         self.fault_log = FaultLog(self.platform.fault_records)
-        self.ir = InterruptRemapper(entries=self.platform.ir_entries, fault_log=self.fault_log)
+        # IRTA starts unprogrammed, as at reset: the host's IR driver programs it (``ir.table``).
+        self.ir = InterruptRemapper(None, fault_log=self.fault_log)
         self._rc_free = list(range(RC_TAGS - 1, -1, -1))
         self._rc_tags: list[tuple[Peer, int] | None] = [None] * RC_TAGS
         self._ctl_routes: dict[int, tuple[Peer, int]] = {}
@@ -199,6 +200,7 @@ class Fabric:
             "context.set": self._reg_context_set,
             "irte.write": self._reg_irte_write,
             "irte.clear": self._reg_irte_clear,
+            "ir.table": self._reg_ir_table,
             "ir.enable": self._reg_ir_enable,
             "ir.cfi": self._reg_ir_cfi,
             "faults.drain": self._reg_faults_drain,
@@ -544,7 +546,18 @@ class Fabric:
     def _reg_irte_clear(self, peer: Peer, a: dict) -> None:
         self.ir.clear_irte(int(a["index"]))
 
+    def _reg_ir_table(self, peer: Peer, a: dict) -> None:
+        """IRTA_REG + SIRTP: the table size (a power of two up to the platform's IRT size)."""
+        entries = int(a["entries"])
+        if not self.platform.ir:
+            raise ValueError("this platform has no interrupt-remapping unit")
+        if entries > self.platform.ir_entries:
+            raise ValueError(f"{entries} entries exceed the platform's {self.platform.ir_entries}")
+        self.ir.set_table(entries)
+
     def _reg_ir_enable(self, peer: Peer, a: dict) -> None:
+        if a["on"] and not self.platform.ir:
+            raise ValueError("this platform has no interrupt-remapping unit")
         self.ir.set_ir_enabled(bool(a["on"]))
 
     def _reg_ir_cfi(self, peer: Peer, a: dict) -> None:

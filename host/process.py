@@ -67,6 +67,7 @@ class Host:
         await self.port.reg("cpus.bind", {"apic_ids": k.apic_ids})
         await self.port.reg("ram.set", {"base": 0, "size": k.ram.size})
         if k.ir is not None:
+            await self.port.reg("ir.table", {"entries": k.ir.allocator.entries})
             await self.port.reg("ir.enable", {"on": True})
             await self.port.reg("ir.cfi", {"on": False})   # Linux clears CFI once IR is on
         max_bus = int(self.port.info.get("max_bus", 32))

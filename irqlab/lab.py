@@ -89,8 +89,15 @@ class Lab:
     """A running topology; see the module docstring."""
 
     def __init__(self, topology: Topology, *, keep_runtime: bool = False,
-                 start_timeout: float = 60.0, on_progress: Callable[[str], None] | None = None):
+                 start_timeout: float = 60.0, on_progress: Callable[[str], None] | None = None,
+                 spawn: tuple[str, ...] = ("devices", "host"),
+                 stubs: dict[str, tuple[str, tuple[int, int] | None]] | None = None):
+        """``spawn`` says which processes beyond the fabric to start; ``stubs`` issues extra
+        tokens (name -> (role, bus range)) for ports a test drives itself (``self.tokens``)."""
         self.topology = topology
+        self.spawn = spawn
+        self.stubs = dict(stubs or {})
+        self.tokens: dict[str, str] = {}
         self.keep_runtime = keep_runtime
         self.start_timeout = start_timeout
         self.on_progress = on_progress or (lambda msg: None)
@@ -144,14 +151,15 @@ class Lab:
 
         issue("control", "control")
         issue("host", "host")
+        for name, (role, buses) in self.stubs.items():
+            issue(name, role, **({"buses": list(buses)} if buses else {}))
         for d in topo.devices:
-            span = _bus_span(d)
-            issue(d.name, "device", buses=[d.bus, d.bus + span - 1])
+            issue(d.name, "device", buses=list(d.bus_range))
             self._write(f"{d.name}.json", {"endpoint": self.endpoint, "name": d.name, "kind": d.kind,
                                            "total_vfs": d.total_vfs, "pf_vectors": d.pf_vectors,
                                            "vf_vectors": d.vf_vectors})
         plat = topo.platform
-        max_bus = max((d.bus + _bus_span(d) - 1 for d in topo.devices), default=1)
+        max_bus = max((d.bus_range[1] for d in topo.devices), default=1)
         self._write("fabric.json", {"endpoint": self.endpoint, "tokens": table,
                                     "platform": {"ir": plat.ir, "ir_entries": plat.ir_entries,
                                                  "max_bus": max_bus}})
@@ -196,17 +204,20 @@ class Lab:
         loop = asyncio.get_running_loop()
         self._died = loop.create_future()
         self._event_cond = asyncio.Condition()
-        tokens = self._plan()
+        tokens = self.tokens = self._plan()
         self.on_progress("starting fabric")
         await self._spawn("fabric", "fabric", "fabric", None)
         self.port = Port(self.endpoint, tokens["control"], "control", on_message=self._on_message)
         await self._race(self.port.connect(timeout=self.start_timeout), "the fabric to accept the controller")
-        for d in self.topology.devices:
-            self.on_progress(f"starting device {d.name}")
-            await self._spawn(d.name, "device", "device", tokens[d.name])
-        for d in self.topology.devices:
-            await self.wait_event(lambda e, n=d.name: e.name == n and e.kind == "ready",
-                                  f"device {d.name} to register")
+        if "devices" in self.spawn:
+            for d in self.topology.devices:
+                self.on_progress(f"starting device {d.name}")
+                await self._spawn(d.name, "device", "device", tokens[d.name])
+            for d in self.topology.devices:
+                await self.wait_event(lambda e, n=d.name: e.name == n and e.kind == "ready",
+                                      f"device {d.name} to register")
+        if "host" not in self.spawn:
+            return
         self.on_progress("starting host (enumeration, drivers)")
         await self._spawn("host", "host", "host", tokens["host"])
         ev = await self.wait_event(lambda e: e.name == "host" and e.kind in ("ready", "failed"),
@@ -364,11 +375,6 @@ async def _wait_all(children: list[Child], timeout: float) -> None:
     waits = [c.proc.wait() for c in children if c.proc.returncode is None]
     if waits:
         await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=timeout)
-
-
-def _bus_span(dev) -> int:
-    from irqlab.topology import bus_span
-    return bus_span(dev.total_vfs)
 
 
 def _free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -11,16 +12,16 @@ def _us(v) -> str:
 
 
 def render(report: dict, console: Console) -> None:
-    t = Table(title=f"irqlab: {report['topology']} — MSI-X interrupts per function "
-                    f"(device -> fabric IR unit -> host vector)", title_justify="left")
-    for col, just in (("function", "left"), ("RID", "left"), ("sent", "right"), ("delivered", "right"),
-                      ("lost", "right"), ("rate/s", "right"), ("p50 µs", "right"), ("p99 µs", "right"),
+    t = Table(title=f"irqlab: {report['topology']}: MSI-X interrupts per function "
+                    f"(device -> fabric IR unit -> host vector)", title_justify="left", box=box.SIMPLE_HEAD)
+    for col, just in (("function", "left"), ("sent", "right"), ("delivered", "right"),
+                      ("lost", "right"), ("irq/s", "right"), ("p50 µs", "right"), ("p99 µs", "right"),
                       ("max µs", "right"), ("ordering", "left")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify=just, no_wrap=True)
     for r in report["functions"]:
         lat = r["latency"]
         lost_style = "bold red" if r["lost"] else "green"
-        t.add_row(r["function"], r["rid"], f"{r['sent']:,}", f"{r['interrupts']:,}",
+        t.add_row(r["function"].upper().replace(" ", " "), f"{r['sent']:,}", f"{r['interrupts']:,}",
                   f"[{lost_style}]{r['lost']:,}[/]",
                   "-" if not r["rate_per_s"] else f"{r['rate_per_s']:,.0f}",
                   _us(lat["p50_us"]), _us(lat["p99_us"]), _us(lat["max_us"]),

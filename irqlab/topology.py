@@ -191,7 +191,7 @@ class Workload:
     """What every function does once the system is up."""
 
     per_function: int = 4000    # interrupts each PF/VF sends
-    inflight: int = 32          # doorbells outstanding per function
+    inflight: int = 8           # doorbells outstanding per function
     rate: float = 0.0           # interrupts/s per function; 0 = as fast as possible
     timeout_s: float = 120.0    # the whole run's deadline
 
@@ -364,7 +364,10 @@ def _describe(v: Any) -> str:
 
 
 def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    """' (did you mean 'x'?)' or ''.  A swap of two neighbouring letters wins; else difflib."""
+    swaps = {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)}
+    close = [o for o in options if o in swaps]
+    close = close or difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

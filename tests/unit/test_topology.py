@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_default_loads() -> None:
     assert t.devices == (Device(name="d0", kind="sriov", total_vfs=4, vfs=2, pf_vectors=8,
                                 vf_vectors=4, bus=1),)
     assert t.guests == ()
-    assert t.workload == Workload(per_function=4000, inflight=32)
+    assert t.workload == Workload(per_function=4000, inflight=8)
     # PF + 2 VFs, 4000 each
     assert (1 + t.device("d0").vfs) * t.workload.per_function == 12_000
 
@@ -340,7 +341,9 @@ BAD: list[tuple[str, str]] = [
      "device[1].bus: buses 3 overlap device[0] (d0, buses 3)"),
     # assignments
     (D0 + '[[guest]]\nname = "g1"\nassign = ["d9.vf0"]\n',
-     "guest[0].assign[0]: 'd9.vf0': no device named 'd9' (did you mean 'd0'?)"),
+     "guest[0].assign[0]: 'd9.vf0': no device named 'd9'"),
+    ('[[device]]\nname = "nic"\n[[guest]]\nname = "g1"\nassign = ["nics.vf0"]\n',
+     "guest[0].assign[0]: 'nics.vf0': no device named 'nics' (did you mean 'nic'?)"),
     (D0 + '[[guest]]\nname = "g1"\nassign = ["g1.vf0"]\n',
      "guest[0].assign[0]: 'g1.vf0': no device named 'g1'"),
     (D0 + '[[guest]]\nname = "g1"\nassign = ["d0.vf2"]\n',
@@ -578,8 +581,6 @@ def _toml_value(v: Any) -> str:
 
 def test_docs_match_schema() -> None:
     rows = _doc_rows()
-    import dataclasses
-
     for section, (cls, keys) in T.SCHEMA.items():
         assert set(rows.get(section, {})) == set(keys), section
         for f in dataclasses.fields(cls):

@@ -1,0 +1,1 @@
+"""irqlab benchmarks: see bench/run.py and docs/performance.md."""

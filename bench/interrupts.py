@@ -1,0 +1,113 @@
+"""irqlab case 1 through real processes: device -> fabric IR unit -> host, via ``Lab``.
+
+One ``Lab`` (the default topology: one device, PF + 2 VFs, ipc://) is started
+once and runs, in order:
+
+* a short warm-up (not reported);
+* saturation: closed loop, ``inflight`` doorbells outstanding per function;
+  interrupts/s total = interrupts delivered / the host's elapsed time of the run;
+* latency: closed loop with one doorbell outstanding per function; the host
+  records device emit -> handler for every interrupt (the device stamps
+  ``time.monotonic_ns()`` into the frame out of band); the per-function hdrh
+  histograms are merged for p50/p99/p99.9.
+
+Each interrupt costs three fabric crossings: the doorbell MWr host -> device,
+then the completion-record DMA MWr and the interrupt MWr device -> host.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from hdrh.histogram import HdrHistogram
+
+from bench.relay import HIST_ARGS, decode_hist, summary
+from irqlab.lab import Lab
+from irqlab.topology import load
+
+FABRIC_FRAMES_PER_INTERRUPT = 3
+
+
+def _cpu_s(pid: int) -> float | None:
+    """utime + stime of a process so far (Linux /proc), seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu(lab: Lab) -> dict[str, float | None]:
+    return {name: _cpu_s(c.proc.pid) for name, c in lab.children.items()}
+
+
+class _Runs:
+    """Per-run figures from ``Lab.run_workload`` reports.
+
+    A report row's ``interrupts`` is the host's count since boot, while ``sent``
+    is this run's (a delta) -- so in the second run of one Lab, ``report["ok"]``
+    is False and ``total_delivered`` is cumulative.  Take deltas here instead.
+    """
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def delivered(self, report: dict, what: str) -> int:
+        total = sum(r["interrupts"] for r in report["functions"])
+        got, self.seen = total - self.seen, total
+        bad = [r["function"] for r in report["functions"]
+               if r["delivered"] != r["target"] or r["record_missing"] or r["sent"] != r["target"]]
+        if report["timed_out"] or bad or got != report["total_sent"] or report["host"].get("breaches"):
+            raise RuntimeError(f"{what}: the lab run was not clean (timed_out={report['timed_out']}, "
+                               f"sent {report['total_sent']}, interrupts {got}, functions short: {bad})")
+        return got
+
+
+async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
+              latency_per_function: int = 10_000, warmup_per_function: int = 1_000,
+              progress: Callable[[str], None] = print) -> dict:
+    topo = load(None)
+    functions = sum(1 + d.vfs for d in topo.devices)
+    out: dict = {"topology": topo.name, "transport": topo.transport, "functions": functions}
+    async with Lab(topo, on_progress=lambda m: progress(f"lab: {m}")) as lab:
+        progress(f"lab: warm-up, {warmup_per_function:,} interrupts per function")
+        tally = _Runs()
+        tally.delivered(await lab.run_workload(per_function=warmup_per_function, inflight=inflight), "warm-up")
+
+        runs = []
+        for i in range(repeat):
+            progress(f"lab: saturation {i + 1}/{repeat}: {per_function:,} interrupts on each of "
+                     f"{functions} functions, inflight {inflight}")
+            cpu0 = _cpu(lab)
+            rep = await lab.run_workload(per_function=per_function, inflight=inflight)
+            cpu1 = _cpu(lab)
+            n = tally.delivered(rep, "saturation")
+            rate = n / rep["elapsed_s"]
+            cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1 if cpu0.get(k) is not None and cpu1[k] is not None}
+            runs.append({"interrupts": n, "elapsed_s": rep["elapsed_s"], "rate_per_s": rate,
+                         "per_function_rate_per_s": [r["rate_per_s"] for r in rep["functions"]],
+                         "cpu_us_per_interrupt": cpu})
+            progress(f"lab: saturation {i + 1}/{repeat}: {rate:,.0f} interrupts/s")
+        rates = sorted(r["rate_per_s"] for r in runs)
+        median = next(r for r in runs if r["rate_per_s"] == rates[len(rates) // 2])
+        out["saturation"] = {"per_function": per_function, "inflight": inflight, "runs": runs,
+                             "rate_per_s": median["rate_per_s"],
+                             "cpu_us_per_interrupt": median["cpu_us_per_interrupt"]}
+
+        progress(f"lab: latency: {latency_per_function:,} interrupts on each of {functions} functions, inflight 1")
+        rep = await lab.run_workload(per_function=latency_per_function, inflight=1)
+        n = tally.delivered(rep, "latency")
+        merged = HdrHistogram(*HIST_ARGS)
+        for r in rep["functions"]:
+            if r["hist"]:
+                merged.add(decode_hist(r["hist"]))
+        out["latency"] = {"per_function": latency_per_function, "inflight": 1,
+                          "rate_per_s": n / rep["elapsed_s"],
+                          "latency": summary(merged),
+                          "functions": {r["function"]: r["latency"] for r in rep["functions"]}}
+        progress(f"lab: latency: p50 {out['latency']['latency']['p50_us']:.0f} µs "
+                 f"at {out['latency']['rate_per_s']:,.0f} interrupts/s")
+    out["shutdown"] = lab.shutdown_status.value if lab.shutdown_status else None
+    return out

@@ -1,0 +1,116 @@
+"""launch.py as a user runs it: its report, its exit status, its errors, and that it leaves nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from irqlab.lab import LabError
+from tests.conftest import _alive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCH = [sys.executable, os.path.join(ROOT, "launch.py")]
+
+
+def project_processes() -> dict[int, tuple[int, str]]:
+    """Live processes of ours (fabric, host, device shells): pid -> (ppid, command line)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        if any(f" -m {m} " in cmd for m in ("fabric", "host", "device")):
+            out[int(pid)] = (int(fields[1]), cmd)
+    return out
+
+
+async def run_launch(*args: str, timeout: float = 240) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(*LAUNCH, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"launch.py {' '.join(args)} did not finish within {timeout} s")
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_default_run_reports_every_function_and_exits_0():
+    before = set(project_processes())
+    rc, out, err = await run_launch("--per-function", "300")
+    assert rc == 0, (out, err)
+    assert "PASS: nothing lost" in out, out
+    for rid in ("01:00.0", "01:00.1", "01:00.2"):
+        assert rid in out, out
+    assert "total: 900 sent, 900 delivered" in out, out
+    assert set(project_processes()) - before == set(), project_processes()
+
+
+async def test_json_report_is_machine_readable():
+    rc, out, err = await run_launch("run", "--json", "--per-function", "200")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["ok"] is True
+    assert report["total_sent"] == report["total_delivered"] == 600
+    assert {r["rid"] for r in report["functions"]} == {"01:00.0", "01:00.1", "01:00.2"}
+    assert all(r["lost"] == 0 for r in report["functions"])
+
+
+async def test_bad_topology_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[device]]\nname = "d0"\nvfs = 9\n')
+    rc, out, err = await run_launch("run", str(bad))
+    assert rc == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert lines == [f"launch.py: {bad}: device[0].vfs: 9 exceeds device[0].total_vfs = 4"], err
+    assert "Traceback" not in err + out
+
+
+async def test_missing_topology_file():
+    rc, out, err = await run_launch("run", "/nonexistent/topo.toml")
+    assert rc == 2 and "cannot read" in err and "Traceback" not in err
+
+
+async def test_sigint_stops_everything():
+    proc = await asyncio.create_subprocess_exec(*LAUNCH, "--per-function", "2000000", "--inflight", "4",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                cwd=ROOT)
+    # Wait until the topology is up (the launcher logs to stderr that it runs the workload).
+    line, seen = b"", []
+    async with asyncio.timeout(120):
+        while b"running" not in line:
+            line = await proc.stderr.readline()
+            seen.append(line)
+            assert line, b"".join(seen).decode() + (await proc.stdout.read()).decode()
+    kids = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
+    assert len(kids) == 3, project_processes()  # fabric, device, host
+    proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(60):
+        rc = await proc.wait()
+    assert rc == 130
+    for pid in kids:
+        assert not _alive(pid), pid
+
+
+async def test_a_dying_device_is_named(start_lab):
+    lab = await start_lab()
+    dev = lab.children["d0"]
+    os.kill(dev.proc.pid, signal.SIGKILL)
+    with pytest.raises(LabError, match=r"device 'd0' was killed by SIGKILL"):
+        await lab.run_workload(per_function=100000, inflight=8, timeout_s=60)
