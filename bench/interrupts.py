@@ -43,7 +43,7 @@ def _cpu(lab: Lab) -> dict[str, float | None]:
     return {name: _cpu_s(c.proc.pid) for name, c in lab.children.items()}
 
 
-class _Runs:
+class _Tally:
     """Per-run figures from ``Lab.run_workload`` reports.
 
     A report row's ``interrupts`` is the host's count since boot, while ``sent``
@@ -73,7 +73,7 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
     out: dict = {"topology": topo.name, "transport": topo.transport, "functions": functions}
     async with Lab(topo, on_progress=lambda m: progress(f"lab: {m}")) as lab:
         progress(f"lab: warm-up, {warmup_per_function:,} interrupts per function")
-        tally = _Runs()
+        tally = _Tally()
         tally.delivered(await lab.run_workload(per_function=warmup_per_function, inflight=inflight), "warm-up")
 
         runs = []

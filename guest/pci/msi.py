@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from guest.irq.domain import (DomainBusToken, IrqAllocInfo, IrqChip, IrqData, IrqDomain,
-                              IrqDomainFlags, IrqDomainOps, MsiMsg, NoSpaceError,
-                              irq_chip_compose_msi_msg, irq_domain_alloc_irqs,
+                              IrqDomainFlags, IrqDomainOps, IrqSetMask, MsiMsg, NoSpaceError,
+                              irq_chip_compose_msi_msg, irq_chip_set_affinity_parent, irq_domain_alloc_irqs,
                               irq_domain_alloc_irqs_parent, irq_domain_free_irqs,
                               irq_domain_free_irqs_parent, irq_domain_get_irq_data,
                               irq_domain_remove, irq_domain_reset_irq_data,
@@ -57,6 +57,13 @@ class PciMsixChip(IrqChip):
         entry: MsixEntry = irq_data.chip_data
         entry.msg = msg
         self.mmio.mmio_write(entry.addr, _ENTRY_MSG.pack(msg.address_lo, msg.address_hi, msg.data))
+
+    def irq_set_affinity(self, irq_data: IrqData, cpu: int) -> IrqSetMask:
+        """``msi_domain_set_affinity``: move the parent; re-store the message unless it says done."""
+        ret = irq_chip_set_affinity_parent(irq_data, cpu)
+        if ret is not IrqSetMask.OK_DONE:
+            self.irq_write_msi_msg(irq_data, irq_chip_compose_msi_msg(irq_data))
+        return ret
 
     def irq_mask(self, irq_data: IrqData) -> None:
         entry: MsixEntry = irq_data.chip_data

@@ -114,3 +114,41 @@ async def test_a_dying_device_is_named(start_lab):
     os.kill(dev.proc.pid, signal.SIGKILL)
     with pytest.raises(LabError, match=r"device 'd0' was killed by SIGKILL"):
         await lab.run_workload(per_function=100000, inflight=8, timeout_s=60)
+
+
+async def wait_exit(pid: int, timeout: float) -> None:
+    """Await the death of a process that is not our child (pidfd becomes readable on exit)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await gone
+    except TimeoutError:
+        raise AssertionError(f"process {pid} still alive {timeout} s after its launcher died: "
+                             f"{project_processes().get(pid)}") from None
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_sigkilled_launcher_takes_its_topology_with_it():
+    proc = await asyncio.create_subprocess_exec(*LAUNCH, "--per-function", "2000000", "--inflight", "4",
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                                                cwd=ROOT)
+    line, seen = b"", []
+    async with asyncio.timeout(120):
+        while b"running" not in line:
+            line = await proc.stderr.readline()
+            seen.append(line)
+            assert line, b"".join(seen).decode()
+    kids = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
+    assert len(kids) == 3, project_processes()
+    proc.kill()                      # no chance to clean up: the kernel must do it (PDEATHSIG)
+    await proc.wait()
+    for pid in kids:
+        await wait_exit(pid, 30)
