@@ -8,8 +8,9 @@ Imports only ``fabric`` (wire formats).  One module per hardware block:
     caps/msix.py      MSI-X capability (Message Control, table/PBA locators)
     caps/sriov.py     SR-IOV extended capability (NumVFs, VF RID arithmetic, VF BARs)
     msix.py           MSI-X table + PBA (mask / pending / replay)
-    engine.py         the work engine (doorbell -> DMA completion record -> MSI-X)
-    function.py       a PF or VF: config space + BAR0 (engine, MSI-X table, PBA)
+    ims.py            IMS of kind ``device``: IDXD-layout slots in BAR0 (mask / pending / replay, PASID)
+    engine.py         the work engine (doorbell -> DMA completion record -> MSI-X or IMS)
+    function.py       a PF or VF: config space + BAR0 (engine, IMS, MSI-X table, PBA)
     sriov_device.py   SriovDevice: PF + VFs, ``handle_tlp(tlp) -> list[Emit]``
     emit.py           Emit(tlp, origin): what a model hands its process shell
 

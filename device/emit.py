@@ -15,7 +15,7 @@ from fabric.tlp import Tlp, TlpType
 class Emit(NamedTuple):
     """One TLP to put on the link.
 
-    ``origin`` is the RID of the function whose MSI-X storage produced an
+    ``origin`` is the RID of the function whose MSI-X table or IMS produced an
     interrupt MWr: out-of-band provenance for the lab's isolation oracle
     (DESIGN.md §6).  The fabric and the IR unit never read it.  ``None`` for
     every other TLP (completions, DMA writes).
@@ -28,18 +28,19 @@ class Emit(NamedTuple):
 _FOUR_GIB = 1 << 32
 
 
-def mem_write_dw(address: int, data: bytes, requester_id: int) -> Tlp:
-    """``Tlp.mem_write(address, data, requester_id)`` for the device's own hot-path writes.
+def mem_write_dw(address: int, data: bytes, requester_id: int, pasid: int | None = None) -> Tlp:
+    """``Tlp.mem_write(address, data, requester_id, pasid=pasid)`` for the device's own hot-path writes.
 
-    DMA records and MSI-X messages are whole DWs at DW-aligned addresses inside
+    DMA records and MSI-X / IMS messages are whole DWs at DW-aligned addresses inside
     one 4 KiB page: for those the header fields are known valid (all bytes
     enabled, 3DW below 4 GiB else 4DW) and the codec's validation -- which
     ``pack()`` repeats anyway -- is skipped.  Anything else goes through
     ``Tlp.mem_write``.  Same result either way (tested).
     """
     n = len(data)
-    if address & 3 or n & 3 or not n or (address & 0xFFF) + n > 0x1000 or address >> 64 or requester_id >> 16:
-        return Tlp.mem_write(address, data, requester_id)
+    if (address & 3 or n & 3 or not n or (address & 0xFFF) + n > 0x1000 or address >> 64 or requester_id >> 16
+            or (pasid is not None and pasid >> 20)):
+        return Tlp.mem_write(address, data, requester_id, pasid=pasid)
     return Tlp(
         TlpType.MEM_WRITE if address < _FOUR_GIB else TlpType.MEM_WRITE_64,
         requester_id,
@@ -48,4 +49,5 @@ def mem_write_dw(address: int, data: bytes, requester_id: int) -> Tlp:
         last_be=0 if n == 4 else 0xF,
         address=address,
         data=bytes(data),
+        pasid=pasid,
     )

@@ -1,9 +1,9 @@
-"""The work engine: a minimal doorbell -> DMA completion -> MSI-X interrupt block.
+"""The work engine: a minimal doorbell -> DMA completion -> MSI-X / IMS interrupt block.
 
 It is the lab's stand-in for a real device's work queue: software rings a
 doorbell with a 32-bit cookie, the engine "completes" the work item by DMA-
 writing a completion record into a ring in host memory, then raises an MSI-X
-vector.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
+vector or an IMS slot.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
 
     off    name               access  meaning
     -----  -----------------  ------  --------------------------------------------------------
@@ -13,11 +13,17 @@ vector.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
     0x0C   CMPL_BASE_HI       RW      completion ring bus address [63:32]
     0x10   CMPL_RING_ENTRIES  RW      ring size in records; 0 (off) or a power of two,
                                       other values are ignored
-    0x14   IRQ_VECTOR         RW      MSI-X vector index raised on each completion
+    0x14   IRQ_VECTOR         RW      MSI-X vector or IMS slot raised on each completion
     0x18   DOORBELL           WO      full-DW write = one work item, value = cookie; reads 0
     0x1C   COMPLETED          RO      work items completed since reset (= next completion_seq)
     0x20   MSIX_SENT          RO      completion interrupts sent at once
     0x24   MSIX_PENDED        RO      completion interrupts found masked (PBA bit set instead)
+    0x28   IRQ_MODE           RW      bit 0: 0 = raise MSI-X vector IRQ_VECTOR,
+                                      1 = raise IMS slot IRQ_VECTOR; bits 31:1 read 0
+    0x2C   IMS_CAP            RO      IMS slots of this function (0 = no IMS); the driver's
+                                      IMS detection, like IDXD's GENCAP max_ims_mult
+    0x30   IMS_SENT           RO      completion interrupts sent at once from an IMS slot
+    0x34   IMS_PENDED         RO      completion interrupts found on a masked IMS slot
     other                     -       read 0, writes ignored
 
 Completion record (16 bytes, little-endian), written to
@@ -31,7 +37,9 @@ Completion record (16 bytes, little-endian), written to
 A doorbell completes only while Bus Master Enable is set and the ring is
 programmed (CMPL_RING_ENTRIES != 0); otherwise it is dropped, COMPLETED does not
 move and the function counts ``doorbells_dropped``.  The function, not this
-block, turns the record into a DMA MWr followed by the MSI-X MWr.
+block, turns the record into a DMA MWr followed by the MSI-X or IMS MWr
+(IRQ_MODE = 1 on a function without IMS: the record only, counted
+``ims_invalid``).  The *_SENT / *_PENDED registers restart from 0 on reset.
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ DOORBELL = 0x18
 COMPLETED = 0x1C
 MSIX_SENT = 0x20
 MSIX_PENDED = 0x24
+IRQ_MODE = 0x28
+IMS_CAP = 0x2C
+IMS_SENT = 0x30
+IMS_PENDED = 0x34
+
+IRQ_MODE_MSIX = 0
+IRQ_MODE_IMS = 1
 
 ENGINE_MAGIC = int.from_bytes(b"IRQL", "little")  # 0x4C515249
 ENGINE_VERSION_1_0 = 0x00010000
@@ -61,18 +76,25 @@ _ADDR_MASK = (1 << 64) - 1
 class WorkEngine:
     """Register file and completion bookkeeping of the work engine."""
 
-    __slots__ = ("cmpl_base", "ring_entries", "irq_vector", "completed", "msix_sent", "msix_pended")
+    __slots__ = (
+        "ims_cap", "cmpl_base", "ring_entries", "irq_vector", "irq_mode", "completed",
+        "msix_sent", "msix_pended", "ims_sent", "ims_pended",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, ims_slots: int = 0) -> None:
+        self.ims_cap = ims_slots
         self.reset()
 
     def reset(self) -> None:
         self.cmpl_base = 0
         self.ring_entries = 0
         self.irq_vector = 0
+        self.irq_mode = IRQ_MODE_MSIX
         self.completed = 0
         self.msix_sent = 0
         self.msix_pended = 0
+        self.ims_sent = 0
+        self.ims_pended = 0
 
     def read32(self, off: int) -> int:
         if off == COMPLETED:
@@ -93,6 +115,14 @@ class WorkEngine:
             return self.ring_entries
         if off == IRQ_VECTOR:
             return self.irq_vector
+        if off == IRQ_MODE:
+            return self.irq_mode
+        if off == IMS_CAP:
+            return self.ims_cap
+        if off == IMS_SENT:
+            return self.ims_sent & 0xFFFFFFFF
+        if off == IMS_PENDED:
+            return self.ims_pended & 0xFFFFFFFF
         return 0
 
     def write32(self, off: int, value: int) -> None:
@@ -106,6 +136,8 @@ class WorkEngine:
                 self.ring_entries = value
         elif off == IRQ_VECTOR:
             self.irq_vector = value & 0xFFFFFFFF
+        elif off == IRQ_MODE:
+            self.irq_mode = value & IRQ_MODE_IMS
 
     @property
     def ring_ready(self) -> bool:

@@ -2,13 +2,22 @@
 
 A function = type-0 config space (PCIe cap v2 with FLR, MSI-X cap) + BAR0::
 
-    BAR0 (16 KiB, 32-bit non-prefetchable memory BAR)
-    +---------+-----------------------------------------------------------+
-    | 0x0000  | work-engine registers (``device.engine``), 0x28 bytes used |
-    | 0x2000  | MSI-X table, 16 bytes per vector (BIR 0, offset 0x2000)    |
-    | 0x3000  | MSI-X PBA (BIR 0, offset 0x3000), read-only                |
-    +---------+-----------------------------------------------------------+
+    BAR0 (16 KiB, 32-bit non-prefetchable memory BAR, four 4 KiB pages)
+    +---------+--------------------------------------------------------------+
+    | 0x0000  | page 0: work-engine registers (``device.engine``), 0x38 used  |
+    | 0x1000  | page 1: IMS slots (``device.ims``), 16 bytes each, up to 256; |
+    |         |         absent (reads 0) on a function with ims_slots=0       |
+    | 0x2000  | page 2: MSI-X table, 16 bytes per vector (BIR 0, off 0x2000)  |
+    | 0x3000  | page 3: MSI-X PBA (BIR 0, offset 0x3000), read-only           |
+    +---------+--------------------------------------------------------------+
     holes read 0 and ignore writes
+
+Why one block per page: a hypervisor that assigns the function to a guest maps
+pages 0 and 1 straight through (engine and IMS: the guest programs its IMS
+slots with no exit, which is what makes IMS of kind ``device`` a question of
+who composes the message) and traps pages 2 and 3 to emulate the MSI-X table,
+as VFIO does.  Trapping IMS too is a per-page decision (unmap page 1), never a
+partial one.  Sharing a page between IMS and MSI-X would make that impossible.
 
 Config space layout of both kinds::
 
@@ -45,15 +54,19 @@ from device.config import (
 )
 from device.emit import Emit, mem_write_dw
 from device.engine import DOORBELL, WorkEngine
+from device.ims import ImsStore
 from device.msix import MsixTable
 from fabric.bdf import rid_str
 from fabric.tlp import Tlp
 
 BAR0_SIZE = 0x4000
 ENGINE_OFFSET = 0x0000
+IMS_OFFSET = 0x1000
 MSIX_TABLE_OFFSET = 0x2000
 MSIX_PBA_OFFSET = 0x3000
 MAX_VECTORS = (MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) // 16  # 256
+MAX_IMS_SLOTS = (MSIX_TABLE_OFFSET - IMS_OFFSET) // 16  # 256
+_IMS_ZERO = dict.fromkeys(("ims_sent", "ims_pended", "ims_replayed", "ims_blocked_no_bme", "ims_invalid_slot"), 0)
 
 CLASS_SYSTEM_PERIPHERAL_OTHER = 0x088000  # what IDXD reports
 PF_COMMAND_WMASK = (
@@ -66,12 +79,17 @@ MSIX_CAP_OFFSET = 0x7C
 
 
 class Function:
-    """A PF or VF: config space, MSI-X table/PBA and work engine behind BAR0."""
+    """A PF or VF: config space, MSI-X table/PBA, optional IMS and work engine behind BAR0.
+
+    ``ims_slots`` = 0 means no IMS (``self.ims`` is None, IMS_CAP reads 0).
+    ``pasid_interrupts`` is the device-level knob of ``device.ims``: whether an
+    IMS slot with PASID Enable sends its MWr with the PASID prefix.
+    """
 
     __slots__ = (
-        "_rid", "is_vf", "vf_index", "cfg", "pcie", "msix_cap", "msix", "engine", "on_flr",
+        "_rid", "is_vf", "vf_index", "cfg", "pcie", "msix_cap", "msix", "ims", "engine", "on_flr",
         "cfg_reads", "cfg_writes", "mem_reads", "mem_writes", "doorbells", "doorbells_dropped",
-        "dma_writes", "flrs",
+        "dma_writes", "flrs", "ims_invalid",
     )
 
     def __init__(
@@ -88,15 +106,19 @@ class Function:
         subsystem_vendor_id: int | None = None,
         subsystem_id: int = 0,
         on_flr: Callable[["Function"], None] | None = None,
+        ims_slots: int = 0,
+        pasid_interrupts: bool = True,
     ) -> None:
         if not 1 <= vectors <= MAX_VECTORS:
             raise ValueError(f"{vectors} MSI-X vectors do not fit between 0x2000 and 0x3000")
+        if not 0 <= ims_slots <= MAX_IMS_SLOTS:
+            raise ValueError(f"{ims_slots} IMS slots do not fit between 0x1000 and 0x2000")
         self._rid = rid & 0xFFFF
         self.is_vf = is_vf
         self.vf_index = vf_index
         self.on_flr = on_flr
         self.cfg_reads = self.cfg_writes = self.mem_reads = self.mem_writes = 0
-        self.doorbells = self.doorbells_dropped = self.dma_writes = self.flrs = 0
+        self.doorbells = self.doorbells_dropped = self.dma_writes = self.flrs = self.ims_invalid = 0
 
         cfg = self.cfg = ConfigSpace()
         cfg.init_header(
@@ -125,7 +147,9 @@ class Function:
         cfg.seal()
 
         self.msix = MsixTable(vectors, requester_id=self._rid)
-        self.engine = WorkEngine()
+        self.ims = (ImsStore(ims_slots, requester_id=self._rid, pasid_interrupts=pasid_interrupts)
+                    if ims_slots else None)
+        self.engine = WorkEngine(ims_slots)
 
     # ---- identity --------------------------------------------------------------------------------
 
@@ -137,6 +161,8 @@ class Function:
     def rid(self, value: int) -> None:
         self._rid = value & 0xFFFF
         self.msix.requester_id = self._rid
+        if self.ims is not None:
+            self.ims.requester_id = self._rid
 
     def __repr__(self) -> str:
         kind = f"VF{self.vf_index}" if self.is_vf else "PF"
@@ -159,7 +185,9 @@ class Function:
         return self.cfg.write(reg, value, first_be)
 
     def _command_written(self, reg: int, old: int, new: int) -> None:
-        self.msix.bus_master = bool(new & PCI_COMMAND_MASTER)
+        self.msix.bus_master = bme = bool(new & PCI_COMMAND_MASTER)
+        if self.ims is not None:
+            self.ims.bus_master = bme
 
     def _msix_control(self, enabled: bool, function_mask: bool) -> list[Emit]:
         return self.msix.set_control(enabled, function_mask)
@@ -167,7 +195,7 @@ class Function:
     # ---- reset -----------------------------------------------------------------------------------
 
     def flr(self) -> None:
-        """Function Level Reset (PCIe Base 6.6.2): registers, MSI-X and engine to power-on state.
+        """Function Level Reset (PCIe Base 6.6.2): registers, MSI-X, IMS and engine to power-on state.
 
         As on real hardware the BARs and Command register are cleared too;
         software saves and restores config around an FLR (Linux
@@ -177,6 +205,9 @@ class Function:
         self.cfg.reset()
         self.msix.reset()
         self.msix.bus_master = False
+        if self.ims is not None:
+            self.ims.reset()
+            self.ims.bus_master = False
         self.engine.reset()
         if self.on_flr is not None:
             self.on_flr(self)
@@ -205,8 +236,10 @@ class Function:
         return out
 
     def _read_dw(self, off: int) -> int:
-        if off < MSIX_TABLE_OFFSET:
+        if off < IMS_OFFSET:
             return self.engine.read32(off)
+        if off < MSIX_TABLE_OFFSET:
+            return self.ims.read(off - IMS_OFFSET) if self.ims is not None else 0
         if off < MSIX_PBA_OFFSET:
             return self.msix.table_read(off - MSIX_TABLE_OFFSET)
         if off < BAR0_SIZE:
@@ -214,7 +247,7 @@ class Function:
         return 0
 
     def _write_dw(self, off: int, value: int, be: int) -> list[Emit]:
-        if off < MSIX_TABLE_OFFSET:
+        if off < IMS_OFFSET:
             if off == DOORBELL:
                 # Only a full-DW write carries a cookie; a partial one is ignored.
                 return self.doorbell(value) if be == 0xF else []
@@ -223,6 +256,15 @@ class Function:
                 value = (self.engine.read32(off) & ~m) | (value & m)
             self.engine.write32(off, value)
             return []
+        if off < MSIX_TABLE_OFFSET:
+            ims = self.ims
+            if ims is None:
+                return []
+            off -= IMS_OFFSET
+            if be != 0xF:
+                m = BE_MASK[be]
+                value = (ims.read(off) & ~m) | (value & m)
+            return ims.write(off, 4, value)
         if off < MSIX_PBA_OFFSET:
             off -= MSIX_TABLE_OFFSET
             if be != 0xF:
@@ -234,11 +276,14 @@ class Function:
     # ---- work engine -----------------------------------------------------------------------------
 
     def doorbell(self, cookie: int) -> list[Emit]:
-        """One work item: ``[DMA MWr of the completion record, MSI-X MWr]`` in that order.
+        """One work item: ``[DMA MWr of the completion record, interrupt MWr]`` in that order.
 
-        Nothing at all without Bus Master Enable or a programmed ring
-        (``doorbells_dropped``).  The interrupt may be pended (masked vector),
-        in which case only the DMA write is returned.
+        The interrupt is MSI-X vector IRQ_VECTOR, or IMS slot IRQ_VECTOR when
+        IRQ_MODE = 1.  Nothing at all without Bus Master Enable or a programmed
+        ring (``doorbells_dropped``).  The interrupt may be pended (masked
+        vector / slot), blocked or invalid (no such vector / slot; IRQ_MODE = 1
+        without IMS counts ``ims_invalid``), in which case only the DMA write
+        is returned.
         """
         self.doorbells += 1
         engine = self.engine
@@ -250,6 +295,18 @@ class Function:
         self.dma_writes += 1
         out = [Emit(mem_write_dw(address, record, self._rid), None)]
         vector = engine.irq_vector
+        if engine.irq_mode:
+            ims = self.ims
+            if ims is None:
+                self.ims_invalid += 1
+                return out
+            irq = ims.notify(vector)
+            if irq is not None:
+                engine.ims_sent += 1
+                out.append(irq)
+            elif vector < ims.nslots and ims.is_pending(vector):
+                engine.ims_pended += 1
+            return out
         irq = msix.notify(vector)
         if irq is not None:
             engine.msix_sent += 1
@@ -262,7 +319,7 @@ class Function:
 
     def counters(self) -> dict[str, int]:
         """Monotonic statistics (they survive FLR), for the control interface."""
-        m = self.msix
+        m, i = self.msix, self.ims
         return {
             "cfg_reads": self.cfg_reads,
             "cfg_writes": self.cfg_writes,
@@ -277,4 +334,12 @@ class Function:
             "msix_replayed": m.replayed,
             "blocked_no_bme": m.blocked_no_bme,
             "msix_invalid_vector": m.invalid_vector,
+            "ims_invalid": self.ims_invalid,
+            **(_IMS_ZERO if i is None else {
+                "ims_sent": i.sent,
+                "ims_pended": i.pended,
+                "ims_replayed": i.replayed,
+                "ims_blocked_no_bme": i.blocked_no_bme,
+                "ims_invalid_slot": i.invalid_slot,
+            }),
         }

@@ -28,8 +28,9 @@ nothing -> UR Cpl; MWr that hits nothing -> dropped and counted.  Completions
 VF MSE; VF Enable 0->1 creates NumVFs VFs in power-on state, 1->0 (or a PF FLR,
 which clears VF Enable) destroys them.
 
-Requests the device starts (DMA and MSI-X MWr) carry the originating
-function's RID as requester ID; completions carry the completing function's
+Requests the device starts (DMA, MSI-X and IMS MWr) carry the originating
+function's RID as requester ID (an IMS MWr also its slot's PASID, see
+``device.ims``); completions carry the completing function's
 RID as completer ID (the PF's for UR to unknown targets/addresses).  Interrupt
 MWrs also carry that RID out of band as ``Emit.origin``.
 """
@@ -62,11 +63,20 @@ class SriovDevice:
         vf_vectors: int = 4,
         first_vf_offset: int = 1,
         vf_stride: int = 1,
+        pf_ims_slots: int = 0,
+        vf_ims_slots: int = 0,
+        pasid_interrupts: bool = True,
     ) -> None:
+        """``*_ims_slots``: IMS slots (kind ``device``, BAR0 + 0x1000) of the PF / of each VF,
+        0 = none.  ``pasid_interrupts``: whether the device can PASID-tag interrupt MWrs
+        (``device.ims``)."""
         self.vendor_id = vendor_id
         self.vf_vectors = vf_vectors
+        self.vf_ims_slots = vf_ims_slots
+        self.pasid_interrupts = pasid_interrupts
         self.bus = 0
-        self.pf = Function(0, vendor_id=vendor_id, device_id=device_id, vectors=pf_vectors, on_flr=self._pf_flr)
+        self.pf = Function(0, vendor_id=vendor_id, device_id=device_id, vectors=pf_vectors, on_flr=self._pf_flr,
+                           ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts)
         self.sriov = SriovCap(
             total_vfs=total_vfs,
             vf_device_id=vf_device_id,
@@ -215,6 +225,8 @@ class SriovDevice:
             is_vf=True,
             vf_index=index,
             on_flr=self._vf_flr,
+            ims_slots=self.vf_ims_slots,
+            pasid_interrupts=self.pasid_interrupts,
         )
         self.vfs.append(vf)
         self._by_rid[vf.rid] = vf
@@ -257,6 +269,9 @@ class SriovDevice:
                 "vf_index": fn.vf_index,
                 "bus_master": fn.msix.bus_master,
                 "msix_enabled": fn.msix.enabled,
+                "irq_mode": "ims" if fn.engine.irq_mode else "msix",
+                "ims_slots": fn.engine.ims_cap,
+                "ims": fn.ims.snapshot() if fn.ims is not None else [],
                 "completed": fn.engine.completed,
                 **fn.counters(),
             }

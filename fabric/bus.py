@@ -41,8 +41,9 @@ and the sender is told with a ``DROPPED`` frame at exponentially spaced counts.
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ from fabric import tlp as T
 from fabric import wire
 from fabric.bdf import rid_str
 from fabric.dmar import FaultLog, FaultReason, FaultRecord
+from fabric.ept import Ept, EptHit
+from fabric.iommu import DmaFault, Iommu, MemoryMap, Translation
 from fabric.ir import Irte, InterruptRemapper, IrFault, Passthrough, Posted, Remapped
 
 MSI_LO = 0xFEE0_0000
@@ -68,6 +71,8 @@ _CPLT, _CPLD = int(T.TlpType.CPL), int(T.TlpType.CPL_DATA)
 
 ROOT_COMPLEX_RID = 0x0000
 RC_TAGS = 256
+#: frames a stalled guest may queue while its trapped store is being emulated
+STALL_BACKLOG = 100_000
 
 
 # In-place header edits for the routing hot path.  ``peek`` has already checked
@@ -105,6 +110,32 @@ def _stamp_completer(raw: bytes, cid: int) -> bytes:
     return bytes(out)
 
 
+def _request_bytes(raw: bytes, off: int) -> int:
+    """Bytes a read request asks for (Length DWs; 0 encodes 1024)."""
+    n = ((raw[off + 2] & 0x3) << 8 | raw[off + 3]) or 1024
+    return n * 4
+
+
+def _readdress(raw: bytes, off: int, ftype: int, addr: int) -> bytes:
+    """The same memory request at another address (3DW below 4 GiB, 4DW above, as the spec wants)."""
+    four = ftype == _MWR64 or ftype == _MRD64
+    if four == (addr >= 1 << 32):
+        out = bytearray(raw)
+        if four:
+            out[off + 8:off + 16] = (addr | (raw[off + 15] & 3)).to_bytes(8, "big")
+        else:
+            out[off + 8:off + 12] = (addr | (raw[off + 11] & 3)).to_bytes(4, "big")
+        return bytes(out)
+    tlp = T.Tlp.unpack(raw)
+    write = ftype == _MWR32 or ftype == _MWR64
+    if write:
+        tlp.type = T.TlpType.MEM_WRITE_64 if addr >= 1 << 32 else T.TlpType.MEM_WRITE
+    else:
+        tlp.type = T.TlpType.MEM_READ_64 if addr >= 1 << 32 else T.TlpType.MEM_READ
+    tlp.address = addr
+    return tlp.pack()
+
+
 def _stamp_requester(raw: bytes, off: int, rid: int) -> bytes:
     out = bytearray(raw)
     out[off + 4] = rid >> 8
@@ -127,6 +158,10 @@ class Peer:
     spec: PeerSpec
     rx: int = 0
     drops: Counter = field(default_factory=Counter)
+    # A guest whose vCPU is in a VM exit for a trapped store: its later frames wait here
+    # until the hypervisor's VM entry, as a real vCPU executes nothing meanwhile.
+    stalled: int = 0
+    backlog: deque | None = None
 
     @property
     def name(self) -> str:
@@ -156,6 +191,13 @@ class Fabric:
                  clock: Callable[[], int] = time.monotonic_ns,
                  on_fault: Callable[[FaultRecord], None] | None = None):
         self.platform = platform or Platform()
+        for spec in specs.values():
+            # A bad launcher table must fail here, not as an exception out of on_frame later.
+            if spec.role not in ROLES:
+                raise ValueError(f"peer {spec.name!r}: unknown role {spec.role!r} (expected one of {ROLES})")
+            if spec.buses is not None and (spec.role != "device" or len(spec.buses) != 2
+                                           or not 0 <= spec.buses[0] <= spec.buses[1] <= 255):
+                raise ValueError(f"peer {spec.name!r}: bad bus range {spec.buses!r}")
         self._tokens = dict(specs)          # token -> spec; consumed on registration
         self.send = send or (lambda ident, frame: None)
         self.clock = clock
@@ -168,28 +210,35 @@ class Fabric:
         self._win_base: list[int] = []
         self._win: list[tuple[int, int, Peer]] = []
         self.apic_owner: dict[int, Peer] = {}
-        self.ram: list[tuple[int, int, Peer]] = []        # host RAM ranges
-        self.context: dict[int, str] = {}                 # RID -> "pt" | "block"
         self.fault_log = FaultLog(self.platform.fault_records)
+        self.memmap = MemoryMap()                         # HPA -> RAM owner (host, guests)
+        self.iommu = Iommu(self.fault_log, memory=self.memmap)  # DMA remapping: contexts, domains
+        self.epts: dict[str, Ept] = {}                    # guest name -> its EPT
+        self.host: Peer | None = None
         # IRTA starts unprogrammed, as at reset: the host's IR driver programs it (``ir.table``).
         self.ir = InterruptRemapper(None, fault_log=self.fault_log)
         self._rc_free = list(range(RC_TAGS - 1, -1, -1))
-        self._rc_tags: list[tuple[Peer, int] | None] = [None] * RC_TAGS
-        self._ctl_routes: dict[int, tuple[Peer, int]] = {}
+        # RC tag -> (requesting port, its original tag, port the request went to)
+        self._rc_tags: list[tuple[Peer, int, Peer] | None] = [None] * RC_TAGS
+        # fabric CTL id -> (control peer, its request id, peer asked)
+        self._ctl_routes: dict[int, tuple[Peer, int, Peer]] = {}
         self._ctl_seq = 0
         self.counters: Counter = Counter()
+        self.src_faults: Counter = Counter()              # (source RID, reason) -> count
         # hot counters as attributes
         self.tlps = 0
         self.irqs_delivered = 0
         self.dma_tlps = 0
         self.shutdown_requested = False
         self._faults_seen = 0
+        self._trap_seq = itertools.count(1)
 
         self._by_role = {
             "device": {wire.TLP: self._device_tlp, wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep},
             "host": {wire.TLP: self._cpu_tlp, wire.REG: self._reg, wire.EVENT: self._event,
-                     wire.CTL_REP: self._ctl_rep},
-            "guest": {wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep},
+                     wire.CTL_REP: self._ctl_rep, wire.VMENTRY: self._vmentry, wire.INJECT: self._inject},
+            "guest": {wire.TLP: self._guest_tlp, wire.VMEXIT: self._vmexit, wire.EVENT: self._event,
+                      wire.CTL_REP: self._ctl_rep},
             "control": {wire.CTL: self._ctl},
         }
         self._reg_ops: dict[str, Callable[[Peer, dict], Any]] = {
@@ -197,7 +246,14 @@ class Fabric:
             "window.clear": self._reg_window_clear,
             "cpus.bind": self._reg_cpus_bind,
             "ram.set": self._reg_ram_set,
+            "mem.map": self._reg_mem_map,
+            "mem.unmap": self._reg_mem_unmap,
             "context.set": self._reg_context_set,
+            "iommu.domain": self._reg_iommu_domain,
+            "iommu.map": self._reg_iommu_map,
+            "iommu.unmap": self._reg_iommu_unmap,
+            "ept.map": self._reg_ept_map,
+            "ept.unmap": self._reg_ept_unmap,
             "irte.write": self._reg_irte_write,
             "irte.clear": self._reg_irte_clear,
             "ir.table": self._reg_ir_table,
@@ -214,6 +270,12 @@ class Fabric:
         peer = self.peers.get(identity)
         if peer is None:
             self._unregistered(identity, frame)
+            return
+        if peer.stalled:
+            if len(peer.backlog) >= STALL_BACKLOG:
+                self._drop(peer, "stall_backlog_full")
+            else:
+                peer.backlog.append(frame)
             return
         peer.rx += 1
         limit = wire.MAX_CONTROL_FRAME if peer.spec.role in ("host", "control") else wire.MAX_DATA_FRAME
@@ -285,6 +347,7 @@ class Fabric:
                 self.bus_owner[b] = peer
             info["buses"] = [lo, hi]
         elif spec.role == "host":
+            self.host = peer
             info["max_bus"] = self.platform.max_bus
             info["ir"] = self.platform.ir
             info["ir_entries"] = self.platform.ir_entries
@@ -323,9 +386,9 @@ class Fabric:
             if MSI_LO <= addr <= MSI_HI:
                 self._interrupt(peer, raw, off, ftype, rid, addr, msg[2], msg[3])
             else:
-                self._dma(peer, raw, rid, addr, True)
+                self._dma(peer, raw, off, ftype, rid, addr, True)
         elif ftype == _MRD32 or ftype == _MRD64:
-            self._dma(peer, raw, rid, addr, False)
+            self._dma(peer, raw, off, ftype, rid, addr, False)
         elif ftype == _CPLT or ftype == _CPLD:
             self._completion(peer, raw, rid)
         else:
@@ -352,6 +415,7 @@ class Fabric:
                                               res.index if type(res) is Remapped else -1))
         elif type(res) is IrFault:
             self.counters[f"irq:fault:0x{int(res.reason):02x}"] += 1
+            self.src_faults[(rid, int(res.reason))] += 1
             self._announce(FaultRecord(res.reason, rid, "intr", index=res.index & 0xFFFF))
         else:  # Posted: not on this platform yet
             self.counters["irq:posted_unsupported"] += 1
@@ -360,29 +424,33 @@ class Fabric:
         rec = FaultRecord(reason, rid, "intr", index=index, detail={"addr": addr, "data": data, "why": detail})
         self.fault_log.record(rec)
         self.counters[f"irq:fault:0x{int(reason):02x}"] += 1
+        self.src_faults[(rid, int(reason))] += 1
         self._announce(rec)
 
-    def _dma(self, peer: Peer, raw: bytes, rid: int, addr: int, write: bool) -> None:
+    def _dma(self, peer: Peer, raw: bytes, off: int, ftype: int, rid: int, addr: int, write: bool) -> None:
+        """Device DMA: translate through the requester's IOMMU context, then to the RAM owner."""
         self.dma_tlps += 1
-        mode = self.context.get(rid)
-        if mode != "pt":
-            reason = FaultReason.CONTEXT_ENTRY_P if mode is None else FaultReason.CONTEXT_ENTRY_TT
-            self._dma_fault(peer, raw, rid, addr, write, reason)
+        size = _request_bytes(raw, off) if not write else len(raw) - off - (16 if ftype == _MWR64 else 12)
+        pasid = T.prefix_pasid(raw) if off else None
+        res = self.iommu.translate(rid, addr, size or 4, write, pasid)
+        if type(res) is Translation:
+            owner = self.by_name.get(res.owner)
+            if owner is None:
+                self.counters["dma:owner_absent"] += 1
+                if not write:
+                    self._ur_to_device(peer, raw)
+                return
+            if res.local_addr != addr:
+                raw = _readdress(raw, off, ftype, res.local_addr)
+            self.send(owner.identity, wire.tlp(raw))
             return
-        owner = self._ram_owner(addr)
-        if owner is None:
+        if type(res) is DmaFault:
+            self.counters[f"dma:fault:0x{int(res.reason):02x}"] += 1
+            self.src_faults[(rid, int(res.reason))] += 1
+            self._announce(FaultRecord(res.reason, rid, "dma-write" if write else "dma-read",
+                                       addr=addr & 0xFFFF_FFFF_FFFF_FFFF, pasid=pasid))
+        else:  # Unclaimed: translated to an address no RAM owner claims
             self.counters["dma:unmapped"] += 1
-            if not write:
-                self._ur_to_device(peer, raw)
-            return
-        self.send(owner.identity, wire.tlp(raw))
-
-    def _dma_fault(self, peer: Peer, raw: bytes, rid: int, addr: int, write: bool, reason: int) -> None:
-        rec = FaultRecord(reason, rid, "dma-write" if write else "dma-read",
-                          addr=addr & 0xFFFF_FFFF_FFFF_FFFF, pasid=T.prefix_pasid(raw))
-        self.fault_log.record(rec)
-        self.counters[f"dma:fault:0x{int(reason):02x}"] += 1
-        self._announce(rec)
         if not write:
             self._ur_to_device(peer, raw)
 
@@ -390,12 +458,6 @@ class Fabric:
         req = T.Tlp.unpack(raw)
         cpl = T.Tlp.completion(req, ROOT_COMPLEX_RID, T.CplStatus.UR)
         self.send(peer.identity, wire.tlp(cpl.pack()))
-
-    def _ram_owner(self, addr: int) -> Peer | None:
-        for base, limit, owner in self.ram:
-            if base <= addr <= limit:
-                return owner
-        return None
 
     # ------------------------------------------------------------------
     # TLPs from CPU ports (the host)
@@ -427,6 +489,10 @@ class Fabric:
                 return
             self._forward_nonposted(peer, dest, raw, off)
         elif ftype == _CPLT or ftype == _CPLD:
+            if rid == ROOT_COMPLEX_RID:
+                # The VMM completing a guest's read of a trapped page.
+                self._completion(peer, raw, rid)
+                return
             # The host's memory answering a device's DMA read: route by requester ID.
             dest = self.bus_owner[(rid >> 8) & 0xFF]
             if dest is None:
@@ -441,7 +507,7 @@ class Fabric:
             self._drop(peer, "rc_tags_exhausted")
             return
         tag = self._rc_free.pop()
-        self._rc_tags[tag] = (peer, _request_tag(raw, off))
+        self._rc_tags[tag] = (peer, _request_tag(raw, off), dest)
         self.send(dest.identity, wire.tlp(_stamp_request(raw, off, ROOT_COMPLEX_RID, tag)))
 
     def _rc_ur(self, peer: Peer, raw: bytes) -> None:
@@ -455,10 +521,12 @@ class Fabric:
         if requester == ROOT_COMPLEX_RID:
             tag = raw[10]
             entry = self._rc_tags[tag] if tag < RC_TAGS else None
-            if entry is None:
+            if entry is None or entry[2] is not peer:
+                # Only the port the request went down can complete it; anyone else guessing
+                # an outstanding tag would hijack the host's read (and free the tag).
                 self._drop(peer, "unexpected_completion")
                 return
-            dest, orig_tag = entry
+            dest, orig_tag, _ = entry
             self._rc_tags[tag] = None
             self._rc_free.append(tag)
             self.send(dest.identity, wire.tlp(_stamp_completion_tag(raw, orig_tag)))
@@ -478,6 +546,108 @@ class Fabric:
         return None
 
     # ------------------------------------------------------------------
+    # guests: CPU accesses through the EPT, VM exits, injection
+
+    def _guest_tlp(self, peer: Peer, msg: list) -> None:
+        raw = msg[1]
+        if type(raw) is not bytes:
+            raise wire.WireError("TLP payload is not bytes")
+        ftype, off, rid, addr = T.peek(raw)
+        self.tlps += 1
+        if ftype == _CPLT or ftype == _CPLD:
+            # The guest's RAM answering a DMA read of its assigned device.
+            dest = self.bus_owner[(rid >> 8) & 0xFF]
+            if dest is None:
+                self._drop(peer, "unroutable_completion")
+                return
+            self.send(dest.identity, wire.tlp(_stamp_completer(raw, ROOT_COMPLEX_RID)))
+            return
+        write = ftype == _MWR32 or ftype == _MWR64
+        if not (write or ftype == _MRD32 or ftype == _MRD64) or off:
+            self._drop(peer, "unauthorized")   # config space is reached through VM exits only
+            return
+        size = len(raw) - off - (16 if ftype == _MWR64 else 12) if write else _request_bytes(raw, off)
+        ept = self.epts.get(peer.name)
+        hit = ept.lookup(addr, size) if ept is not None else None
+        if type(hit) is EptHit and hit.kind == "mmio":
+            dest = self._window(hit.hpa)
+            if dest is None:
+                self.counters["mmio:master_abort"] += 1
+                if not write:
+                    self._rc_ur(peer, raw)
+                return
+            raw = _readdress(raw, off, ftype, hit.hpa)
+            if write:
+                self.send(dest.identity, wire.tlp(_stamp_requester(raw, off, ROOT_COMPLEX_RID)))
+            else:
+                self._forward_nonposted(peer, dest, raw, off)
+            return
+        host = self.host
+        if host is None:
+            self._drop(peer, "no_host")
+            return
+        if type(hit) is EptHit:   # trap: the hypervisor emulates the access
+            self.counters["ept:trap"] += 1
+            if write:
+                # The vCPU stops until the VMM has emulated the store (VM entry, below).
+                seq = -next(self._trap_seq)
+                peer.stalled = seq
+                if peer.backlog is None:
+                    peer.backlog = deque()
+                self.send(host.identity, wire.vmexit(peer.name, seq, "mmio", {"tlp": raw}))
+            elif self._rc_free:
+                tag = self._rc_free.pop()
+                self._rc_tags[tag] = (peer, _request_tag(raw, off), host)
+                stamped = _stamp_request(raw, off, ROOT_COMPLEX_RID, tag)
+                self.send(host.identity, wire.vmexit(peer.name, 0, "mmio", {"tlp": stamped}))
+            else:
+                self._drop(peer, "rc_tags_exhausted")
+            return
+        # EPT violation: nothing mapped there for this guest.
+        self.counters["ept:violation"] += 1
+        peer.drops["ept_violation"] += 1
+        self.send(host.identity, wire.vmexit(peer.name, 0, "ept_violation",
+                                             {"gpa": addr, "size": size, "write": write}))
+        if not write:
+            self._rc_ur(peer, raw)
+
+    def _vmexit(self, peer: Peer, msg: list) -> None:
+        _, _vm, seq, reason, args = msg
+        if type(seq) is not int or type(reason) is not str or type(args) is not dict:
+            raise wire.WireError("VMEXIT fields have the wrong types")
+        if self.host is None:
+            self._drop(peer, "no_host")
+            return
+        self.counters["vmexit"] += 1
+        self.send(self.host.identity, wire.vmexit(peer.name, seq, reason, args))
+
+    def _vmentry(self, peer: Peer, msg: list) -> None:
+        _, vm, seq, ok, result = msg
+        guest = self.by_name.get(vm) if type(vm) is str else None
+        if guest is None or guest.role != "guest" or type(seq) is not int:
+            self._drop(peer, "unknown_vm")
+            return
+        if seq < 0:
+            # The end of a trapped store: the vCPU resumes, its queued frames run in order.
+            if guest.stalled == seq:
+                guest.stalled = 0
+                backlog = guest.backlog
+                while backlog and not guest.stalled:
+                    self.on_frame(guest.identity, backlog.popleft())
+            return
+        self.send(guest.identity, wire.vmentry(vm, seq, bool(ok), result))
+
+    def _inject(self, peer: Peer, msg: list) -> None:
+        _, vm, apic, vector, origin, t_ns = msg
+        guest = self.by_name.get(vm) if type(vm) is str else None
+        if guest is None or guest.role != "guest" or type(apic) is not int or type(vector) is not int:
+            self._drop(peer, "unknown_vm")
+            return
+        self.counters["injected"] += 1
+        self.send(guest.identity, wire.irq(apic, vector, origin if type(origin) is int else None,
+                                           t_ns if type(t_ns) is int else 0, -2))
+
+    # ------------------------------------------------------------------
     # privileged register interface (host only)
 
     def _reg(self, peer: Peer, msg: list) -> None:
@@ -488,7 +658,7 @@ class Fabric:
             return
         try:
             result = op(peer, r.args)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # int(inf): OverflowError
             self.send(peer.identity, wire.reg_ack(r.seq, False, f"{r.op}: {exc}"))
             return
         self.send(peer.identity, wire.reg_ack(r.seq, True, result))
@@ -527,16 +697,54 @@ class Fabric:
             self.apic_owner[int(apic)] = peer
 
     def _reg_ram_set(self, peer: Peer, a: dict) -> None:
-        base, size = int(a["base"]), int(a["size"])
-        self.ram = [r for r in self.ram if r[2] is not peer] + [(base, base + size - 1, peer)]
+        """Shorthand: the calling port's own RAM at HPA ``base`` (identity local addresses)."""
+        self._reg_mem_map(peer, {"owner": peer.name, "hpa": a["base"], "size": a["size"], "local": a["base"]})
+
+    def _reg_mem_map(self, peer: Peer, a: dict) -> None:
+        """HPA [hpa, hpa+size) is RAM of process ``owner`` at its local address ``local``."""
+        self.memmap.map_range(int(a["hpa"]), int(a["size"]), str(a["owner"]), int(a.get("local", 0)))
+
+    def _reg_mem_unmap(self, peer: Peer, a: dict) -> None:
+        self.memmap.unmap_owner(str(a["owner"]))
 
     def _reg_context_set(self, peer: Peer, a: dict) -> None:
         rid, mode = int(a["rid"]), str(a["mode"])
-        if mode not in ("pt", "block"):
-            raise ValueError(f"context mode {mode!r} (expected 'pt' or 'block')")
         if not 0 <= rid <= 0xFFFF:
             raise ValueError(f"RID 0x{rid:x}")
-        self.context[rid] = mode
+        if mode == "domain":
+            self.iommu.set_context(rid, ("domain", int(a["domain"])))
+        elif mode in ("pt", "block"):
+            self.iommu.set_context(rid, mode)
+        elif mode == "clear":
+            self.iommu.clear_context(rid)
+        else:
+            raise ValueError(f"context mode {mode!r} (expected 'pt', 'block', 'domain' or 'clear')")
+
+    def _reg_iommu_domain(self, peer: Peer, a: dict) -> None:
+        op, dom = str(a["op"]), int(a["domain"])
+        if op == "create":
+            self.iommu.create_domain(dom)
+        elif op == "destroy":
+            self.iommu.destroy_domain(dom)
+        else:
+            raise ValueError(f"iommu.domain op {op!r} (expected 'create' or 'destroy')")
+
+    def _reg_iommu_map(self, peer: Peer, a: dict) -> None:
+        self.iommu.map(int(a["domain"]), int(a["iova"]), int(a["hpa"]), int(a["size"]),
+                       read=bool(a.get("read", True)), write=bool(a.get("write", True)))
+
+    def _reg_iommu_unmap(self, peer: Peer, a: dict) -> None:
+        self.iommu.unmap(int(a["domain"]), int(a["iova"]), int(a["size"]))
+
+    def _reg_ept_map(self, peer: Peer, a: dict) -> None:
+        kind = str(a["kind"])
+        ept = self.epts.setdefault(str(a["vm"]), Ept())
+        ept.map(int(a["gpa"]), int(a["size"]), kind, int(a["hpa"]) if a.get("hpa") is not None else None)
+
+    def _reg_ept_unmap(self, peer: Peer, a: dict) -> None:
+        ept = self.epts.get(str(a["vm"]))
+        if ept is not None:
+            ept.unmap(int(a["gpa"]), int(a["size"]))
 
     def _reg_irte_write(self, peer: Peer, a: dict) -> None:
         index = int(a["index"])
@@ -594,15 +802,17 @@ class Fabric:
             self.send(peer.identity, wire.ctl_rep(c.req_id, False, f"no such peer {c.peer!r}"))
             return
         self._ctl_seq += 1
-        self._ctl_routes[self._ctl_seq] = (peer, c.req_id)
+        self._ctl_routes[self._ctl_seq] = (peer, c.req_id, dest)
         self.send(dest.identity, wire.ctl(self._ctl_seq, peer.name, c.op, c.args))
 
     def _ctl_rep(self, peer: Peer, msg: list) -> None:
-        route = self._ctl_routes.pop(msg[1], None) if type(msg[1]) is int else None
-        if route is None:
+        route = self._ctl_routes.get(msg[1]) if type(msg[1]) is int else None
+        if route is None or route[2] is not peer:
+            # Only the peer asked may answer (ids are sequential: easy to guess).
             self._drop(peer, "unexpected_reply")
             return
-        ctl_peer, req_id = route
+        del self._ctl_routes[msg[1]]
+        ctl_peer, req_id, _ = route
         self.send(ctl_peer.identity, wire.ctl_rep(req_id, bool(msg[2]), msg[3]))
 
     def _event(self, peer: Peer, msg: list) -> None:
@@ -622,8 +832,11 @@ class Fabric:
         if op == "counters":
             return self.snapshot()
         if op == "faults":
+            by_source: dict[str, dict[str, int]] = {}
+            for (rid, reason), n in sorted(self.src_faults.items()):
+                by_source.setdefault(rid_str(rid), {})[f"0x{reason:02x}"] = n
             return {"lines": self.fault_lines(), "totals": {f"0x{int(k):02x}": v for k, v in self.fault_log.totals.items()},
-                    "overflow": self.fault_log.overflow}
+                    "overflow": self.fault_log.overflow, "by_source": by_source}
         if op == "irt":
             return self.irt_dump()
         if op == "peers":

@@ -32,6 +32,11 @@ Frame layouts (msgpack arrays)::
                                                             the way out
     CTL_REP   [31, id:int, ok:bool, result:any]
     EVENT     [32, name:str, kind:str, data:map]           a process tells the controller
+    VMEXIT    [50, vm:str, seq:int, reason:str, args:map]  guest -> fabric -> host (``vm`` stamped
+                                                            by the fabric); seq 0 = no answer wanted
+    VMENTRY   [51, vm:str, seq:int, ok:bool, result:any]   host -> fabric -> guest ``vm``
+    INJECT    [52, vm:str, apic_id:int, vector:int, origin:int|nil, t_ns:int]
+                                                            host -> fabric; reaches the guest as IRQ
     DROPPED   [40, reason:str, count:int]                  the fabric tells a sender it dropped
                                                             one of its frames
 """
@@ -55,16 +60,19 @@ CTL = 30
 CTL_REP = 31
 EVENT = 32
 DROPPED = 40
+VMEXIT = 50
+VMENTRY = 51
+INJECT = 52
 
 MESSAGE_NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", REFUSED: "REFUSED", TLP: "TLP", IRQ: "IRQ",
     REG: "REG", REG_ACK: "REG_ACK", CTL: "CTL", CTL_REP: "CTL_REP", EVENT: "EVENT",
-    DROPPED: "DROPPED",
+    DROPPED: "DROPPED", VMEXIT: "VMEXIT", VMENTRY: "VMENTRY", INJECT: "INJECT",
 }
 
 # Arity of each message (number of array elements including the type).
 _ARITY = {HELLO: 4, WELCOME: 4, REFUSED: 2, TLP: 4, IRQ: 6, REG: 4, REG_ACK: 4,
-          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3}
+          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3, VMEXIT: 5, VMENTRY: 5, INJECT: 6}
 
 #: Frames larger than this are dropped unread by the fabric (a TLP is at most
 #: 4 KiB payload + 20 bytes of header and prefix; control replies are larger).
@@ -145,6 +153,18 @@ def event(name: str, kind: str, data: dict) -> bytes:
 
 def dropped(reason: str, count: int) -> bytes:
     return _packb([DROPPED, reason, count])
+
+
+def vmexit(vm: str, seq: int, reason: str, args: dict) -> bytes:
+    return _packb([VMEXIT, vm, seq, reason, args])
+
+
+def vmentry(vm: str, seq: int, ok: bool, result: Any) -> bytes:
+    return _packb([VMENTRY, vm, seq, ok, result])
+
+
+def inject(vm: str, apic_id: int, vector: int, origin: int | None, t_ns: int) -> bytes:
+    return _packb([INJECT, vm, apic_id, vector, origin, t_ns])
 
 
 # ---------------------------------------------------------------------------

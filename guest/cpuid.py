@@ -46,7 +46,8 @@ class CpuidInfo:
             return "bare metal (CPUID.1:ECX[31] clear)"
         feats = f", features 0x{self.features:08x}" if self.features else ""
         compose = "msi-compose hypercall" if self.msi_compose else "no msi-compose hypercall"
-        return f"hypervisor {self.vendor!r}{feats} ({compose})"
+        vendor = (self.vendor or "").rstrip("\0")
+        return f"hypervisor {vendor!r}{feats} ({compose})"
 
 
 def signature(ebx: int, ecx: int, edx: int) -> str:

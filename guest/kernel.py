@@ -25,12 +25,20 @@ from typing import Any, Callable, Protocol
 from fabric.bdf import rid_str
 from guest.apic import LocalApic
 from guest.cpuid import CpuidInfo, probe
-from guest.irq.domain import IrqDomain, IrqTable
+from guest.irq.domain import (DomainCreationError, IrqAllocInfo, IrqDomain, IrqTable,
+                              irq_domain_alloc_irqs, irq_domain_free_irqs, irq_domain_remove)
+from guest.irq.hcall import HcallDomain
+from guest.irq.ims import ImsDomain
 from guest.irq.ir import IrDomain
 from guest.irq.vector import VectorDomain
 from guest.pci.core import PciBus, PciDev
 from guest.pci.msi import pci_alloc_irq_vectors_msix
 from guest.pci import regs as R
+
+#: Guest kernel variants: "modern" builds the HCALL domain when the hypervisor offers the
+#: compose hypercall and refuses IMS in a VM without it; "legacy2020" is the behaviour the
+#: thread criticises (IMS domains on the vector domain even in a VM).
+KERNEL_VARIANTS = ("modern", "legacy2020")
 
 
 class Hardware(Protocol):
@@ -97,7 +105,8 @@ class Ram:
 
 class Kernel:
     def __init__(self, name: str, apic_ids: list[int], ram_size: int, hw: Hardware,
-                 cpuid: Callable[[int, int], tuple[int, int, int, int]], *, ir_entries: int | None = 65536):
+                 cpuid: Callable[[int, int], tuple[int, int, int, int]], *, ir_entries: int | None = 65536,
+                 variant: str = "modern", provenance: dict[int, int] | None = None):
         self.name = name
         self.hw = hw
         self.apic_ids = list(apic_ids)
@@ -111,13 +120,23 @@ class Kernel:
         self.cpuid: CpuidInfo | None = None
         self.ir: IrDomain | None = None
         self.msi_parent: IrqDomain = self.vector
+        self.ims_parent: IrqDomain | None = None
+        self.ims_refusal = ""
+        self.hcall: HcallDomain | None = None
+        self.variant = variant
+        #: out-of-band identity of each function for the isolation oracle (lab-only; an OS
+        #: cannot know it): the RID as the OS sees it -> the emitter's physical identity
+        self.provenance = dict(provenance or {})
         self.pci = PciBus(hw)
         self.drivers: list[Any] = []
         self.bound: dict[int, Any] = {}         # rid -> driver instance
+        self.claimed: set[int] = set()          # functions vfio-pci holds for VMs (no host driver)
         self.irq_owner: dict[int, int] = {}     # virq -> RID that may raise it
         self.breaches: list[Breach] = []
         self.breach_count = 0
         self.irqs_received = 0
+        self.misdirected = 0                    # messages for an APIC ID no CPU has
+        self.arrivals: dict[int, int] = {}      # virq -> messages that reached its vector
         self.cur_origin: int | None = None
         self.cur_t_ns = 0
         self.log: list[str] = []
@@ -127,19 +146,35 @@ class Kernel:
     def boot(self) -> CpuidInfo:
         """Probe CPUID and build the interrupt hierarchy it calls for."""
         info = self.cpuid = probe(self._cpuid)
-        if not info.hypervisor and self._ir_entries:
-            self.ir = IrDomain(self.vector, self.hw, entries=self._ir_entries)
-            self.msi_parent = self.ir
-            self.log.append(f"DMAR-IR: Enabled IRQ remapping in xapic mode ({self._ir_entries} entries)")
         self.log.append(f"cpuid: {info.describe()}")
+        if not info.hypervisor:
+            # Bare metal (or a guest that cannot tell): the vector domain, or IR, composes.
+            if self._ir_entries:
+                self.ir = IrDomain(self.vector, self.hw, entries=self._ir_entries)
+                self.msi_parent = self.ir
+                self.log.append(f"DMAR-IR: Enabled IRQ remapping in xapic mode ({self._ir_entries} entries)")
+            self.ims_parent = self.msi_parent
+        elif self.variant == "legacy2020":
+            self.ims_parent = self.vector
+            self.log.append("irq: legacy2020 kernel: IMS domains sit on the vector domain even in a VM")
+        elif info.msi_compose:
+            self.hcall = HcallDomain(self.vector, self.hw)
+            self.ims_parent = self.hcall
+            self.log.append("irq: hypervisor offers MSI compose: HCALL domain created")
+        else:
+            self.ims_refusal = ("running under a hypervisor that offers no MSI compose hypercall "
+                                "(CPUID 0x40000001 lacks KVM_FEATURE_IRQLAB_MSI_COMPOSE): "
+                                "the guest cannot compose a message the device may store")
+            self.log.append("irq: no HCALL domain: IMS domain creation will fail")
         return info
 
     # -- PCI -----------------------------------------------------------------
 
-    async def pci_init(self, buses: range, sriov: dict[int, int] | None = None) -> list[PciDev]:
+    async def pci_init(self, buses: range, sriov: dict[int, int] | None = None,
+                       slots: range = range(1)) -> list[PciDev]:
         """Scan, assign BARs, program windows/IOMMU context, enable SR-IOV, bind drivers."""
         sriov = sriov or {}
-        devs = await self.pci.scan(buses)
+        devs = await self.pci.scan(buses, slots)
         for dev in devs:
             await self._setup_function(dev)
         for dev in devs:
@@ -159,6 +194,9 @@ class Kernel:
         await self.bind_driver(dev)
 
     async def bind_driver(self, dev: PciDev) -> Any:
+        if dev.rid in self.claimed:
+            dev.driver = "vfio-pci"
+            return None
         for drv in self.drivers:
             if drv.match(dev):
                 inst = await drv.probe(self, dev)
@@ -169,9 +207,46 @@ class Kernel:
 
     async def alloc_msix(self, dev: PciDev, nvec: int) -> list[int]:
         irqs = await pci_alloc_irq_vectors_msix(self.pci, dev, self.msi_parent, self.hw, nvec)
+        owner = self.provenance.get(dev.rid, dev.rid)
         for irq in irqs:
-            self.irq_owner[irq] = dev.rid
+            self.irq_owner[irq] = owner
         return irqs
+
+    # -- IMS -----------------------------------------------------------------
+
+    def create_ims_domain(self, dev: PciDev, hwsize: int, slot_addr: Callable[[int], int]) -> ImsDomain:
+        """``pci_create_ims_domain``: a per-device IMS domain, or DomainCreationError saying why not."""
+        name = f"IMS-{dev.name}"
+        if self.ims_parent is None:
+            raise DomainCreationError(name, self.ims_refusal or "no MSI parent domain supports IMS")
+        if hwsize <= 0:
+            raise DomainCreationError(name, "the device reports no IMS slots")
+        return ImsDomain(self.ims_parent, dev.name, hwsize, slot_addr, self.hw)
+
+    async def alloc_ims(self, domain: ImsDomain, dev: PciDev, nr: int = 1) -> list[int]:
+        """Allocate ``nr`` IMS irqs and run the domains' async prepare (compose hypercalls)."""
+        virq = irq_domain_alloc_irqs(domain, nr, IrqAllocInfo(dev=dev, extra={"sid": dev.rid}))
+        irqs = list(range(virq, virq + nr))
+        try:
+            await self._prepare(irqs)
+        except BaseException:
+            irq_domain_free_irqs(domain, virq, nr)
+            raise
+        owner = self.provenance.get(dev.rid, dev.rid)
+        for irq in irqs:
+            self.irq_owner[irq] = owner
+        return irqs
+
+    async def _prepare(self, irqs: list[int]) -> None:
+        for irq in irqs:
+            data = self.irq.irq_get_irq_data(irq)
+            for level in data.levels():
+                prepare = getattr(level.domain, "prepare", None)
+                if prepare is not None:
+                    await prepare(level)
+
+    def remove_domain(self, domain: IrqDomain) -> None:
+        irq_domain_remove(domain)
 
     # -- interrupt entry (hot path) ----------------------------------------
 
@@ -179,25 +254,32 @@ class Kernel:
         """An interrupt message reached local APIC ``apic_id``: accept it and run what is pending."""
         cpu = self._cpu_of_apic.get(apic_id)
         if cpu is None:
+            self.misdirected += 1
             return
         apic = self.cpus[cpu]
         self.irqs_received += 1
-        if not apic.accept(vector):
-            return
         vector_irq = self.vector.vector_irq[cpu]
+        irq = vector_irq.get(vector)
+        if irq is not None:
+            arrivals = self.arrivals
+            arrivals[irq] = arrivals.get(irq, 0) + 1
+            owner = self.irq_owner.get(irq)
+        else:
+            owner = None
+        if origin is not None and owner != origin:
+            self._breach(cpu, vector, irq, owner, origin)
+        if not apic.accept(vector):
+            return   # illegal vector, or merged with the same vector already pending (edge)
         while True:
             v = apic.ack()
             if v is None:
                 break
-            irq = vector_irq.get(v)
-            owner = self.irq_owner.get(irq) if irq is not None else None
-            if v == vector and origin is not None and owner != origin:
-                self._breach(cpu, v, irq, owner, origin)
             self.cur_origin, self.cur_t_ns = (origin, t_ns) if v == vector else (None, 0)
-            if irq is None:
+            pending_irq = vector_irq.get(v)
+            if pending_irq is None:
                 self.vector.spurious += 1
             else:
-                self.irq.handle_irq(irq, cpu)
+                self.irq.handle_irq(pending_irq, cpu)
             apic.eoi()
 
     def _breach(self, cpu: int, vector: int, irq: int | None, owner: int | None, origin: int) -> None:

@@ -90,7 +90,7 @@ class Lab:
 
     def __init__(self, topology: Topology, *, keep_runtime: bool = False,
                  start_timeout: float = 60.0, on_progress: Callable[[str], None] | None = None,
-                 spawn: tuple[str, ...] = ("devices", "host"),
+                 spawn: tuple[str, ...] = ("devices", "host", "guests"),
                  stubs: dict[str, tuple[str, tuple[int, int] | None]] | None = None):
         """``spawn`` says which processes beyond the fabric to start; ``stubs`` issues extra
         tokens (name -> (role, bus range)) for ports a test drives itself (``self.tokens``)."""
@@ -111,6 +111,8 @@ class Lab:
         self._watchers: list[asyncio.Task] = []
         self.shutdown_status: ShutdownStatus | None = None
         self.boot_info: dict = {}
+        self.guest_info: dict[str, dict] = {}
+        self.provenance: dict[str, dict[int, int]] = {}
         self._stopped = False
 
     # ------------------------------------------------------------------
@@ -151,21 +153,38 @@ class Lab:
 
         issue("control", "control")
         issue("host", "host")
+        for g in topo.guests:
+            issue(g.name, "guest")
         for name, (role, buses) in self.stubs.items():
             issue(name, role, **({"buses": list(buses)} if buses else {}))
         for d in topo.devices:
             issue(d.name, "device", buses=list(d.bus_range))
             self._write(f"{d.name}.json", {"endpoint": self.endpoint, "name": d.name, "kind": d.kind,
                                            "total_vfs": d.total_vfs, "pf_vectors": d.pf_vectors,
-                                           "vf_vectors": d.vf_vectors})
+                                           "vf_vectors": d.vf_vectors, "pf_ims_slots": d.pf_ims_slots,
+                                           "vf_ims_slots": d.vf_ims_slots,
+                                           "pasid_interrupts": d.pasid_interrupts})
         plat = topo.platform
         max_bus = max((d.bus_range[1] for d in topo.devices), default=1)
         self._write("fabric.json", {"endpoint": self.endpoint, "tokens": table,
                                     "platform": {"ir": plat.ir, "ir_entries": plat.ir_entries,
                                                  "max_bus": max_bus}})
+        vms = []
+        self.provenance = {}
+        for g in topo.guests:
+            rids = [_function_rid(topo, target) for target in g.assign]
+            vms.append({"name": g.name, "cpus": g.cpus, "memory_mib": g.memory_mib, "cpuid": g.cpuid,
+                        "kernel": g.kernel, "assign_rids": rids})
+            # The VMM puts assigned functions at 00:03.0, 00:04.0, ... of the guest's bus.
+            prov = {str((3 + i) << 3): rid for i, rid in enumerate(rids)}
+            self.provenance[g.name] = {int(k): v for k, v in prov.items()}
+            self._write(f"{g.name}.json", {"endpoint": self.endpoint, "name": g.name, "cpus": g.cpus,
+                                           "memory_mib": g.memory_mib, "kernel": g.kernel, "irq_mode": g.irq,
+                                           "provenance": prov})
         self._write("host.json", {"endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
                                   "memory_mib": plat.memory_mib, "ir": plat.ir, "ir_entries": plat.ir_entries,
-                                  "sriov": {str(d.bus): d.vfs for d in topo.devices if d.vfs}})
+                                  "sriov": {str(d.bus): d.vfs for d in topo.devices if d.vfs},
+                                  "vms": vms})
         return tokens
 
     async def _spawn(self, name: str, role: str, module: str, token: str | None) -> Child:
@@ -225,6 +244,18 @@ class Lab:
         if ev.kind == "failed":
             raise LabError(f"host failed to boot: {ev.data.get('error')}\n{self.children['host'].tail()}")
         self.boot_info = ev.data
+        if "guests" not in self.spawn:
+            return
+        for g in self.topology.guests:
+            self.on_progress(f"starting guest {g.name} (cpuid {g.cpuid}, kernel {g.kernel}, irq {g.irq})")
+            await self._spawn(g.name, "guest", "guest", tokens[g.name])
+        for g in self.topology.guests:
+            ev = await self.wait_event(lambda e, n=g.name: e.name == n and e.kind in ("ready", "failed"),
+                                       f"guest {g.name} to boot")
+            if ev.kind == "failed":
+                raise LabError(f"guest {g.name} failed to boot: {ev.data.get('error')}\n"
+                               f"{self.children[g.name].tail()}")
+            self.guest_info[g.name] = ev.data
 
     # ------------------------------------------------------------------
     # events and calls
@@ -299,18 +330,27 @@ class Lab:
     # the workload and its report
 
     async def run_workload(self, per_function: int | None = None, inflight: int | None = None,
-                           timeout_s: float | None = None) -> dict:
+                           timeout_s: float | None = None, stall_s: float = 3.0) -> dict:
+        """Run the workload on the host and every guest at once; join it with the devices' counts.
+
+        ``stall_s``: an OS whose completions stop for this long stops waiting (interrupts that
+        never arrive are what some matrix rows are about); the report says so.
+        """
         wl = self.topology.workload
-        per_function = wl.per_function if per_function is None else per_function
-        inflight = wl.inflight if inflight is None else inflight
-        timeout_s = wl.timeout_s if timeout_s is None else timeout_s
+        args = {"per_function": wl.per_function if per_function is None else per_function,
+                "inflight": wl.inflight if inflight is None else inflight,
+                "timeout_s": wl.timeout_s if timeout_s is None else timeout_s,
+                "stall_s": stall_s}
         before = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
-        res = await self.call("host", "workload.run", {"per_function": per_function, "inflight": inflight,
-                                                       "timeout_s": timeout_s}, timeout=timeout_s + 30)
+        oses = ["host"] + [g.name for g in self.topology.guests if g.name in self.children]
+        results = await asyncio.gather(*(self.call(name, "workload.run", args, timeout=args["timeout_s"] + 30)
+                                         for name in oses))
         after = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
         fabric = await self.call("fabric", "counters")
         faults = await self.call("fabric", "faults")
-        return build_report(self.topology, res, before, after, fabric, faults)
+        vms = await self.call("host", "vms")
+        return build_report(self.topology, dict(zip(oses, results)), before, after, fabric, faults,
+                            self.provenance, vms)
 
     # ------------------------------------------------------------------
     # stop
@@ -384,29 +424,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_report(topo: Topology, res: dict, before: dict, after: dict, fabric: dict, faults: dict) -> dict:
-    """Join the host's view (delivered) with the devices' (sent) per function."""
+def _function_rid(topo: Topology, target: str) -> int:
+    dev_name, _, fn = target.partition(".")
+    dev = topo.device(dev_name)
+    if fn.startswith("vf"):
+        return dev.vf_rid(int(fn[2:]))
+    raise ValueError(f"{target}: only VFs can be assigned so far")
+
+
+def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
+    """Classify one function's run the way the matrix does (DESIGN.md §5)."""
+    sent, got, target = row["sent"], row["interrupts"], row["target"]
+    why = ""
+    if row["ims_error"]:
+        why = f"IMS refused: {row['ims_error']}; the driver fell back to MSI-X"
+    if row["breaches"]:
+        return "breach", f"{row['breaches']} interrupts reached a vector their emitter does not own"
+    if row["record_missing"]:
+        return "ordering violated", f"{row['record_missing']} interrupts overtook their completion record"
+    if target and got >= target and sent == got:
+        return ("clean error" if why else "delivered"), why
+    faults = faults_by_source.get(row["phys"], {})
+    reasons = ", ".join(f"fault {r} x{n}" for r, n in sorted(faults.items()))
+    if sent > got:
+        detail = (f"{sent} interrupts sent by {row['phys']}, {got} reached {row['os']}"
+                  + (f"; the IR unit blocked them ({reasons})" if reasons else ""))
+        return ("silent loss detected" if not why else "lost"), detail
+    return "incomplete", f"{got}/{target} completions, {sent} interrupts sent"
+
+
+def build_report(topo: Topology, results: dict, before: dict, after: dict, fabric: dict, faults: dict,
+                 provenance: dict | None = None, vms: dict | None = None) -> dict:
+    """Join each OS's view (delivered) with the devices' (sent) per function."""
     from fabric.bdf import rid_str
+    provenance = provenance or {}
     sent_by_rid: dict[int, int] = {}
     for name in after:
         for key, f in after[name].get("functions", {}).items():
             prev = before.get(name, {}).get("functions", {}).get(key, {})
-            sent_by_rid[f["rid"]] = f.get("msix_sent", 0) - prev.get("msix_sent", 0)
+            sent_by_rid[f["rid"]] = sum(f.get(k, 0) - prev.get(k, 0) for k in ("msix_sent", "ims_sent"))
     rows = []
-    for fname, f in res.get("functions", {}).items():
-        sent = sent_by_rid.get(f["rid"], 0)
-        delivered = f["completed"]
-        rows.append({"function": fname, "rid": rid_str(f["rid"]), "sent": sent,
-                     "delivered": delivered, "interrupts": f["interrupts"],
-                     "lost": max(sent - f["interrupts"], 0) + max(f["target"] - delivered, 0) * (sent < f["target"]),
-                     "record_missing": f["record_missing"], "rate_per_s": f["rate_per_s"],
-                     "latency": f["latency"], "hist": f["hist"], "target": f["target"]})
-    host = res.get("host", {})
+    by_source = faults.get("by_source", {})
+    for os_name, res in results.items():
+        os_counters = res.get("os", {})
+        for fname, f in res.get("functions", {}).items():
+            phys = provenance.get(os_name, {}).get(f["rid"], f["rid"])
+            sent = sent_by_rid.get(phys, 0)
+            row = {"os": os_name, "function": fname, "rid": rid_str(f["rid"]), "phys": rid_str(phys),
+                   "sent": sent, "delivered": f["completed"], "interrupts": f["interrupts"],
+                   "target": f["target"], "lost": max(sent - f["interrupts"], 0),
+                   "record_missing": f["record_missing"], "rate_per_s": f["rate_per_s"],
+                   "latency": f["latency"], "hist": f["hist"], "irq_mode": f.get("irq_mode", "msix"),
+                   "ims_error": f.get("ims_error", ""), "breaches": os_counters.get("breaches", 0)}
+            row["outcome"], row["why"] = _outcome(row, by_source)
+            rows.append(row)
+    oses = {name: {**res.get("os", {}), "timed_out": res.get("timed_out", False),
+                   "stalled": res.get("stalled", False), "elapsed_s": res.get("elapsed_s")}
+            for name, res in results.items()}
     total_sent = sum(r["sent"] for r in rows)
     total_delivered = sum(r["interrupts"] for r in rows)
-    ok = (not res.get("timed_out") and all(r["lost"] == 0 and r["record_missing"] == 0 for r in rows)
-          and host.get("breaches", 0) == 0 and total_sent == total_delivered and bool(rows))
-    return {"topology": topo.name, "ok": ok, "timed_out": res.get("timed_out", False),
-            "elapsed_s": res.get("elapsed_s"), "functions": rows, "host": host,
+    ok = bool(rows) and all(r["outcome"] in ("delivered", "clean error") for r in rows)
+    elapsed = max((o["elapsed_s"] or 0) for o in oses.values()) if oses else 0
+    return {"topology": topo.name, "ok": ok, "timed_out": any(o["timed_out"] for o in oses.values()),
+            "elapsed_s": elapsed, "functions": rows, "oses": oses, "host": oses.get("host", {}),
             "total_sent": total_sent, "total_delivered": total_delivered,
-            "fabric": fabric, "faults": faults}
+            "fabric": fabric, "faults": faults, "vms": vms or {}}

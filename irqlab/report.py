@@ -11,33 +11,49 @@ def _us(v) -> str:
     return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
+_OUTCOME_STYLE = {"delivered": "green", "clean error": "yellow", "silent loss detected": "bold magenta",
+                  "blocked": "yellow", "breach": "bold red"}
+
+
 def render(report: dict, console: Console) -> None:
-    t = Table(title=f"irqlab: {report['topology']}: MSI-X interrupts per function "
-                    f"(device -> fabric IR unit -> host vector)", title_justify="left", box=box.SIMPLE_HEAD)
-    for col, just in (("function", "left"), ("sent", "right"), ("delivered", "right"),
-                      ("lost", "right"), ("irq/s", "right"), ("p50 µs", "right"), ("p99 µs", "right"),
-                      ("max µs", "right"), ("ordering", "left")):
+    t = Table(title=f"irqlab: {report['topology']}: interrupts per function "
+                    f"(device -> fabric IR unit -> host vector [-> injected into a guest])",
+              title_justify="left", box=box.SIMPLE_HEAD)
+    for col, just in (("os", "left"), ("function", "left"), ("irq", "left"), ("sent", "right"),
+                      ("delivered", "right"), ("lost", "right"), ("irq/s", "right"), ("p50 µs", "right"),
+                      ("p99 µs", "right"), ("max µs", "right"), ("outcome", "left")):
         t.add_column(col, justify=just, no_wrap=True)
     for r in report["functions"]:
         lat = r["latency"]
         lost_style = "bold red" if r["lost"] else "green"
-        t.add_row(r["function"].upper().replace(" ", " "), f"{r['sent']:,}", f"{r['interrupts']:,}",
+        fn = r["function"].upper()
+        if r["phys"] != r["rid"]:
+            fn += f" (= {r['phys']})"
+        style = _OUTCOME_STYLE.get(r["outcome"], "bold red")
+        t.add_row(r["os"], fn, r.get("irq_mode", "msix").upper(), f"{r['sent']:,}", f"{r['interrupts']:,}",
                   f"[{lost_style}]{r['lost']:,}[/]",
                   "-" if not r["rate_per_s"] else f"{r['rate_per_s']:,.0f}",
-                  _us(lat["p50_us"]), _us(lat["p99_us"]), _us(lat["max_us"]),
-                  "ok" if r["record_missing"] == 0 else f"[bold red]{r['record_missing']} interrupts before their record[/]")
+                  _us(lat["p50_us"]), _us(lat["p99_us"]), _us(lat["max_us"]), f"[{style}]{r['outcome']}[/]")
     console.print(t)
-    host = report["host"]
+    for r in report["functions"]:
+        if r["why"]:
+            console.print(f"  {r['os']} {r['function']}: {r['outcome']}: {r['why']}", markup=False, highlight=False)
     fab = report["fabric"]
     faults = report["faults"]
+    breaches = sum(o.get("breaches", 0) for o in report.get("oses", {}).values())
     console.print(f"total: {report['total_sent']:,} sent, {report['total_delivered']:,} delivered in "
-                  f"{report['elapsed_s']:.2f} s; fabric routed {fab.get('tlps', 0):,} TLPs, "
-                  f"IR faults {fab.get('ir_faults_total', 0)}, DMA faults {fab.get('dma_faults_total', 0)}; "
-                  f"isolation breaches {host.get('breaches', 0)}")
+                  f"{report['elapsed_s']:.2f} s; fabric routed {fab.get('tlps', 0):,} TLPs, injected "
+                  f"{fab.get('injected', 0):,}, IR faults {fab.get('ir_faults_total', 0)}, DMA faults "
+                  f"{fab.get('dma_faults_total', 0)}; isolation breaches {breaches}")
     for line in faults.get("lines", [])[:10]:
         console.print(f"  {line}", markup=False, highlight=False)
-    for b in host.get("breach_samples", []):
-        console.print(f"  [bold red]BREACH[/] {b}")
+    for name, o in report.get("oses", {}).items():
+        for b in o.get("breach_samples", []):
+            console.print(f"  [bold red]BREACH[/] {name}: {b}")
+    for name, vm in report.get("vms", {}).items():
+        if vm.get("refused_total"):
+            console.print(f"  {name}: the host refused {vm['refused_total']} requests, e.g. "
+                          f"{vm['refused'][0]}", markup=False, highlight=False)
     if report["timed_out"]:
         console.print("[bold red]the workload timed out before every interrupt arrived[/]")
-    console.print("[bold green]PASS[/]: nothing lost" if report["ok"] else "[bold red]FAIL[/]")
+    console.print("[bold green]PASS[/]: every outcome as it should be" if report["ok"] else "[bold red]FAIL[/]")

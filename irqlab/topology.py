@@ -142,6 +142,8 @@ class Device:
     vf_vectors: int = 4
     bus: int | None = None          # None only before resolution; a loaded Topology has ints
     adis: int = 0                   # accepted; used by a later issue (siov)
+    pf_ims_slots: int = 0           # IMS slots (kind "device", in BAR0 page 1) on the PF
+    vf_ims_slots: int = 0           # ... and on each VF
     ims: str = "device"             # accepted; used by a later issue
     pasid_interrupts: bool = True   # accepted; used by a later issue
 
@@ -184,6 +186,7 @@ class Guest:
     assign: tuple[str, ...] = ()
     kernel: str = "modern"
     behaviours: tuple[str, ...] = ()
+    irq: str = "msix"               # the engine driver's interrupt kind: "msix" or "ims"
 
 
 @dataclass(frozen=True)
@@ -512,6 +515,8 @@ _DEVICE_KEYS: dict[str, _Checker] = {
     "vf_vectors": _Int(1, 2048),
     "bus": _Int(FIRST_BUS, LAST_BUS, optional=True),
     "adis": _Int(0, 64),
+    "pf_ims_slots": _Int(0, 256),
+    "vf_ims_slots": _Int(0, 256),
     "ims": _Choice(("device", "memory")),
     "pasid_interrupts": _Bool(),
 }
@@ -524,6 +529,7 @@ _GUEST_KEYS: dict[str, _Checker] = {
     "assign": _StrList(),
     "kernel": _Choice(("modern", "legacy2020")),
     "behaviours": _StrList(),
+    "irq": _Choice(("msix", "ims")),
 }
 
 _WORKLOAD_KEYS: dict[str, _Checker] = {
@@ -714,6 +720,9 @@ def _check_assignments(devices: Sequence[Device], guests: Sequence[Guest]) -> No
             if target in owner:
                 raise _Problem(path, f"{_show(target)} is already assigned by {owner[target]}")
             owner[target] = f"{path} ({g.name})"
+            if g.irq == "ims" and m["kind"] == "vf" and dev.vf_ims_slots == 0:
+                raise _Problem(f"guest[{gi}].irq", f"'ims' needs IMS slots on {target}: set "
+                                                   f"device[{di}].vf_ims_slots > 0")
 
 
 # ---------------------------------------------------------------------------------------------

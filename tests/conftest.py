@@ -10,6 +10,10 @@ from irqlab.lab import Lab
 from irqlab.topology import Topology, load
 
 
+#: Case 1 only: no guests, so the host drives the PF and both VFs itself.
+CASE1 = {"guest": []}
+
+
 def topology(overrides: dict | None = None) -> Topology:
     """The built-in default topology with ``overrides`` merged in (section by section)."""
     d = load(None).to_dict()

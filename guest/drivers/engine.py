@@ -9,7 +9,15 @@ The driver's own copy of the register map (like a Linux driver's
     BAR0 + 0x10  CMPL_RING_ENTRIES  RW  power of two
     BAR0 + 0x14  IRQ_VECTOR         RW  MSI-X entry raised on completion
     BAR0 + 0x18  DOORBELL           WO  cookie: one work item
+    BAR0 + 0x28  IRQ_MODE           RW  0 = raise MSI-X entry IRQ_VECTOR, 1 = IMS slot IRQ_VECTOR
+    BAR0 + 0x2C  IMS_CAP            RO  number of IMS slots (0: no IMS)
+    BAR0 + 0x1000 IMS slots, 16 B each (addr lo, addr hi, data, ctrl)
     completion record (16 B): u32 cookie | u32 status (1 = done) | u64 seq
+
+With ``irq_mode="ims"`` the driver asks the kernel for an IMS domain on its
+function (``pci_create_ims_domain``).  If the kernel refuses — a modern guest
+kernel in a VM whose hypervisor cannot compose — the driver records the error
+and falls back to MSI-X, as real drivers do.
 
 The interrupt handler runs only after the device's DMA write of the record
 (same source, posted ordering), so the record for every interrupt must already
@@ -35,6 +43,11 @@ CMPL_BASE_HI = 0x0C
 CMPL_RING_ENTRIES = 0x10
 IRQ_VECTOR = 0x14
 DOORBELL = 0x18
+IRQ_MODE = 0x28
+IMS_CAP = 0x2C
+IMS_OFFSET = 0x1000
+IMS_SLOT_SIZE = 16
+IRQ_MODE_MSIX, IRQ_MODE_IMS = 0, 1
 CMPL_STATUS_DONE = 1
 RING_ENTRIES = 1024
 
@@ -47,12 +60,17 @@ class EngineDriver:
 
     name = "irqlab-engine"
 
+    def __init__(self, irq_mode: str = "msix"):
+        if irq_mode not in ("msix", "ims"):
+            raise ValueError(f"irq_mode {irq_mode!r} (expected 'msix' or 'ims')")
+        self.irq_mode = irq_mode
+
     def match(self, dev: PciDev) -> bool:
         return dev.vendor == PCI_VENDOR_ID_REDHAT_QUMRANET and dev.device in (ENGINE_PF_ID, ENGINE_VF_ID)
 
     async def probe(self, kernel, dev: PciDev) -> "EngineInstance":
         await kernel.pci.enable_device(dev)
-        inst = EngineInstance(kernel, dev)
+        inst = EngineInstance(kernel, dev, self.irq_mode)
         await inst.setup()
         return inst
 
@@ -60,9 +78,13 @@ class EngineDriver:
 class EngineInstance:
     """One bound function: its ring, its MSI-X vector and its counters."""
 
-    def __init__(self, kernel, dev: PciDev):
+    def __init__(self, kernel, dev: PciDev, irq_mode: str = "msix"):
         self.kernel = kernel
         self.dev = dev
+        self.want_mode = irq_mode
+        self.irq_mode = "msix"
+        self.ims_error = ""      # why IMS was not used, when it was asked for
+        self.ims_domain = None
         self.bar0 = dev.bars[0].base
         self.ring = 0
         self.entries = RING_ENTRIES
@@ -73,6 +95,7 @@ class EngineInstance:
         self.record_missing = 0
         self.latencies_ns: list[int] = []
         self.on_complete: Callable[["EngineInstance", int], None] | None = None
+        self.on_irq: Callable[["EngineInstance"], None] | None = None
         self._ram = kernel.ram
 
     @property
@@ -82,13 +105,39 @@ class EngineInstance:
     async def setup(self) -> None:
         k = self.kernel
         self.ring = k.ram.alloc(self.entries * _RECORD.size)
-        (self.irq,) = await k.alloc_msix(self.dev, 1)
+        index = 0
+        if self.want_mode == "ims":
+            index = await self._setup_ims()
+        if self.irq_mode == "msix":
+            (self.irq,) = await k.alloc_msix(self.dev, 1)
         k.irq.request_irq(self.irq, self.handle_irq, f"{EngineDriver.name}:{self.dev}")
         w = k.hw.mmio_write
         w(self.bar0 + CMPL_BASE_LO, _U32.pack(self.ring & 0xFFFF_FFFF))
         w(self.bar0 + CMPL_BASE_HI, _U32.pack(self.ring >> 32))
         w(self.bar0 + CMPL_RING_ENTRIES, _U32.pack(self.entries))
-        w(self.bar0 + IRQ_VECTOR, _U32.pack(0))
+        w(self.bar0 + IRQ_VECTOR, _U32.pack(index))
+        w(self.bar0 + IRQ_MODE, _U32.pack(IRQ_MODE_IMS if self.irq_mode == "ims" else IRQ_MODE_MSIX))
+
+    async def _setup_ims(self) -> int:
+        """Try IMS; on refusal keep the reason and fall back to MSI-X.  Returns the slot."""
+        from guest.irq.domain import IrqError
+        from fabric.hypercall import HypercallError
+        k = self.kernel
+        raw = await k.hw.mmio_read(self.bar0 + IMS_CAP, 4)
+        slots = int.from_bytes(raw, "little") if raw else 0
+        try:
+            self.ims_domain = k.create_ims_domain(self.dev, slots,
+                                                  lambda i: self.bar0 + IMS_OFFSET + i * IMS_SLOT_SIZE)
+            (self.irq,) = await k.alloc_ims(self.ims_domain, self.dev, 1)
+        except (IrqError, HypercallError) as exc:
+            self.ims_error = str(exc)
+            k.log.append(f"{EngineDriver.name} {self.dev}: IMS unavailable, using MSI-X: {exc}")
+            if self.ims_domain is not None:
+                k.remove_domain(self.ims_domain)
+                self.ims_domain = None
+            return 0
+        self.irq_mode = "ims"
+        return k.irq.irq_get_irq_data(self.irq).hwirq
 
     def ring_doorbell(self, cookie: int) -> None:
         self.doorbells += 1
@@ -104,7 +153,6 @@ class EngineInstance:
         data = self._ram.data
         base = self.ring - self._ram.base
         seq = self.completed
-        found = 0
         while True:
             off = base + (seq % self.entries) * 16
             cookie, status, rseq = _RECORD.unpack_from(data, off)
@@ -112,10 +160,12 @@ class EngineInstance:
                 break
             data[off + 4:off + 8] = b"\0\0\0\0"  # consumed
             seq += 1
-            found += 1
             self.completed = seq
             if self.on_complete is not None:
                 self.on_complete(self, cookie)
-        if not found:
-            # The interrupt overtook its completion record: an ordering violation.
+        if self.completed < self.interrupts:
+            # Every interrupt is sent after its record: when the k-th arrives, k records
+            # must be in memory.  Fewer means an interrupt overtook its completion record.
             self.record_missing += 1
+        if self.on_irq is not None:
+            self.on_irq(self)

@@ -117,20 +117,22 @@ class PciBus:
 
     # -- enumeration ----------------------------------------------------------
 
-    async def scan(self, buses: range) -> list[PciDev]:
-        """``pci_scan_bus`` over a flat root complex: device 0 of every bus, all its functions."""
+    async def scan(self, buses: range, slots: range = range(1)) -> list[PciDev]:
+        """``pci_scan_bus``: the given device slots of every bus (a flat root complex has one
+        device per bus behind each root port; a VM's virtual bus 0 has many), all functions."""
         found = []
         for bus in buses:
-            rid = bus << 8
-            dev = await self.probe_function(rid)
-            if dev is None:
-                continue
-            found.append(dev)
-            if dev.header_type & R.PCI_HEADER_TYPE_MFD:
-                for fn in range(1, 8):
-                    sub = await self.probe_function(rid | fn)
-                    if sub is not None:
-                        found.append(sub)
+            for slot in slots:
+                rid = bus << 8 | slot << 3
+                dev = await self.probe_function(rid)
+                if dev is None:
+                    continue
+                found.append(dev)
+                if dev.header_type & R.PCI_HEADER_TYPE_MFD:
+                    for fn in range(1, 8):
+                        sub = await self.probe_function(rid | fn)
+                        if sub is not None:
+                            found.append(sub)
         return found
 
     async def probe_function(self, rid: int, *, virtfn_of: PciDev | None = None) -> PciDev | None:

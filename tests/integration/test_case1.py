@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 
 from fabric.bdf import rid_str
+from tests.conftest import CASE1
 
 
 async def test_pf_and_vfs_deliver_every_interrupt_in_order(start_lab):
-    lab = await start_lab()
+    lab = await start_lab(CASE1)
     report = await lab.run_workload(per_function=400, inflight=16)
     rows = {r["rid"]: r for r in report["functions"]}
     assert set(rows) == {"01:00.0", "01:00.1", "01:00.2"}, rows.keys()
@@ -26,7 +27,7 @@ async def test_pf_and_vfs_deliver_every_interrupt_in_order(start_lab):
 
 
 async def test_boot_builds_the_bare_metal_hierarchy_and_views(start_lab):
-    lab = await start_lab({"workload": {"per_function": 10}})
+    lab = await start_lab({**CASE1, "workload": {"per_function": 10}})
     assert "bare metal" in lab.boot_info["cpuid"]
     await lab.run_workload(per_function=50, inflight=4)
     views = await lab.call("host", "views")
@@ -49,7 +50,7 @@ async def test_boot_builds_the_bare_metal_hierarchy_and_views(start_lab):
 
 
 async def test_irte_is_source_checked_and_points_at_the_vector(start_lab):
-    lab = await start_lab()
+    lab = await start_lab(CASE1)
     irt = await lab.call("fabric", "irt")
     # one IRTE per function, each present, remapped, SVT=1 with its function's RID
     assert len(irt) == 3, irt

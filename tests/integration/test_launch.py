@@ -19,7 +19,7 @@ LAUNCH = [sys.executable, os.path.join(ROOT, "launch.py")]
 
 
 def project_processes() -> dict[int, tuple[int, str]]:
-    """Live processes of ours (fabric, host, device shells): pid -> (ppid, command line)."""
+    """Live processes of ours (fabric, host, device, guest shells): pid -> (ppid, command line)."""
     out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -33,7 +33,7 @@ def project_processes() -> dict[int, tuple[int, str]]:
             continue
         if fields[0] == "Z":
             continue
-        if any(f" -m {m} " in cmd for m in ("fabric", "host", "device")):
+        if any(f" -m {m} " in cmd for m in ("fabric", "host", "device", "guest")):
             out[int(pid)] = (int(fields[1]), cmd)
     return out
 
@@ -55,9 +55,11 @@ async def test_default_run_reports_every_function_and_exits_0():
     before = set(project_processes())
     rc, out, err = await run_launch("--per-function", "300")
     assert rc == 0, (out, err)
-    assert "PASS: nothing lost" in out, out
-    for rid in ("01:00.0", "01:00.1", "01:00.2"):
-        assert rid in out, out
+    assert "PASS: every outcome as it should be" in out, out
+    # the host drives the PF; g1 and g2 each drive the VF assigned to them
+    assert "PF 01:00.0" in out and "(= 01:00.1)" in out and "(= 01:00.2)" in out, out
+    for os_name in ("host", "g1", "g2"):
+        assert f"  {os_name} " in out, out
     assert "total: 900 sent, 900 delivered" in out, out
     assert set(project_processes()) - before == set(), project_processes()
 
@@ -68,8 +70,9 @@ async def test_json_report_is_machine_readable():
     report = json.loads(out)
     assert report["ok"] is True
     assert report["total_sent"] == report["total_delivered"] == 600
-    assert {r["rid"] for r in report["functions"]} == {"01:00.0", "01:00.1", "01:00.2"}
-    assert all(r["lost"] == 0 for r in report["functions"])
+    assert {r["phys"] for r in report["functions"]} == {"01:00.0", "01:00.1", "01:00.2"}
+    assert {r["os"] for r in report["functions"]} == {"host", "g1", "g2"}
+    assert all(r["lost"] == 0 and r["outcome"] == "delivered" for r in report["functions"])
 
 
 async def test_bad_topology_is_one_clear_line(tmp_path):
@@ -99,7 +102,7 @@ async def test_sigint_stops_everything():
             seen.append(line)
             assert line, b"".join(seen).decode() + (await proc.stdout.read()).decode()
     kids = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
-    assert len(kids) == 3, project_processes()  # fabric, device, host
+    assert len(kids) == 5, project_processes()  # fabric, device, host, g1, g2
     proc.send_signal(signal.SIGINT)
     async with asyncio.timeout(60):
         rc = await proc.wait()
@@ -147,7 +150,7 @@ async def test_sigkilled_launcher_takes_its_topology_with_it():
             seen.append(line)
             assert line, b"".join(seen).decode()
     kids = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
-    assert len(kids) == 3, project_processes()
+    assert len(kids) == 5, project_processes()
     proc.kill()                      # no chance to clean up: the kernel must do it (PDEATHSIG)
     await proc.wait()
     for pid in kids:

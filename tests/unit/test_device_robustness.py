@@ -20,17 +20,18 @@ VF_BAR = 0xC000_0000
     ndw=st.integers(1, 8),
     rid=st.integers(0, 0xFFFF),
     fill=st.integers(0, 255),
+    pasid=st.none() | st.integers(0, 0xF_FFFF),
 )
-def test_mem_write_dw_equals_codec(dw: int, ndw: int, rid: int, fill: int) -> None:
+def test_mem_write_dw_equals_codec(dw: int, ndw: int, rid: int, fill: int, pasid: int | None) -> None:
     address = dw * 4
     data = bytes((fill + i) & 0xFF for i in range(4 * ndw))
     if (address & 0xFFF) + len(data) > 0x1000:
         address &= ~0xFFF
-    assert mem_write_dw(address, data, rid) == Tlp.mem_write(address, data, rid)
+    assert mem_write_dw(address, data, rid, pasid) == Tlp.mem_write(address, data, rid, pasid=pasid)
 
 
 def _device() -> SriovDevice:
-    dev = SriovDevice()
+    dev = SriovDevice(pf_ims_slots=4, vf_ims_slots=2)
     for t in (
         Tlp.cfg_write(PF, 0x10, BAR),
         Tlp.cfg_write(PF, 0x04, 0x6),
@@ -50,6 +51,11 @@ def _device() -> SriovDevice:
             entry = bar + 0x2000 + 16 * v
             dev.handle_tlp(Tlp.mem_write(entry, (0xFEE0_0000 + 0x1000 * i).to_bytes(8, "little")))
             dev.handle_tlp(Tlp.mem_write(entry + 8, (0x40 + v).to_bytes(8, "little")))
+        for slot in range(2):  # IMS slots: unmasked, slot 1 PASID-tagged
+            entry = bar + 0x1000 + 16 * slot
+            dev.handle_tlp(Tlp.mem_write(entry, (0xFEE0_0000 + 0x1000 * i).to_bytes(8, "little")))
+            ctrl = slot << 3 | (0x100 + i) << 12
+            dev.handle_tlp(Tlp.mem_write(entry + 8, ((ctrl << 32) | 0x60 + slot).to_bytes(8, "little")))
     return dev
 
 
@@ -60,7 +66,8 @@ _regs = st.one_of(
 )
 _windows = st.sampled_from([BAR, VF_BAR, VF_BAR + 0x4000, VF_BAR + 0x8000, 0])
 _offsets = st.one_of(
-    st.sampled_from([0x08, 0x0C, 0x10, 0x14, 0x18, 0x2000, 0x200C, 0x2010, 0x201C, 0x3000]),
+    st.sampled_from([0x08, 0x0C, 0x10, 0x14, 0x18, 0x28, 0x2C, 0x1000, 0x100C, 0x101C, 0x2000, 0x200C,
+                     0x2010, 0x201C, 0x3000]),
     st.integers(0, 0x4FFF),
 )
 
@@ -91,6 +98,10 @@ def test_fixture_device_delivers_interrupts() -> None:
     for bar, rid in ((BAR, PF), (VF_BAR + 0x4000, PF + 2)):
         dma, irq = dev.handle_tlp(Tlp.mem_write(bar + 0x18, b"\1\0\0\0"))
         assert dma.origin is None and irq.origin == rid
+        dev.handle_tlp(Tlp.mem_write(bar + 0x28, b"\1\0\0\0"))  # IRQ_MODE = IMS
+        dev.handle_tlp(Tlp.mem_write(bar + 0x14, b"\1\0\0\0"))  # slot 1: PASID-tagged
+        dma, irq = dev.handle_tlp(Tlp.mem_write(bar + 0x18, b"\1\0\0\0"))
+        assert dma.origin is None and irq.origin == rid and irq.tlp.pasid is not None
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

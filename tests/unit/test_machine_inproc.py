@@ -48,7 +48,7 @@ async def test_workload_delivers_every_interrupt_after_its_record():
     assert not res["timed_out"]
     for name, f in res["functions"].items():
         assert f["completed"] == 200 and f["interrupts"] == 200 and f["record_missing"] == 0, (name, f)
-    assert res["host"]["breaches"] == 0
+    assert res["os"]["breaches"] == 0
     assert net.fabric.irqs_delivered == 600
 
 

@@ -56,7 +56,7 @@ def test_default_loads() -> None:
     assert t.devices == (Device(name="d0", kind="sriov", total_vfs=4, vfs=2, pf_vectors=8,
                                 vf_vectors=4, bus=1),)
     assert t.guests == ()
-    assert t.workload == Workload(per_function=4000, inflight=8)
+    assert t.workload == Workload(per_function=10000, inflight=8)
     # PF + 2 VFs, 4000 each
     assert (1 + t.device("d0").vfs) * t.workload.per_function == 12_000
 

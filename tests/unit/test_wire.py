@@ -16,7 +16,8 @@ from fabric import wire
 def test_message_numbers_and_arity_are_stable() -> None:
     # The numbers are the protocol: changing one breaks every peer still running the old code.
     assert (wire.HELLO, wire.WELCOME, wire.REFUSED, wire.TLP, wire.IRQ, wire.REG, wire.REG_ACK,
-            wire.CTL, wire.CTL_REP, wire.EVENT, wire.DROPPED) == (1, 2, 3, 10, 11, 20, 21, 30, 31, 32, 40)
+            wire.CTL, wire.CTL_REP, wire.EVENT, wire.DROPPED, wire.VMEXIT, wire.VMENTRY,
+            wire.INJECT) == (1, 2, 3, 10, 11, 20, 21, 30, 31, 32, 40, 50, 51, 52)
     assert set(wire.MESSAGE_NAMES) == set(wire._ARITY)
     assert wire.PROTOCOL_VERSION == 1
     assert wire.MAX_DATA_FRAME < wire.MAX_CONTROL_FRAME
@@ -41,6 +42,9 @@ ENCODED = [
     (wire.ctl_rep(1, True, {"x": [1, 2]}), [wire.CTL_REP, 1, True, {"x": [1, 2]}]),
     (wire.event("g1", "breach", {"n": 1}), [wire.EVENT, "g1", "breach", {"n": 1}]),
     (wire.dropped("oversized", 4), [wire.DROPPED, "oversized", 4]),
+    (wire.vmexit("", 3, "cpuid", {"leaf": 1}), [wire.VMEXIT, "", 3, "cpuid", {"leaf": 1}]),
+    (wire.vmentry("g1", 3, True, [1, 2, 3, 4]), [wire.VMENTRY, "g1", 3, True, [1, 2, 3, 4]]),
+    (wire.inject("g1", 0, 0x41, 0x101, 5), [wire.INJECT, "g1", 0, 0x41, 0x101, 5]),
 ]
 
 
@@ -95,6 +99,14 @@ def test_encoders_roundtrip_property(data) -> None:
     ]
     for frame, expected in cases:
         assert wire.decode(frame) == expected
+
+
+@pytest.mark.parametrize("bad", [object(), 1 << 70, -(1 << 64), {1: {2}}])
+def test_failed_encode_does_not_poison_the_shared_packer(bad) -> None:
+    # The encoders share one autoreset Packer: a failed pack must not leave bytes behind.
+    with pytest.raises((TypeError, OverflowError, ValueError)):
+        wire.event("n", "k", {"x": [1, 2, bad]})
+    assert wire.decode(wire.dropped("x", 1)) == [wire.DROPPED, "x", 1]
 
 
 # ---------------------------------------------------------------------------------------------

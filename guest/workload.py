@@ -47,6 +47,8 @@ class FunctionRun:
     issued: int = 0
     done: int = 0
     lat_start: int = 0       # index into inst.latencies_ns where this run started
+    arrivals_start: int = 0
+    interrupts_start: int = 0
     t_first: int = 0
     t_last: int = 0
 
@@ -63,9 +65,12 @@ class Workload:
               on_finished=None) -> "Workload":
         wl = cls(on_finished=on_finished, t_start=time.monotonic_ns())
         for inst in instances:
-            run = FunctionRun(inst, per_function, inflight, lat_start=len(inst.latencies_ns))
+            run = FunctionRun(inst, per_function, inflight, lat_start=len(inst.latencies_ns),
+                              arrivals_start=inst.kernel.arrivals.get(inst.irq, 0),
+                              interrupts_start=inst.interrupts)
             wl.runs.append(run)
             inst.on_complete = wl._completion_cb(run)
+            inst.on_irq = wl._irq_cb(run)
         for run in wl.runs:
             for _ in range(min(run.inflight, run.target)):
                 wl._issue(run)
@@ -82,6 +87,16 @@ class Workload:
                 self._check_finished()
         return on_complete
 
+    def _irq_cb(self, run: FunctionRun):
+        def on_irq(inst: EngineInstance) -> None:
+            if run.done >= run.target:
+                self._check_finished()
+        return on_irq
+
+    @staticmethod
+    def _arrived(run: FunctionRun) -> int:
+        return run.inst.kernel.arrivals.get(run.inst.irq, 0) - run.arrivals_start
+
     def _issue(self, run: FunctionRun) -> None:
         if not run.t_first:
             run.t_first = time.monotonic_ns()
@@ -89,14 +104,20 @@ class Workload:
         run.issued += 1
 
     def _check_finished(self) -> None:
-        if not self.finished and all(r.done >= r.target for r in self.runs):
+        # Finished when every record is consumed AND every interrupt announcing one has
+        # arrived (records can be consumed by an earlier interrupt, ahead of their own).
+        if not self.finished and all(r.done >= r.target and self._arrived(r) >= r.target for r in self.runs):
             self.finished = True
             if self.on_finished:
                 self.on_finished()
 
+    def completed(self) -> int:
+        return sum(r.done for r in self.runs)
+
     def detach(self) -> None:
         for r in self.runs:
             r.inst.on_complete = None
+            r.inst.on_irq = None
 
     def report(self) -> dict:
         """Per function: doorbells, interrupts, completions, ordering check, latency."""
@@ -109,10 +130,13 @@ class Workload:
             span = ((r.t_last or now) - (r.t_first or now)) / 1e9
             out[inst.name] = {
                 "rid": inst.dev.rid,
+                "irq_mode": inst.irq_mode,
+                "ims_error": inst.ims_error,
                 "target": r.target,
                 "doorbells": r.issued,
                 "completed": r.done,
-                "interrupts": inst.interrupts,
+                "interrupts": inst.kernel.arrivals.get(inst.irq, 0) - r.arrivals_start,
+                "handled": inst.interrupts - r.interrupts_start,
                 "record_missing": inst.record_missing,
                 "rate_per_s": r.done / span if span > 0 else None,
                 "latency": latency_summary(h),

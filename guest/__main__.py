@@ -1,0 +1,5 @@
+import sys
+
+from guest.process import main
+
+sys.exit(main())

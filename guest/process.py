@@ -1,0 +1,95 @@
+"""A guest process shell: one VM running the OS model.
+
+Run as ``python -m guest --runtime DIR --name g1`` with the registration token
+in ``IRQLAB_TOKEN``.  Boot: register with the fabric, probe CPUID (every leaf is a
+VM exit answered from the VM's profile), build the irq-domain hierarchy that
+answer calls for, enumerate the virtual PCI bus (config accesses trap), bind the
+engine driver to the assigned functions (MSI-X or IMS), then tell the
+controller "ready" with what it built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import traceback
+
+from fabric import wire
+from fabric.bdf import rid_str
+from fabric.loop import die_with_parent, run
+from fabric.port import Port
+from guest.drivers.engine import EngineDriver
+from guest.hw import GuestHardware
+from guest.kernel import Kernel
+from guest.shell import OsShell
+
+
+class Guest(OsShell):
+    def __init__(self, cfg: dict, port: Port):
+        hw = GuestHardware(port)
+        self.cpuid_leaves: dict = {}
+        kernel = Kernel(port.name, list(range(int(cfg.get("cpus", 1)))), int(cfg.get("memory_mib", 16)) << 20,
+                        hw, lambda leaf, sub=0: self.cpuid_leaves.get(leaf, (0, 0, 0, 0)),
+                        ir_entries=None, variant=cfg.get("kernel", "modern"),
+                        provenance={int(k): int(v) for k, v in cfg.get("provenance", {}).items()})
+        super().__init__(port, kernel, hw)
+        self.cfg = cfg
+        kernel.drivers.append(EngineDriver(cfg.get("irq_mode", "msix")))
+        self.msg_handlers[wire.VMENTRY] = hw.on_vmentry
+
+    async def boot(self) -> dict:
+        k = self.kernel
+        self.cpuid_leaves = await self.hw.fetch_cpuid()
+        info = k.boot()
+        devs = await k.pci_init(range(0, 1), slots=range(32))
+        return {"cpuid": info.describe(), "functions": [rid_str(d.rid) for d in devs],
+                "hierarchy": k.domain_hierarchy(),
+                "drivers": {inst.name: {"irq_mode": inst.irq_mode, "ims_error": inst.ims_error}
+                            for inst in self.engines()},
+                "ims_refusal": k.ims_refusal}
+
+
+async def main_async(cfg: dict, token: str, name: str) -> int:
+    guest: Guest | None = None
+    port = Port(cfg["endpoint"], token, name, on_message=lambda msg: guest.on_message(msg) if guest else None)
+    await port.connect()
+    guest = Guest(cfg, port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: guest.stop.done() or guest.stop.set_result(signal.Signals(s).name))
+    try:
+        summary = await guest.boot()
+    except Exception as exc:
+        traceback.print_exc()
+        port.event("failed", {"stage": "boot", "error": f"{type(exc).__name__}: {exc}"})
+        await asyncio.sleep(0.2)
+        port.close()
+        return 1
+    port.event("ready", summary)
+    why = await guest.stop
+    await asyncio.sleep(0.05)
+    port.close()
+    print(f"guest {name}: stopped ({why})", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m guest", description="irqlab guest: one VM running the OS model")
+    ap.add_argument("--runtime", required=True, help="runtime directory written by launch.py")
+    ap.add_argument("--name", required=True)
+    args = ap.parse_args(argv)
+    die_with_parent()
+    with open(os.path.join(args.runtime, f"{args.name}.json")) as f:
+        cfg = json.load(f)
+    rc = 0
+
+    async def go():
+        nonlocal rc
+        rc = await main_async(cfg, os.environ.get("IRQLAB_TOKEN", ""), args.name)
+
+    run(go())
+    return rc

@@ -1,0 +1,174 @@
+"""What every OS process shell (the host and each guest) does the same way.
+
+``OsShell`` owns a ``Kernel`` and its port: it applies DMA that arrives as TLPs to
+the kernel's RAM (and answers DMA reads), hands completions to the hardware
+adapter, delivers interrupts to the local APICs, and serves the control
+operations common to every OS instance (status, workload, stats, views,
+shutdown).  ``host.process.Host`` and ``guest.process.Guest`` add their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fabric import wire
+from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
+from guest.drivers.engine import EngineInstance
+from guest.views import lspci
+from guest.workload import Workload
+
+_CPL = (TlpType.CPL, TlpType.CPL_DATA)
+_MWR = (TlpType.MEM_WRITE, TlpType.MEM_WRITE_64)
+_MRD = (TlpType.MEM_READ, TlpType.MEM_READ_64)
+
+
+class OsShell:
+    def __init__(self, port, kernel, hw):
+        self.port = port
+        self.kernel = kernel
+        self.hw = hw
+        self.workload: Workload | None = None
+        self.stop = asyncio.get_running_loop().create_future()
+        self.bad_tlps = 0
+        self.dma_writes = 0
+        self.dma_reads = 0
+        self.dma_unmapped = 0
+        self.ctl_ops = {
+            "status": self.op_status,
+            "workload.run": self.op_workload_run,
+            "stats": self.op_stats,
+            "views": self.op_views,
+            "shutdown": self.op_shutdown,
+        }
+        self.msg_handlers = {wire.IRQ: self.on_irq, wire.TLP: self.on_tlp_msg, wire.CTL: self.on_ctl}
+
+    def engines(self) -> list[EngineInstance]:
+        return [inst for inst in self.kernel.bound.values() if isinstance(inst, EngineInstance)]
+
+    # -- messages from the fabric (hot path) ---------------------------------
+
+    def on_message(self, msg: list) -> None:
+        handler = self.msg_handlers.get(msg[0])
+        if handler is not None:
+            handler(msg)
+
+    def on_irq(self, msg: list) -> None:
+        _, apic, vector, origin, t_ns, _handle = msg
+        self.kernel.deliver(apic, vector, origin, t_ns)
+
+    def on_tlp_msg(self, msg: list) -> None:
+        self.on_tlp(msg[1])
+
+    def on_tlp(self, raw: bytes) -> None:
+        try:
+            tlp = Tlp.unpack(raw)
+        except TlpError:
+            self.bad_tlps += 1
+            return
+        t = tlp.type
+        if t in _CPL:
+            self.hw.on_completion(tlp)
+        elif t in _MWR:
+            # DMA into this OS's RAM (the fabric already translated it).
+            if self.kernel.ram.write(tlp.byte_address(), tlp.payload_bytes()):
+                self.dma_writes += 1
+            else:
+                self.dma_unmapped += 1
+        elif t in _MRD:
+            self.dma_reads += 1
+            addr = tlp.address
+            data = self.kernel.ram.read(addr, tlp.length * 4)
+            if data is None:
+                cpl = Tlp.completion(tlp, 0, CplStatus.UR)
+            else:
+                cpl = Tlp.completion(tlp, 0, CplStatus.SC, data)
+            self.port.send(wire.tlp(cpl.pack()))
+        else:
+            self.bad_tlps += 1
+
+    # -- control ------------------------------------------------------------
+
+    def on_ctl(self, msg: list) -> None:
+        try:
+            c = wire.as_ctl(msg)
+        except wire.WireError:
+            return
+        op = self.ctl_ops.get(c.op)
+        if op is None:
+            self.port.reply(c.req_id, False, f"{self.port.name}: unknown op {c.op!r} (known: {sorted(self.ctl_ops)})")
+            return
+        asyncio.get_running_loop().create_task(self._run_ctl(c.req_id, c.op, op, c.args))
+
+    async def _run_ctl(self, req_id: int, name: str, op, args: dict) -> None:
+        try:
+            result = await op(args)
+        except Exception as exc:  # report, never die of a bad request
+            self.port.reply(req_id, False, f"{self.port.name}: {name}: {type(exc).__name__}: {exc}")
+            return
+        self.port.reply(req_id, True, result)
+
+    async def op_status(self, args: dict) -> dict:
+        k = self.kernel
+        return {"cpuid": k.cpuid.describe() if k.cpuid else None,
+                "functions": {inst.name: {"rid": inst.dev.rid, "irq_mode": inst.irq_mode,
+                                          "ims_error": inst.ims_error} for inst in self.engines()}}
+
+    async def op_workload_run(self, args: dict) -> dict:
+        per_function = int(args.get("per_function", 1000))
+        inflight = int(args.get("inflight", 32))
+        timeout_s = float(args.get("timeout_s", 120))
+        stall_s = float(args.get("stall_s", 0) or 0)
+        if per_function < 0 or inflight < 1 or timeout_s <= 0:
+            raise ValueError("per_function >= 0, inflight >= 1 and timeout_s > 0 are required")
+        if self.workload is not None and not self.workload.finished:
+            raise RuntimeError("a workload is already running")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        t0 = time.monotonic()
+        self.workload = wl = Workload.start(self.engines(), per_function, inflight,
+                                            on_finished=lambda: done.done() or done.set_result(True))
+        timed_out = stalled = False
+        deadline = t0 + timeout_s
+        while not done.done():
+            # Wait for the end, but notice a run that stopped making progress (interrupts
+            # that never come): after ``stall_s`` without a completion, stop waiting.
+            progress = wl.completed()
+            wait = deadline - time.monotonic()
+            if stall_s:
+                wait = min(wait, stall_s)
+            if wait <= 0:
+                timed_out = True
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(done), timeout=wait)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                if wl.completed() == progress:
+                    stalled = True
+                    break
+        wl.detach()
+        return {"timed_out": timed_out, "stalled": stalled, "elapsed_s": time.monotonic() - t0,
+                "functions": wl.report(), "os": self.counters()}
+
+    def counters(self) -> dict:
+        k = self.kernel
+        return {"irqs_received": k.irqs_received, "breaches": k.breach_count,
+                "breach_samples": [str(b) for b in k.breaches[:10]],
+                "spurious": k.vector.spurious, "dma_writes": self.dma_writes, "dma_reads": self.dma_reads,
+                "dma_unmapped": self.dma_unmapped, "bad_tlps": self.bad_tlps,
+                "illegal_vectors": sum(c.illegal_vector for c in k.cpus)}
+
+    async def op_stats(self, args: dict) -> dict:
+        return {"os": self.counters(), "functions": self.workload.report() if self.workload else {}}
+
+    async def op_views(self, args: dict) -> dict:
+        k = self.kernel
+        return {"proc_interrupts": k.proc_interrupts(), "domains": k.domain_hierarchy(),
+                "lspci": await lspci(k.pci), "dmesg": "\n".join(k.log)}
+
+    async def op_shutdown(self, args: dict) -> bool:
+        asyncio.get_running_loop().call_soon(lambda: self.stop.done() or self.stop.set_result("shutdown"))
+        return True

@@ -1,0 +1,334 @@
+"""The VMM half of the host: virtual machines, assigned VFs, VM exits, hypercalls, injection.
+
+For each VM of the topology the VMM, at host boot (before the guest process
+starts):
+
+1. places the guest's RAM in host-physical address space (a window of its own;
+   the bytes live in the guest's process) and tells the fabric's memory map;
+2. creates an IOMMU domain whose second-level table maps IOVA = guest-physical
+   onto that window, and points each assigned VF's context entry at it, so the
+   VF's DMA lands in its guest's memory and nowhere else;
+3. builds the VF's virtual config space (``host.vfio``) and claims the VF from the
+   host's own driver (vfio-pci binds it).
+
+Then it serves the guest's VM exits: CPUID from the VM's profile, config-space
+accesses through the virtual config, trapped MSI-X table accesses, hypercalls,
+EPT violations.  Real interrupts of an assigned VF arrive at host vectors whose
+handlers inject (guest vector, vCPU) into the guest — the remapped-then-injected
+path of case 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric import hypercall as hc
+from fabric import wire
+from fabric.bdf import rid_str
+from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
+from guest.irq.domain import (IrqAllocInfo, IrqError, irq_chip_compose_msi_msg, irq_domain_alloc_irqs,
+                              irq_domain_free_irqs)
+from guest.pci import regs as R
+from guest.pci.core import PciDev
+from host.cpuid import vm_cpuid
+from host.vfio import PAGE, VirtualFunction
+
+#: guest RAM windows in host-physical space: 1 TiB up, 64 GiB apart
+GUEST_HPA_BASE = 1 << 40
+GUEST_HPA_STRIDE = 1 << 36
+#: assigned functions appear on the guest's bus 0 from slot 3 (QEMU leaves 0-2 to chipset)
+FIRST_GUEST_SLOT = 3
+#: per-VM quota of hypercall-composed interrupts (an IRTE each)
+COMPOSE_QUOTA = 64
+
+
+@dataclass
+class Compose:
+    handle: int
+    vf: VirtualFunction
+    virq: int
+    apic: int
+    vector: int
+
+
+@dataclass
+class Vm:
+    name: str
+    index: int
+    vcpus: int
+    mem_size: int
+    profile: str
+    variant: str
+    hpa: int
+    domain: int
+    vfs: dict[int, VirtualFunction] = field(default_factory=dict)      # guest RID -> VF
+    composes: dict[int, Compose] = field(default_factory=dict)
+    handles: itertools.count = field(default_factory=lambda: itertools.count(1))
+    exits: dict[str, int] = field(default_factory=dict)
+    hypercalls: dict[str, int] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+    injected: int = 0
+    pending_forward: int = 0
+
+    @property
+    def apic_ids(self) -> list[int]:
+        return list(range(self.vcpus))
+
+    def refuse(self, what: str) -> None:
+        if len(self.refused) < 200:
+            self.refused.append(what)
+
+
+class Vmm:
+    def __init__(self, host):
+        self.host = host
+        self.kernel = host.kernel
+        self.port = host.port
+        self.vms: dict[str, Vm] = {}
+        self.by_irq: dict[int, tuple[Vm, VirtualFunction, int]] = {}   # host virq -> (vm, vf, entry)
+        self.log: list[str] = []
+
+    # ------------------------------------------------------------------
+    # setup
+
+    async def create_vm(self, spec: dict, index: int) -> Vm:
+        name = spec["name"]
+        vm = Vm(name, index, int(spec.get("cpus", 1)), int(spec.get("memory_mib", 16)) << 20,
+                spec.get("cpuid", "kvm"), spec.get("kernel", "modern"),
+                GUEST_HPA_BASE + index * GUEST_HPA_STRIDE, domain=index + 1)
+        reg = self.port.reg
+        await reg("mem.map", {"owner": name, "hpa": vm.hpa, "size": vm.mem_size, "local": 0})
+        await reg("iommu.domain", {"domain": vm.domain, "op": "create"})
+        await reg("iommu.map", {"domain": vm.domain, "iova": 0, "hpa": vm.hpa, "size": vm.mem_size,
+                                "read": True, "write": True})
+        for slot, rid in enumerate(spec.get("assign_rids", [])):
+            dev = self.kernel.pci.devices.get(rid)
+            if dev is None:
+                raise RuntimeError(f"{name}: assigned function {rid_str(rid)} was not found by enumeration")
+            vf = await self._make_vf(dev, (FIRST_GUEST_SLOT + slot) << 3)
+            vm.vfs[vf.guest_rid] = vf
+            await reg("context.set", {"rid": rid, "mode": "domain", "domain": vm.domain})
+            self.log.append(f"vfio-pci {rid_str(rid)}: assigned to {name} as {rid_str(vf.guest_rid)}")
+        self.vms[name] = vm
+        return vm
+
+    async def _make_vf(self, dev: PciDev, guest_rid: int) -> VirtualFunction:
+        bus = self.kernel.pci
+        config = bytearray()
+        for reg in range(0, 256, 4):
+            config += (await bus.read32(dev.rid, reg)).to_bytes(4, "little")
+        msix_pos = dev.caps[R.PCI_CAP_ID_MSIX]
+        ctrl = await bus.read16(dev.rid, msix_pos + R.PCI_MSIX_FLAGS)
+        bar = dev.bars[0]
+        # the real function: memory decode and bus mastering on, MSI-X enabled with all
+        # entries masked until the guest's table says otherwise
+        await bus.enable_device(dev)
+        return VirtualFunction(dev.rid, guest_rid, config, bar.size, bar.base, dev.vendor, dev.device,
+                               msix_pos, (ctrl & R.PCI_MSIX_FLAGS_QSIZE) + 1)
+
+    # ------------------------------------------------------------------
+    # VM exits
+
+    def on_exit(self, msg: list) -> None:
+        _, vm_name, seq, reason, args = msg
+        vm = self.vms.get(vm_name)
+        if vm is None:
+            return
+        vm.exits[reason] = vm.exits.get(reason, 0) + 1
+        handler = self._exits.get(reason)
+        if handler is None:
+            vm.refuse(f"unknown VM exit reason {reason!r}")
+            self._resume(vm, seq, False, f"unknown exit reason {reason!r}")
+            return
+        asyncio.get_running_loop().create_task(self._serve(vm, seq, reason, handler, args))
+
+    async def _serve(self, vm: Vm, seq: int, reason: str, handler, args) -> None:
+        try:
+            result = await handler(self, vm, args if isinstance(args, dict) else {})
+        except (KeyError, TypeError, ValueError, TlpError, IrqError) as exc:
+            vm.refuse(f"{reason}: {type(exc).__name__}: {exc}")
+            self._resume(vm, seq, False, f"{reason}: bad arguments")
+            return
+        self._resume(vm, seq, True, result)
+
+    def _resume(self, vm: Vm, seq: int, ok: bool, result: Any) -> None:
+        if seq:
+            self.port.send(wire.vmentry(vm.name, seq, ok, result))
+
+    async def exit_cpuid(self, vm: Vm, a: dict) -> list[int]:
+        leaf, sub = int(a["leaf"]) & 0xFFFF_FFFF, int(a.get("subleaf", 0)) & 0xFFFF_FFFF
+        return list(vm_cpuid(vm.profile, leaf, sub))
+
+    async def exit_cfg(self, vm: Vm, a: dict) -> int | None:
+        rid, reg = int(a["rid"]), int(a["reg"])
+        vf = vm.vfs.get(rid)
+        if not 0 <= reg < 4096:
+            raise ValueError(f"config register 0x{reg:x}")
+        if "value" not in a:
+            return 0xFFFF_FFFF if vf is None else vf.cfg_read(reg)
+        if vf is None:
+            return None
+        for action in vf.cfg_write(reg, int(a["value"]) & 0xFFFF_FFFF, int(a.get("be", 0xF)) & 0xF):
+            await self._act(vm, vf, action)
+        return None
+
+    async def exit_mmio(self, vm: Vm, a: dict) -> dict | None:
+        """A guest access to a trapped page (the fabric forwards the TLP, already stamped)."""
+        tlp = Tlp.unpack(a["tlp"])
+        gpa = tlp.byte_address()
+        vf = next((v for v in vm.vfs.values() if v.bar0_gpa <= gpa < v.bar0_gpa + v.bar0_size), None)
+        if tlp.type in (TlpType.MEM_WRITE, TlpType.MEM_WRITE_64):
+            if vf is not None:
+                for action in vf.mmio_write(gpa - vf.bar0_gpa, tlp.payload_bytes()):
+                    await self._act(vm, vf, action)
+            return None
+        nbytes = tlp.length * 4
+        if vf is None:
+            cpl = Tlp.completion(tlp, 0, CplStatus.UR)
+        else:
+            data = vf.mmio_read((gpa - vf.bar0_gpa) & ~3, nbytes)
+            cpl = Tlp.completion(tlp, 0, CplStatus.SC, data)
+        self.port.send(wire.tlp(cpl.pack()))
+        return None
+
+    async def exit_ept_violation(self, vm: Vm, a: dict) -> None:
+        vm.refuse(f"EPT violation: {'write' if a.get('write') else 'read'} at GPA 0x{int(a.get('gpa', 0)):x}")
+
+    async def exit_hypercall(self, vm: Vm, a: dict) -> dict:
+        parsed = hc.parse_request(a)
+        if parsed is None:
+            vm.refuse("malformed hypercall")
+            return hc.reply(-hc.KVM_EINVAL)
+        nr, args = parsed
+        name = hc.NAMES.get(nr, f"nr{nr}")
+        vm.hypercalls[name] = vm.hypercalls.get(name, 0) + 1
+        if nr == hc.HC_QUERY_FEATURES:
+            feats = hc.FEAT_MSI_COMPOSE if vm.profile == "kvm" else 0
+            return hc.reply(0, hc.HYPERCALL_ABI_VERSION, feats)
+        if vm.profile != "kvm":
+            vm.refuse(f"hypercall {name} from a VM whose CPUID does not offer it")
+            return hc.reply(-hc.KVM_ENOSYS)
+        if nr == hc.HC_MSI_COMPOSE:
+            return await self._compose(vm, args)
+        if nr == hc.HC_MSI_FREE:
+            return self._free(vm, args)
+        vm.refuse(f"unknown hypercall {nr}")
+        return hc.reply(-hc.KVM_ENOSYS)
+
+    _exits = {"cpuid": exit_cpuid, "cfg": exit_cfg, "mmio": exit_mmio,
+              "ept_violation": exit_ept_violation, "hypercall": exit_hypercall}
+
+    # ------------------------------------------------------------------
+    # the compose hypercall: a real remappable message bound to the VF's RID
+
+    async def _compose(self, vm: Vm, args: list[int]) -> dict:
+        if len(args) < 3:
+            return hc.reply(-hc.KVM_EINVAL)
+        dev, vector, dest = args[0], args[1], args[2]
+        vf = vm.vfs.get(dev)
+        if vf is None:
+            vm.refuse(f"compose for {rid_str(dev & 0xFFFF)}, which is not assigned to {vm.name}")
+            return hc.reply(-hc.KVM_EPERM)
+        if not hc.FIRST_VECTOR <= vector <= hc.LAST_VECTOR:
+            vm.refuse(f"compose with vector 0x{vector & 0xFFFFFFFF:x}")
+            return hc.reply(-hc.KVM_EINVAL)
+        if dest not in vm.apic_ids:
+            vm.refuse(f"compose for vCPU APIC ID {dest}, not one of {vm.apic_ids}")
+            return hc.reply(-hc.KVM_EINVAL)
+        if len(vm.composes) >= COMPOSE_QUOTA:
+            vm.refuse("compose quota exhausted")
+            return hc.reply(-hc.KVM_ENOSPC)
+        ir = self.kernel.ir
+        if ir is None:
+            return hc.reply(-hc.KVM_EOPNOTSUPP)   # without IR nothing would check the source
+        try:
+            virq = irq_domain_alloc_irqs(ir, 1, IrqAllocInfo(extra={"sid": vf.host_rid}))
+        except IrqError:
+            return hc.reply(-hc.KVM_ENOSPC)
+        handle = next(vm.handles)
+        vm.composes[handle] = Compose(handle, vf, virq, dest, vector)
+        self.kernel.irq_owner[virq] = vf.host_rid
+        self.kernel.irq.request_irq(virq, self._compose_handler(vm, handle), f"vfio-ims:{vm.name}")
+        msg = irq_chip_compose_msi_msg(self.kernel.irq.irq_get_irq_data(virq))
+        return hc.reply(0, msg.address_lo, msg.address_hi, msg.data, handle)
+
+    def _free(self, vm: Vm, args: list[int]) -> dict:
+        if len(args) < 2:
+            return hc.reply(-hc.KVM_EINVAL)
+        c = vm.composes.get(args[1])
+        if c is None or c.vf.guest_rid != args[0]:
+            vm.refuse(f"free of handle {args[1]} it does not own")
+            return hc.reply(-hc.KVM_EPERM)
+        del vm.composes[c.handle]
+        self.kernel.irq.free_irq(c.virq)
+        irq_domain_free_irqs(self.kernel.ir, c.virq, 1)
+        self.kernel.irq_owner.pop(c.virq, None)
+        return hc.reply(0)
+
+    def _compose_handler(self, vm: Vm, handle: int):
+        def handler(irq: int, cpu: int) -> None:
+            c = vm.composes.get(handle)
+            if c is not None:
+                self._inject(vm, c.apic, c.vector, self.kernel.cur_origin, self.kernel.cur_t_ns)
+        return handler
+
+    # ------------------------------------------------------------------
+    # actions from the vfio model
+
+    async def _act(self, vm: Vm, vf: VirtualFunction, action: tuple) -> None:
+        kind = action[0]
+        if kind == "bar0":
+            _, old, new = action
+            if old:
+                await self.port.reg("ept.unmap", {"vm": vm.name, "gpa": old, "size": vf.bar0_size})
+            if new:
+                await self.port.reg("ept.map", {"vm": vm.name, "gpa": new, "size": 2 * PAGE, "kind": "mmio",
+                                                "hpa": vf.bar0_hpa})
+                await self.port.reg("ept.map", {"vm": vm.name, "gpa": new + 2 * PAGE,
+                                                "size": vf.bar0_size - 2 * PAGE, "kind": "trap"})
+        elif kind == "msix_ctrl":
+            _, enable, _maskall = action
+            dev = self.kernel.pci.devices[vf.host_rid]
+            if enable and not dev.msix_enabled:
+                irqs = await self.kernel.alloc_msix(dev, vf.msix_size)
+                for idx, virq in enumerate(irqs):
+                    self.by_irq[virq] = (vm, vf, idx)
+                    self.kernel.irq.request_irq(virq, self._msix_handler, f"vfio-msix[{idx}]({rid_str(vf.host_rid)})")
+        elif kind == "fire":
+            _, idx, origin, t_ns = action
+            target = vf.deliverable(idx)
+            if target is not None:
+                self._inject(vm, *target, origin, t_ns)
+
+    def _msix_handler(self, irq: int, cpu: int) -> None:
+        entry = self.by_irq.get(irq)
+        if entry is not None:
+            vm, vf, idx = entry
+            self._forward(vm, vf, idx)
+
+    def _forward(self, vm: Vm, vf: VirtualFunction, idx: int) -> None:
+        k = self.kernel
+        target = vf.deliverable(idx)
+        if target is None:
+            # Masked in the guest's virtual table: pending until unmasked (one per entry).
+            vf.pending.setdefault(idx, (k.cur_origin, k.cur_t_ns))
+            vm.pending_forward += 1
+            return
+        self._inject(vm, *target, k.cur_origin, k.cur_t_ns)
+
+    def _inject(self, vm: Vm, apic: int, vector: int, origin: int | None, t_ns: int) -> None:
+        vm.injected += 1
+        self.port.send(wire.inject(vm.name, apic, vector, origin, t_ns))
+
+    # ------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        return {vm.name: {"exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
+                          "pending_forward": vm.pending_forward, "composes": len(vm.composes),
+                          "refused": vm.refused[-20:], "refused_total": len(vm.refused),
+                          "assigned": {rid_str(g): rid_str(v.host_rid) for g, v in vm.vfs.items()}}
+                for vm in self.vms.values()}
