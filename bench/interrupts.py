@@ -13,7 +13,8 @@ ipc://), and runs, in order:
   histograms are merged for p50/p99/p99.9.
 
 Each interrupt costs three fabric crossings: the doorbell MWr host -> device,
-then the completion-record DMA MWr and the interrupt MWr device -> host.
+then the completion-record DMA MWr and the interrupt MWr device -> host (the
+fabric's TLP counter is read around each saturation run to check it).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
     out: dict = {"topology": topo.name, "transport": topo.transport, "functions": functions}
     async with Lab(topo, on_progress=lambda m: progress(f"lab: {m}")) as lab:
         progress(f"lab: warm-up, {warmup_per_function:,} interrupts per function")
-        _delivered(await lab.run_workload(per_function=warmup_per_function, inflight=inflight), "warm-up")
+        rep = await lab.run_workload(per_function=warmup_per_function, inflight=inflight)
+        _delivered(rep, "warm-up")
+        tlps = rep["fabric"].get("tlps", 0)
 
         runs = []
         for i in range(repeat):
@@ -85,16 +88,18 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
             cpu1 = _cpu(lab)
             n = _delivered(rep, "saturation")
             rate = n / rep["elapsed_s"]
+            tlps, frames = rep["fabric"].get("tlps", 0), (rep["fabric"].get("tlps", 0) - tlps) / n
             cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1 if cpu0.get(k) is not None and cpu1[k] is not None}
             runs.append({"interrupts": n, "elapsed_s": rep["elapsed_s"], "rate_per_s": rate,
                          "per_function_rate_per_s": [r["rate_per_s"] for r in rep["functions"]],
-                         "cpu_us_per_interrupt": cpu})
+                         "cpu_us_per_interrupt": cpu, "fabric_tlps_per_interrupt": frames})
             progress(f"lab: saturation {i + 1}/{repeat}: {rate:,.0f} interrupts/s")
         rates = sorted(r["rate_per_s"] for r in runs)
         median = next(r for r in runs if r["rate_per_s"] == rates[len(rates) // 2])
         out["saturation"] = {"per_function": per_function, "inflight": inflight, "runs": runs,
                              "rate_per_s": median["rate_per_s"],
-                             "cpu_us_per_interrupt": median["cpu_us_per_interrupt"]}
+                             "cpu_us_per_interrupt": median["cpu_us_per_interrupt"],
+                             "fabric_tlps_per_interrupt": median["fabric_tlps_per_interrupt"]}
 
         progress(f"lab: latency: {latency_per_function:,} interrupts on each of {functions} functions, inflight 1")
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1)

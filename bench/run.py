@@ -109,6 +109,8 @@ def ratios(relay: dict, lab: dict) -> dict:
 
 def render(res: dict, console) -> None:
     from rich.table import Table
+
+    from bench.interrupts import FABRIC_FRAMES_PER_INTERRUPT
     relay, lab, q = res["relay"], res["lab"], res["ratios"]
     rt, lt = relay["throughput"]["rate_per_s"], lab["saturation"]["rate_per_s"]
     rl, ll = relay["latency"]["latency"], lab["latency"]["latency"]
@@ -116,18 +118,19 @@ def render(res: dict, console) -> None:
               title_justify="left")
     for col, just in (("figure", "left"), ("raw relay", "right"), ("irqlab", "right"), ("ratio", "right")):
         t.add_column(col, justify=just)
-    t.add_row("saturation (relay msg/s; lab interrupts/s)", f"{rt:,.0f}", f"{lt:,.0f}",
+    t.add_row("saturation: msg/s | interrupts/s", f"{rt:,.0f}", f"{lt:,.0f}",
               f"{q['interrupts_per_relay_msg']:.3f}")
-    t.add_row("  fabric frames/s (3 per interrupt)", f"{rt:,.0f}", f"{lt * 3:,.0f}",
+    t.add_row(f"  fabric frames/s (×{lab['saturation']['fabric_tlps_per_interrupt']:.2f})", f"{rt:,.0f}",
+              f"{lt * FABRIC_FRAMES_PER_INTERRUPT:,.0f}",
               f"{q['fabric_frames_per_relay_msg']:.3f}")
     for k, name in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
         r = q[f"latency_{name.replace('.', '')}"]
         t.add_row(f"one-way latency {name} µs", f"{rl[k]:,.0f}", f"{ll[k]:,.0f}", "-" if r is None else f"{r:.2f}")
     rc, lc = relay["throughput"]["cpu_us_per_msg"], lab["saturation"]["cpu_us_per_interrupt"]
     r = q["fabric_cpu_per_frame_vs_relay"]
-    t.add_row("relay/fabric process CPU µs per frame (saturation)", f"{rc['relay']:.2f}",
-              "-" if lc.get("fabric") is None else f"{lc['fabric'] / 3:.2f}", "-" if r is None else f"{r:.2f}")
-    t.add_row("  rate during the latency run (/s)", f"{relay['latency']['rate_per_s']:,.0f}",
+    t.add_row("relay|fabric CPU µs per frame", f"{rc['relay']:.2f}",
+              "-" if lc.get("fabric") is None else f"{lc['fabric'] / FABRIC_FRAMES_PER_INTERRUPT:.2f}", "-" if r is None else f"{r:.2f}")
+    t.add_row("  rate in the latency run (/s)", f"{relay['latency']['rate_per_s']:,.0f}",
               f"{lab['latency']['rate_per_s']:,.0f}", "")
     t.add_row("  samples", f"{rl['count']:,}", f"{ll['count']:,}", "")
     console.print(t)

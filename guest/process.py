@@ -40,6 +40,15 @@ class Guest(OsShell):
         self.cfg = cfg
         kernel.drivers.append(EngineDriver(cfg.get("irq_mode", "msix")))
         self.msg_handlers[wire.VMENTRY] = hw.on_vmentry
+        self.ctl_ops["hostile"] = self.op_hostile
+
+    async def op_hostile(self, args: dict) -> dict:
+        """Commit one misbehaviour by name (``guest.hostile.ACTIONS``)."""
+        from guest.hostile import ACTIONS
+        name = args.get("action")
+        if name not in ACTIONS:
+            raise ValueError(f"unknown action {name!r}; known: {', '.join(sorted(ACTIONS))}")
+        return await ACTIONS[name][1](self, args)
 
     async def boot(self) -> dict:
         k = self.kernel

@@ -100,7 +100,9 @@ class EngineInstance:
 
     @property
     def name(self) -> str:
-        return f"{'vf' if self.dev.is_virtfn else 'pf'} {self.dev}"
+        # A VF assigned to a VM looks like an ordinary function there; its device ID still says VF.
+        vf = self.dev.is_virtfn or self.dev.device == ENGINE_VF_ID
+        return f"{'vf' if vf else 'pf'} {self.dev}"
 
     async def setup(self) -> None:
         k = self.kernel

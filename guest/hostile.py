@@ -1,0 +1,65 @@
+"""Misbehaviours a guest can be told to commit (the lab's attacker inside a VM).
+
+Each is something a real guest kernel (or root in it) can do with what it
+controls: its CPU's loads and stores, its device's registers, its hypercalls.
+They run inside the guest process and go through exactly the same paths as
+the guest's normal traffic, so what stops them is the fabric and the host,
+never the guest's good will.  ``ACTIONS`` maps a name to (help, coroutine).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fabric import hypercall as hc
+from guest.drivers.engine import CMPL_BASE_HI, CMPL_BASE_LO, CMPL_RING_ENTRIES, DOORBELL
+
+
+async def mmio_outside_ept(shell, args: dict) -> dict:
+    """Store to (and load from) a guest-physical address the VMM never mapped for this VM."""
+    addr = int(args.get("addr", 0xF000_0000)) & ~3
+    shell.hw.mmio_write(addr, struct.pack("<I", 0xDEADBEEF))
+    data = await shell.hw.mmio_read(addr, 4)
+    return {"addr": addr, "read": None if data is None else data.hex()}
+
+
+async def dma_outside_memory(shell, args: dict) -> dict:
+    """Point the assigned function's completion ring outside guest RAM and ring it."""
+    inst = _engine(shell)
+    target = int(args.get("addr", shell.kernel.ram.size + 0x10_0000)) & ~0xF
+    w = shell.hw.mmio_write
+    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", target & 0xFFFF_FFFF))
+    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", target >> 32))
+    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
+    w(inst.bar0 + DOORBELL, struct.pack("<I", 0xBAD))
+    # put the ring back so the driver keeps working
+    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", inst.ring & 0xFFFF_FFFF))
+    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", inst.ring >> 32))
+    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", inst.entries))
+    # That work item's record went elsewhere (or nowhere): its sequence number is spent.
+    inst.completed += 1
+    return {"dma_target": target}
+
+
+async def compose_foreign(shell, args: dict) -> dict:
+    """Ask the hypervisor to compose an interrupt for a function this VM does not own."""
+    dev = int(args.get("dev", 0x0100))    # by default the host's own PF, 01:00.0
+    try:
+        v = await shell.hw.hypercall(hc.HC_MSI_COMPOSE, dev, 0x40, 0, 0)
+        return {"ret": 0, "values": v}
+    except hc.HypercallError as exc:
+        return {"ret": exc.ret, "error": str(exc)}
+
+
+def _engine(shell):
+    engines = shell.engines()
+    if not engines:
+        raise RuntimeError("this guest has no assigned function to misuse")
+    return engines[0]
+
+
+ACTIONS = {
+    "mmio-outside-ept": ("store/load to a guest-physical address outside the VM's EPT", mmio_outside_ept),
+    "dma-outside-memory": ("make the assigned device DMA outside the VM's memory", dma_outside_memory),
+    "compose-foreign": ("hypercall: compose an interrupt for a device the VM does not own", compose_foreign),
+}
