@@ -5,6 +5,9 @@
     python launch.py run topo.toml         # a topology file
     python launch.py run --json            # the report as JSON on stdout
     python launch.py show-default          # print the built-in topology (a starting point)
+    python launch.py run --hold            # keep the topology running after the report, then:
+    python launch.py views [--runtime DIR] [g1 ...]   # kernel-style views of a running OS
+    python launch.py ctl [--runtime DIR] PEER OP [JSON]   # any control request
 
 Exit status: 0 when every interrupt sent was delivered (and nothing broke
 isolation or ordering), 1 when the run completed but something was lost, 2 for
@@ -38,11 +41,85 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--per-function", type=int, metavar="N", help="override workload.per_function")
     run.add_argument("--inflight", type=int, metavar="N", help="override workload.inflight")
     run.add_argument("--views", action="store_true",
-                     help="also print the host's /proc/interrupts, irq-domain hierarchy and lspci -vv")
+                     help="also print every OS's /proc/interrupts, irq-domain hierarchy and lspci -vv")
+    run.add_argument("--hold", action="store_true",
+                     help="keep the topology running after the report until Ctrl-C (for 'views' and 'ctl')")
     run.add_argument("--keep-runtime", action="store_true",
                      help="keep the runtime directory (process logs, configs) and print its path")
     sub.add_parser("show-default", help="print the built-in default topology (TOML)")
+    views = sub.add_parser("views", help="print kernel-style views from a running topology ('run --hold')")
+    views.add_argument("oses", nargs="*", help="host and/or guest names (default: all)")
+    views.add_argument("--runtime", help="the running topology's runtime directory (default: the newest)")
+    views.add_argument("--only", choices=("interrupts", "domains", "lspci", "dmesg", "faults", "irt"),
+                       help="print just one view")
+    ctl = sub.add_parser("ctl", help="send one control request to a process of a running topology")
+    ctl.add_argument("peer", help="fabric, host, a device or a guest name")
+    ctl.add_argument("op", help="operation, e.g. counters, stats, views, vms, hostile")
+    ctl.add_argument("args", nargs="?", default="{}", help="JSON object of arguments")
+    ctl.add_argument("--runtime", help="the running topology's runtime directory (default: the newest)")
     return ap
+
+
+def _newest_runtime() -> str | None:
+    import glob
+    import os
+    import tempfile
+    cands = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "irqlab-*"))
+             if os.path.exists(os.path.join(d, "launcher.sock"))]
+    return max(cands, key=os.path.getmtime) if cands else None
+
+
+def _print_views(console, name: str, views: dict, only: str | None = None) -> None:
+    sections = (("interrupts", "/proc/interrupts", "proc_interrupts"), ("domains", "irq domains", "domains"),
+                ("lspci", "lspci -vv", "lspci"), ("dmesg", "dmesg", "dmesg"))
+    for key, title, field in sections:
+        if only and only != key:
+            continue
+        console.print(f"[bold]== {name}: {title} ==[/]")
+        console.print(views.get(field, "").rstrip() or "(empty)", markup=False, highlight=False)
+
+
+def _console():
+    from rich.console import Console
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a pipe or a file: don't fold tables and views at 80 columns
+    return console
+
+
+def _remote(args) -> int:
+    import json
+    from irqlab.lab import LabError, control_request
+    console = _console()
+    runtime = args.runtime or _newest_runtime()
+    if runtime is None:
+        print("launch.py: no running topology found; start one with 'launch.py run --hold' "
+              "or pass --runtime DIR", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.cmd == "ctl":
+            try:
+                cargs = json.loads(args.args)
+            except json.JSONDecodeError as exc:
+                print(f"launch.py: ctl arguments are not JSON: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            if not isinstance(cargs, dict):
+                print("launch.py: ctl arguments must be a JSON object", file=sys.stderr)
+                return EXIT_USAGE
+            print(json.dumps(control_request(runtime, args.peer, args.op, cargs), indent=2, default=str))
+            return EXIT_OK
+        oses = args.oses or ["host"] + sorted(control_request(runtime, "host", "vms"))
+        if args.only in ("faults", "irt"):
+            res = control_request(runtime, "fabric", args.only)
+            lines = res["lines"] if args.only == "faults" else res
+            console.print("\n".join(lines) or "(none)", markup=False, highlight=False)
+            return EXIT_OK
+        for name in oses:
+            _print_views(console, name, control_request(runtime, name, "views"), args.only)
+    except LabError as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return EXIT_LAB
+    return EXIT_OK
 
 
 async def _run(args, console) -> int:
@@ -75,10 +152,24 @@ async def _run(args, console) -> int:
             await lab.start()
             n = sum(1 + d.vfs for d in topo.devices)
             per = topo.workload.per_function if args.per_function is None else args.per_function
-            progress(f"booted: {lab.boot_info.get('cpuid')}; {len(lab.boot_info.get('functions', []))} "
-                     f"functions; running {per:,} interrupts on each of {n} functions")
+            progress(f"booted: host {lab.boot_info.get('cpuid')}, {len(topo.guests)} guests; "
+                     f"running {per:,} interrupts on each of {n} functions")
             report = await lab.run_workload(per_function=args.per_function, inflight=args.inflight)
-            views = await lab.call("host", "views") if args.views else None
+            views = {}
+            if args.views:
+                for name in ["host"] + [g.name for g in topo.guests]:
+                    views[name] = await lab.call(name, "views")
+            if args.hold:
+                rc = _show(args, console, report, views)
+                print(f"launch.py: holding the topology; runtime {lab.runtime}\n"
+                      f"  python launch.py views --runtime {lab.runtime} [host|guest ...]\n"
+                      f"  python launch.py ctl --runtime {lab.runtime} fabric counters\n"
+                      f"Ctrl-C stops it.", file=sys.stderr, flush=True)
+                try:
+                    await lab.serve_control()
+                except asyncio.CancelledError:
+                    print("launch.py: stopping the topology", file=sys.stderr)
+                return rc
         except LabError as exc:
             print(f"launch.py: {exc}", file=sys.stderr)
             return EXIT_LAB
@@ -92,20 +183,22 @@ async def _run(args, console) -> int:
         if status is not None and status.value != "polite":
             print(f"launch.py: processes had to be {status.value}", file=sys.stderr)
 
+    return _show(args, console, report, views)
+
+
+def _show(args, console, report: dict, views: dict) -> int:
     if args.json:
         for r in report["functions"]:
             r.pop("hist", None)
+        if views:
+            report["views"] = views
         json.dump(report, sys.stdout, indent=2, default=str)
         print()
     else:
+        from irqlab.report import render
         render(report, console)
-        if views:
-            console.print("\n[bold]/proc/interrupts (host)[/]")
-            console.print(views["proc_interrupts"], markup=False, highlight=False)
-            console.print("[bold]irq domains (host)[/]")
-            console.print(views["domains"], markup=False, highlight=False)
-            console.print("[bold]lspci -vv (host)[/]")
-            console.print(views["lspci"], markup=False, highlight=False)
+        for name, v in views.items():
+            _print_views(console, name, v)
     return EXIT_OK if report["ok"] else EXIT_LOST
 
 
@@ -114,14 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run"] + argv
     args = _parser().parse_args(argv)
+    if args.cmd in ("views", "ctl"):
+        return _remote(args)
     if args.cmd == "show-default":
         import importlib.resources
         sys.stdout.write(importlib.resources.files("irqlab").joinpath("default_topology.toml").read_text())
         return EXIT_OK
-    from rich.console import Console
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # a pipe or a file: don't fold the table at 80 columns
+    console = _console()
 
     from fabric.loop import run
     rc = EXIT_LAB

@@ -399,6 +399,40 @@ class Lab:
         self.shutdown_status = status if self.children else None
         return self.shutdown_status
 
+    # ------------------------------------------------------------------
+    # the launcher's own control socket (``launch.py ctl`` / ``views`` from another shell)
+
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.runtime}/launcher.sock"
+
+    async def serve_control(self) -> None:
+        """Relay requests from ``ipc://<runtime>/launcher.sock`` to the topology until cancelled.
+
+        A request is msgpack ``[peer, op, args]``; the answer ``[ok, result]``.  The socket
+        lives in the 0700 runtime directory, so only this user can reach it.
+        """
+        import msgpack
+        import zmq
+        import zmq.asyncio
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.control_endpoint())
+        try:
+            while True:
+                ident, _, body = await sock.recv_multipart()
+                try:
+                    peer, op, args = msgpack.unpackb(body, raw=False)
+                    result = [True, await self.call(str(peer), str(op), dict(args or {}))]
+                except (LabError, ValueError, TypeError) as exc:
+                    result = [False, str(exc)]
+                except Exception as exc:  # a malformed request must not stop the relay
+                    result = [False, f"{type(exc).__name__}: {exc}"]
+                await sock.send_multipart([ident, b"", msgpack.packb(result, use_bin_type=True)])
+        finally:
+            sock.close(0)
+            ctx.term()
+
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.children.values()]
 
@@ -489,3 +523,30 @@ def build_report(topo: Topology, results: dict, before: dict, after: dict, fabri
             "elapsed_s": elapsed, "functions": rows, "oses": oses, "host": oses.get("host", {}),
             "total_sent": total_sent, "total_delivered": total_delivered,
             "fabric": fabric, "faults": faults, "vms": vms or {}}
+
+
+def control_request(runtime: str, peer: str, op: str, args: dict | None = None, timeout: float = 30.0):
+    """Ask a running ``launch.py run --hold`` topology (by its runtime directory) one question."""
+    import msgpack
+    import zmq
+    path = os.path.join(runtime, "launcher.sock")
+    if not os.path.exists(path):
+        raise LabError(f"no running topology at {runtime} (no launcher.sock); start one with "
+                       f"'launch.py run --hold'")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
+    try:
+        sock.connect(f"ipc://{path}")
+        sock.send(msgpack.packb([peer, op, args or {}], use_bin_type=True))
+        try:
+            ok, result = msgpack.unpackb(sock.recv(), raw=False)
+        except zmq.Again:
+            raise LabError(f"the launcher at {runtime} did not answer within {timeout:.0f} s") from None
+    finally:
+        sock.close(0)
+        ctx.term()
+    if not ok:
+        raise LabError(str(result))
+    return result

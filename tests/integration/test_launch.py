@@ -155,3 +155,36 @@ async def test_sigkilled_launcher_takes_its_topology_with_it():
     await proc.wait()
     for pid in kids:
         await wait_exit(pid, 30)
+
+
+async def test_hold_then_views_and_ctl_from_another_command():
+    proc = await asyncio.create_subprocess_exec(*LAUNCH, "run", "--hold", "--per-function", "100",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                cwd=ROOT)
+    runtime, seen = None, []
+    try:
+        async with asyncio.timeout(120):
+            while runtime is None:
+                line = (await proc.stderr.readline()).decode()
+                seen.append(line)
+                assert line, "".join(seen)
+                if "holding the topology; runtime " in line:
+                    runtime = line.rsplit(" ", 1)[1].strip()
+        rc, out, err = await run_launch("views", "--runtime", runtime, "g1", "--only", "domains")
+        assert rc == 0, err
+        assert "== g1: irq domains ==" in out and "PCI-MSIX-0000:00:03.0" in out, out
+        rc, out, err = await run_launch("views", "--runtime", runtime)
+        assert rc == 0, err
+        for name in ("host", "g1", "g2"):
+            assert f"== {name}: /proc/interrupts ==" in out and f"== {name}: lspci -vv ==" in out, out
+        rc, out, err = await run_launch("ctl", "--runtime", runtime, "fabric", "counters")
+        assert rc == 0 and json.loads(out)["injected"] == 200, (out, err)
+        rc, out, err = await run_launch("ctl", "--runtime", runtime, "nobody", "stats")
+        assert rc == 3 and "no such peer 'nobody'" in err, err
+        rc, out, err = await run_launch("ctl", "--runtime", runtime, "host", "stats", "[1]")
+        assert rc == 2 and "must be a JSON object" in err, err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            await proc.wait()
+    assert not os.path.exists(runtime)
