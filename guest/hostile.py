@@ -51,6 +51,12 @@ async def compose_foreign(shell, args: dict) -> dict:
         return {"ret": exc.ret, "error": str(exc)}
 
 
+async def hypercall_raw(shell, args: dict) -> dict:
+    """Issue a hypercall exactly as given (any number, any arguments, even malformed ones)."""
+    result = await shell.hw.vmexit("hypercall", {"nr": args.get("nr"), "a": args.get("a", [])})
+    return result if isinstance(result, dict) else {"result": result}
+
+
 def _engine(shell):
     engines = shell.engines()
     if not engines:
@@ -62,4 +68,5 @@ ACTIONS = {
     "mmio-outside-ept": ("store/load to a guest-physical address outside the VM's EPT", mmio_outside_ept),
     "dma-outside-memory": ("make the assigned device DMA outside the VM's memory", dma_outside_memory),
     "compose-foreign": ("hypercall: compose an interrupt for a device the VM does not own", compose_foreign),
+    "hypercall-raw": ("issue a hypercall with arbitrary number and arguments", hypercall_raw),
 }

@@ -112,3 +112,27 @@ async def test_hostile_guest_is_refused_and_nobody_loses_anything(start_lab):
     dma = report["faults"]["by_source"]["01:00.1"]
     assert dma == {"0x05": 1}, report["faults"]
     assert report["fabric"]["ept:violation"] == 2
+
+
+async def test_hostile_hypercalls_get_error_codes(start_lab):
+    lab = await start_lab(ims_row("kvm"))
+    raw = lambda nr, a: lab.call("g1", "hostile", {"action": "hypercall-raw", "nr": nr, "a": a})
+    assert (await raw(0, [])) == {"ret": 0, "v": [1, 1]}                   # version 1, compose available
+    assert (await raw(99, []))["ret"] == -1000                             # -KVM_ENOSYS
+    assert (await raw(1, [0x18, 0x05, 0, 0]))["ret"] == -22                # vector below 0x20
+    assert (await raw(1, [0x18, 0x40, 7, 0]))["ret"] == -22                # no vCPU with APIC ID 7
+    assert (await raw(1, [0x20, 0x40, 0, 0]))["ret"] == -1                 # 00:04.0 is not g1's
+    assert (await raw(1, [0x18]))["ret"] == -22                            # too few arguments
+    assert (await raw("x", [1]))["ret"] == -22                             # not even a number
+    assert (await raw(1, [1, 2, 3, 4, 5]))["ret"] == -22                   # too many arguments
+    assert (await raw(2, [0x18, 12345]))["ret"] == -1                      # free of a foreign handle
+    ok = await raw(1, [0x18, 0x41, 0, 3])
+    assert ok["ret"] == 0 and len(ok["v"]) == 4 and ok["v"][0] >> 20 == 0xFEE and ok["v"][0] & 0x10
+    assert (await raw(2, [0x18, ok["v"][3]]))["ret"] == 0
+    # quota: 64 live composes per VM, then -ENOSPC; the guest keeps working afterwards
+    rets = [(await raw(1, [0x18, 0x42, 0, 0]))["ret"] for _ in range(64)]
+    assert rets.count(0) == 63 and rets[-1] == -28, rets    # one compose is the driver's own
+    report = await lab.run_workload(per_function=200, inflight=4)
+    assert all(r["outcome"] == "delivered" for r in report["functions"]), report["functions"]
+    vms = await lab.call("host", "vms")
+    assert vms["g1"]["refused_total"] >= 8
