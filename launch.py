@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     run.add_argument("--per-function", type=int, metavar="N", help="override workload.per_function")
     run.add_argument("--inflight", type=int, metavar="N", help="override workload.inflight")
+    run.add_argument("--rate", type=float, metavar="R", help="override workload.rate (doorbells/s per function)")
     run.add_argument("--views", action="store_true",
                      help="also print every OS's /proc/interrupts, irq-domain hierarchy and lspci -vv")
     run.add_argument("--hold", action="store_true",
@@ -133,6 +134,9 @@ async def _run(args, console) -> int:
     except TopologyError as exc:
         print(f"launch.py: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.rate is not None and not args.rate >= 0:
+        print("launch.py: --rate must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
     for opt in ("per_function", "inflight"):
         v = getattr(args, opt)
         if v is not None and v < (0 if opt == "per_function" else 1):
@@ -154,7 +158,8 @@ async def _run(args, console) -> int:
             per = topo.workload.per_function if args.per_function is None else args.per_function
             progress(f"booted: host {lab.boot_info.get('cpuid')}, {len(topo.guests)} guests; "
                      f"running {per:,} interrupts on each of {n} functions")
-            report = await lab.run_workload(per_function=args.per_function, inflight=args.inflight)
+            report = await lab.run_workload(per_function=args.per_function, inflight=args.inflight,
+                                            rate=args.rate)
             views = {}
             if args.views:
                 for name in ["host"] + [g.name for g in topo.guests]:

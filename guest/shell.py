@@ -119,15 +119,18 @@ class OsShell:
         inflight = int(args.get("inflight", 32))
         timeout_s = float(args.get("timeout_s", 120))
         stall_s = float(args.get("stall_s", 0) or 0)
-        if per_function < 0 or inflight < 1 or timeout_s <= 0:
-            raise ValueError("per_function >= 0, inflight >= 1 and timeout_s > 0 are required")
+        rate = float(args.get("rate", 0) or 0)
+        if per_function < 0 or inflight < 1 or timeout_s <= 0 or rate < 0:
+            raise ValueError("per_function >= 0, inflight >= 1, timeout_s > 0 and rate >= 0 are required")
         if self.workload is not None and not self.workload.finished:
             raise RuntimeError("a workload is already running")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         t0 = time.monotonic()
         self.workload = wl = Workload.start(self.engines(), per_function, inflight,
-                                            on_finished=lambda: done.done() or done.set_result(True))
+                                            on_finished=lambda: done.done() or done.set_result(True),
+                                            rate=rate)
+        pacer = loop.create_task(self._pace(wl, done)) if rate else None
         timed_out = stalled = False
         deadline = t0 + timeout_s
         while not done.done():
@@ -149,9 +152,19 @@ class OsShell:
                 if wl.completed() == progress:
                     stalled = True
                     break
+        if pacer is not None:
+            pacer.cancel()
         wl.detach()
         return {"timed_out": timed_out, "stalled": stalled, "elapsed_s": time.monotonic() - t0,
                 "functions": wl.report(), "os": self.counters()}
+
+    @staticmethod
+    async def _pace(wl: Workload, done: asyncio.Future) -> None:
+        """The timer of a paced workload: ring what is due, sleep until the next is."""
+        while not done.done():
+            now = time.monotonic_ns()
+            nxt = wl.tick(now)
+            await asyncio.sleep(max(nxt - time.monotonic_ns(), 0) / 1e9)
 
     def counters(self) -> dict:
         k = self.kernel

@@ -3,8 +3,10 @@ what comes back.
 
 Closed loop per function: ``inflight`` doorbells are outstanding at any time;
 each completion the interrupt handler consumes rings the next one, until
-``per_function`` work items have completed.  Pure and synchronous; the shell
-awaits ``done``.
+``per_function`` work items have completed.  With a ``rate`` (work items per
+second per function) doorbells are paced instead: the shell calls ``tick(now)``
+from a timer, which rings what is due, never more than ``inflight`` outstanding.
+Pure and synchronous; the shell awaits ``done``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class FunctionRun:
     interrupts_start: int = 0
     t_first: int = 0
     t_last: int = 0
+    next_due: int = 0        # paced runs: when the next doorbell is due (monotonic ns)
 
 
 @dataclass
@@ -59,11 +62,13 @@ class Workload:
     t_start: int = 0
     on_finished: object = None
     finished: bool = False
+    interval_ns: int = 0     # 0: closed loop; else one doorbell per interval per function
 
     @classmethod
     def start(cls, instances: list[EngineInstance], per_function: int, inflight: int,
-              on_finished=None) -> "Workload":
-        wl = cls(on_finished=on_finished, t_start=time.monotonic_ns())
+              on_finished=None, rate: float = 0.0) -> "Workload":
+        wl = cls(on_finished=on_finished, t_start=time.monotonic_ns(),
+                 interval_ns=int(1e9 / rate) if rate > 0 else 0)
         for inst in instances:
             run = FunctionRun(inst, per_function, inflight, lat_start=len(inst.latencies_ns),
                               arrivals_start=inst.kernel.arrivals.get(inst.irq, 0),
@@ -71,17 +76,34 @@ class Workload:
             wl.runs.append(run)
             inst.on_complete = wl._completion_cb(run)
             inst.on_irq = wl._irq_cb(run)
-        for run in wl.runs:
-            for _ in range(min(run.inflight, run.target)):
-                wl._issue(run)
+        if wl.interval_ns:
+            for run in wl.runs:
+                run.next_due = wl.t_start
+            wl.tick(wl.t_start)
+        else:
+            for run in wl.runs:
+                for _ in range(min(run.inflight, run.target)):
+                    wl._issue(run)
         wl._check_finished()
         return wl
+
+    def tick(self, now: int) -> int:
+        """Paced runs: ring every doorbell due by ``now``; returns when the next one is due."""
+        nxt = now + self.interval_ns
+        for run in self.runs:
+            while (run.issued < run.target and run.next_due <= now
+                   and run.issued - run.done < run.inflight):
+                self._issue(run)
+                run.next_due += self.interval_ns
+            if run.issued < run.target:
+                nxt = min(nxt, max(run.next_due, now + 1))
+        return nxt
 
     def _completion_cb(self, run: FunctionRun):
         def on_complete(inst: EngineInstance, cookie: int) -> None:
             run.done += 1
             run.t_last = time.monotonic_ns()
-            if run.issued < run.target:
+            if run.issued < run.target and not self.interval_ns:
                 self._issue(run)
             elif run.done >= run.target:
                 self._check_finished()

@@ -330,7 +330,8 @@ class Lab:
     # the workload and its report
 
     async def run_workload(self, per_function: int | None = None, inflight: int | None = None,
-                           timeout_s: float | None = None, stall_s: float = 3.0) -> dict:
+                           timeout_s: float | None = None, stall_s: float = 3.0,
+                           rate: float | None = None) -> dict:
         """Run the workload on the host and every guest at once; join it with the devices' counts.
 
         ``stall_s``: an OS whose completions stop for this long stops waiting (interrupts that
@@ -340,7 +341,7 @@ class Lab:
         args = {"per_function": wl.per_function if per_function is None else per_function,
                 "inflight": wl.inflight if inflight is None else inflight,
                 "timeout_s": wl.timeout_s if timeout_s is None else timeout_s,
-                "stall_s": stall_s}
+                "stall_s": stall_s, "rate": wl.rate if rate is None else rate}
         before = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
         oses = ["host"] + [g.name for g in self.topology.guests if g.name in self.children]
         results = await asyncio.gather(*(self.call(name, "workload.run", args, timeout=args["timeout_s"] + 30)

@@ -92,3 +92,15 @@ async def test_without_ir_affinity_change_rewrites_the_device_entry():
     res = await host.op_workload_run({"per_function": 20, "inflight": 1, "timeout_s": 30})
     assert res["functions"][inst.name]["interrupts"] == 20
     assert k.irq.irq_to_desc(inst.irq).count(target) == 20
+
+
+async def test_paced_workload_rings_at_the_rate_and_never_exceeds_inflight():
+    net, host, _ = await boot()
+    res = await host.op_workload_run({"per_function": 50, "inflight": 2, "rate": 2000, "timeout_s": 30})
+    assert not res["timed_out"]
+    for f in res["functions"].values():
+        assert f["completed"] == 50 and f["interrupts"] == 50
+        # 50 doorbells at 2000/s take at least 49 intervals of 0.5 ms
+        assert f["rate_per_s"] is not None and f["rate_per_s"] <= 2000 * 1.05, f
+    wl = host.workload
+    assert all(r.issued == 50 for r in wl.runs)
