@@ -22,7 +22,6 @@ run); data frames are longer, so the relay tells them apart by length alone.
 from __future__ import annotations
 
 import asyncio
-import base64
 import multiprocessing as mp
 import shutil
 import tempfile
@@ -177,7 +176,7 @@ async def _receiver(endpoint: str, conn, n: int, record: bool, timeout_s: float)
     span = (t_last - t_first) / 1e9
     conn.send({"received": count, "timed_out": timed_out, "span_s": span, "cpu_s": time.process_time() - cpu0,
                "rate_per_s": (count - 1) / span if span > 0 else None,
-               "hist": base64.b64encode(hist.encode()).decode() if hist.get_total_count() else ""})
+               "hist": hist.encode().decode() if hist.get_total_count() else ""})
 
 
 async def _sender(endpoint: str, conn, n: int, rate: float) -> None:
@@ -294,9 +293,9 @@ def latency(rate: float = 2000.0, seconds: float = 5.0, timeout_s: float = 120.0
 
 
 def decode_hist(hist: str) -> HdrHistogram:
-    """The ``hist`` field of a lab report row (and of ours): base64 of ``HdrHistogram.encode()``
-    (which is itself base64 text)."""
-    return HdrHistogram.decode(base64.b64decode(hist))
+    """The ``hist`` field of a lab report row (and of ours): ``HdrHistogram.encode()`` as text
+    (already base64 of the compressed histogram)."""
+    return HdrHistogram.decode(hist.encode() if isinstance(hist, str) else hist)
 
 
 def summary(h: HdrHistogram | None) -> dict:

@@ -77,9 +77,14 @@ async def _run_lab(p: dict, log) -> dict:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)   # so that the Lab's stop() runs
-    return await interrupts.run(per_function=p["lab_per_function"], inflight=p["lab_inflight"],
-                                repeat=p["lab_repeat"], latency_per_function=p["lab_latency_per_function"],
-                                warmup_per_function=p["lab_warmup_per_function"], progress=log)
+    out = await interrupts.run(per_function=p["lab_per_function"], inflight=p["lab_inflight"],
+                               repeat=p["lab_repeat"], latency_per_function=p["lab_latency_per_function"],
+                               warmup_per_function=p["lab_warmup_per_function"], progress=log)
+    out["injection"] = await interrupts.run_injection(
+        per_function=p["lab_per_function"], inflight=p["lab_inflight"],
+        latency_per_function=p["lab_latency_per_function"],
+        warmup_per_function=p["lab_warmup_per_function"], progress=log)
+    return out
 
 
 def run_lab(p: dict, log) -> dict:
@@ -128,10 +133,17 @@ def render(res: dict, console) -> None:
         t.add_row(f"one-way latency {name} µs", f"{rl[k]:,.0f}", f"{ll[k]:,.0f}", "-" if r is None else f"{r:.2f}")
     rc, lc = relay["throughput"]["cpu_us_per_msg"], lab["saturation"]["cpu_us_per_interrupt"]
     r = q["fabric_cpu_per_frame_vs_relay"]
-    t.add_row("relay|fabric CPU µs per frame", f"{rc['relay']:.2f}",
-              "-" if lc.get("fabric") is None else f"{lc['fabric'] / FABRIC_FRAMES_PER_INTERRUPT:.2f}", "-" if r is None else f"{r:.2f}")
+    fabric = "-" if lc.get("fabric") is None else f"{lc['fabric'] / FABRIC_FRAMES_PER_INTERRUPT:.2f}"
+    t.add_row("relay|fabric CPU µs per frame", f"{rc['relay']:.2f}", fabric, "-" if r is None else f"{r:.2f}")
     t.add_row("  rate in the latency run (/s)", f"{relay['latency']['rate_per_s']:,.0f}",
               f"{lab['latency']['rate_per_s']:,.0f}", "")
+    inj = lab.get("injection")
+    if inj:
+        it, il = inj["saturation"]["rate_per_s"], inj["latency"]["latency"]
+        t.add_row("injection path (-> host -> guest): interrupts/s", f"{rt:,.0f}", f"{it:,.0f}", f"{it / rt:.3f}")
+        for k, name in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+            t.add_row(f"  injection one-way latency {name} µs", f"{rl[k]:,.0f}", f"{il[k]:,.0f}",
+                      f"{il[k] / rl[k]:.2f}" if rl[k] else "-")
     t.add_row("  samples", f"{rl['count']:,}", f"{ll['count']:,}", "")
     console.print(t)
     console.print("CPU µs per message, relay run: " + ", ".join(f"{k} {v:.2f}" for k, v in rc.items())
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     load = os.getloadavg()[0]
     if load > 0.5:
-        log(f"[yellow]load average is {load:.2f}: something else is running; the figures will be noisy[/]")
+        log(f"[yellow]the machine is busy (load average {load:.2f}): the figures will be noisy[/]")
     res = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "mode": "quick" if args.quick else "full", "params": p, "machine": _machine()}
     try:

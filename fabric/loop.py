@@ -24,6 +24,13 @@ import zmq
 #: How many frames one wake-up drains before yielding to other callbacks.
 DRAIN_BATCH = 512
 
+# pyzmq 27 flags are enum members: OR-ing them builds a new object per call.  The hot
+# paths use these precomputed plain ints instead.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_SNDMORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
 
 class SocketReader:
     """Calls ``on_frames(parts)`` for every multipart message a socket receives."""
@@ -55,14 +62,14 @@ class SocketReader:
         try:
             for _ in range(DRAIN_BATCH):
                 try:
-                    parts = recv(zmq.NOBLOCK)
+                    parts = recv(_NOBLOCK)
                 except zmq.Again:
                     break
                 on_message(parts)
             else:
                 self._schedule()  # more may be queued: yield, then continue
                 return
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if sock.getsockopt(_EVENTS) & _POLLIN:
                 self._schedule()
         except zmq.ZMQError:
             if not sock.closed:
@@ -114,10 +121,10 @@ class QueuedSender:
         sock = self._sock
         try:
             if self._router:
-                sock.send(key, zmq.NOBLOCK | zmq.SNDMORE)
-                sock.send(frame, zmq.NOBLOCK)
+                sock.send(key, _NOBLOCK_SNDMORE)
+                sock.send(frame, _NOBLOCK)
             else:
-                sock.send(frame, zmq.NOBLOCK)
+                sock.send(frame, _NOBLOCK)
             return True
         except zmq.Again:
             return False

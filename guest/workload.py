@@ -11,7 +11,6 @@ Pure and synchronous; the shell awaits ``done``.
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass, field
 
@@ -162,6 +161,7 @@ class Workload:
                 "record_missing": inst.record_missing,
                 "rate_per_s": r.done / span if span > 0 else None,
                 "latency": latency_summary(h),
-                "hist": base64.b64encode(h.encode()).decode() if h.get_total_count() else "",
+                # HdrHistogram.encode() is already base64 text (compressed V2 encoding)
+                "hist": h.encode().decode() if h.get_total_count() else "",
             }
         return out

@@ -331,11 +331,12 @@ class Lab:
 
     async def run_workload(self, per_function: int | None = None, inflight: int | None = None,
                            timeout_s: float | None = None, stall_s: float = 3.0,
-                           rate: float | None = None) -> dict:
+                           rate: float | None = None, oses: list[str] | None = None) -> dict:
         """Run the workload on the host and every guest at once; join it with the devices' counts.
 
         ``stall_s``: an OS whose completions stop for this long stops waiting (interrupts that
-        never arrive are what some matrix rows are about); the report says so.
+        never arrive are what some matrix rows are about); the report says so.  ``oses``
+        restricts the run to some of the OSes (default: the host and every guest).
         """
         wl = self.topology.workload
         args = {"per_function": wl.per_function if per_function is None else per_function,
@@ -343,7 +344,8 @@ class Lab:
                 "timeout_s": wl.timeout_s if timeout_s is None else timeout_s,
                 "stall_s": stall_s, "rate": wl.rate if rate is None else rate}
         before = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
-        oses = ["host"] + [g.name for g in self.topology.guests if g.name in self.children]
+        if oses is None:
+            oses = ["host"] + [g.name for g in self.topology.guests if g.name in self.children]
         results = await asyncio.gather(*(self.call(name, "workload.run", args, timeout=args["timeout_s"] + 30)
                                          for name in oses))
         after = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
