@@ -14,13 +14,15 @@ message write leaves the slot masked until unmask.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from guest.irq.domain import (DomainBusToken, IrqChip, IrqData, IrqDomain, IrqDomainFlags,
-                              IrqDomainOps, MsiMsg, NoSpaceError, NotSupportedError,
-                              irq_chip_compose_msi_msg, irq_domain_alloc_irqs_parent,
+from guest.irq.domain import (DomainBusToken, IrqAllocInfo, IrqChip, IrqData, IrqDomain,
+                              IrqDomainFlags, IrqDomainOps, IrqError, MsiMsg, NoSpaceError,
+                              NotSupportedError, irq_chip_compose_msi_msg,
+                              irq_domain_alloc_irqs_parent,
                               irq_domain_free_irqs_parent, irq_domain_get_irq_data,
                               irq_domain_reset_irq_data, irq_domain_set_hwirq_and_chip)
 
@@ -71,6 +73,15 @@ class ImsChip(IrqChip):
     # No irq_set_affinity: pci_create_ims_domain forbids it; the parent handles affinity.
 
 
+def _with_hwirq(arg: Any, first: int) -> Any:
+    """``arg`` for the parent, carrying the first slot as ``hwirq``."""
+    if arg is None:
+        return IrqAllocInfo(hwirq=first)
+    if isinstance(arg, IrqAllocInfo) and arg.hwirq != first:
+        return dataclasses.replace(arg, hwirq=first)
+    return arg
+
+
 class ImsDomainOps(IrqDomainOps):
     def alloc(self, domain: IrqDomain, virq: int, nr: int, arg: Any) -> None:
         d: ImsDomain = domain
@@ -79,11 +90,20 @@ class ImsDomainOps(IrqDomainOps):
             first = d.find_free(nr)
         if first + nr > d.hwsize:
             raise NoSpaceError(f"{d.name}: IMS slots {first}..{first + nr - 1} beyond {d.hwsize}")
-        irq_domain_alloc_irqs_parent(domain, virq, nr, arg)
-        for i in range(nr):
-            idx = first + i
-            d.used.add(idx)
-            irq_domain_set_hwirq_and_chip(domain, virq + i, idx, d.chip, ImsSlot(idx, d.slot_addr(idx)))
+        # The parent sees the slot chosen here (Linux msi_set_desc sets arg->hwirq): the HCALL
+        # domain names it in its compose hypercall.
+        irq_domain_alloc_irqs_parent(domain, virq, nr, _with_hwirq(arg, first))
+        added: list[int] = []
+        try:
+            for i in range(nr):
+                idx = first + i
+                irq_domain_set_hwirq_and_chip(domain, virq + i, idx, d.chip, ImsSlot(idx, d.slot_addr(idx)))
+                d.used.add(idx)
+                added.append(idx)
+        except IrqError:
+            d.used.difference_update(added)         # Rule 1: undo, including the parent's alloc
+            irq_domain_free_irqs_parent(domain, virq, nr)
+            raise
 
     def free(self, domain: IrqDomain, virq: int, nr: int) -> None:
         d: ImsDomain = domain
