@@ -71,8 +71,11 @@ _CPLT, _CPLD = int(T.TlpType.CPL), int(T.TlpType.CPL_DATA)
 
 ROOT_COMPLEX_RID = 0x0000
 RC_TAGS = 256
-#: frames a stalled guest may queue while its trapped store is being emulated
-STALL_BACKLOG = 100_000
+#: frames a stalled guest may queue while its trapped store is being emulated (a stalled
+#: vCPU issues nothing; this only bounds what a hostile guest process can pile up: 32 MiB)
+STALL_BACKLOG = 4096
+#: VM exit reasons only the fabric generates (EPT traps and violations); a guest may not claim them
+_FABRIC_EXITS = frozenset({"mmio", "ept_violation"})
 
 
 # In-place header edits for the routing hot path.  ``peek`` has already checked
@@ -93,6 +96,12 @@ def _stamp_request(raw: bytes, off: int, rid: int, tag: int) -> bytes:
     out[off + 5] = rid & 0xFF
     out[off + 6] = tag
     return bytes(out)
+
+
+def _completion_tag(raw: bytes) -> int:
+    """A completion's 10-bit tag (completions carry no prefix)."""
+    b1 = raw[1]
+    return ((b1 & 0x80) << 2) | ((b1 & 0x08) << 5) | raw[10]
 
 
 def _stamp_completion_tag(raw: bytes, tag: int) -> bytes:
@@ -225,6 +234,8 @@ class Fabric:
         self._ctl_seq = 0
         self.counters: Counter = Counter()
         self.src_faults: Counter = Counter()              # (source RID, reason) -> count
+        # DMA reads a guest's RAM owes a completion: (guest identity, requester RID, tag) -> count
+        self._guest_reads: Counter = Counter()
         # hot counters as attributes
         self.tlps = 0
         self.irqs_delivered = 0
@@ -272,7 +283,10 @@ class Fabric:
             self._unregistered(identity, frame)
             return
         if peer.stalled:
-            if len(peer.backlog) >= STALL_BACKLOG:
+            if len(frame) > wire.MAX_DATA_FRAME:       # only guests stall: drop it now, not queue it
+                peer.rx += 1
+                self._drop(peer, "oversized")
+            elif len(peer.backlog) >= STALL_BACKLOG:
                 self._drop(peer, "stall_backlog_full")
             else:
                 peer.backlog.append(frame)
@@ -440,6 +454,8 @@ class Fabric:
                 if not write:
                     self._ur_to_device(peer, raw)
                 return
+            if not write and owner.spec.role == "guest":
+                self._guest_reads[(owner.identity, rid, _request_tag(raw, off))] += 1
             if res.local_addr != addr:
                 raw = _readdress(raw, off, ftype, res.local_addr)
             self.send(owner.identity, wire.tlp(raw))
@@ -555,7 +571,17 @@ class Fabric:
         ftype, off, rid, addr = T.peek(raw)
         self.tlps += 1
         if ftype == _CPLT or ftype == _CPLD:
-            # The guest's RAM answering a DMA read of its assigned device.
+            # The guest's RAM answering a DMA read of its assigned device -- one that was sent to
+            # this guest; anything else would let it forge data into another port's reads.
+            key = (peer.identity, rid, _completion_tag(raw))
+            pending = self._guest_reads.get(key)
+            if not pending:
+                self._drop(peer, "unexpected_completion")
+                return
+            if pending == 1:
+                del self._guest_reads[key]
+            else:
+                self._guest_reads[key] = pending - 1
             dest = self.bus_owner[(rid >> 8) & 0xFF]
             if dest is None:
                 self._drop(peer, "unroutable_completion")
@@ -566,6 +592,9 @@ class Fabric:
         if not (write or ftype == _MRD32 or ftype == _MRD64) or off:
             self._drop(peer, "unauthorized")   # config space is reached through VM exits only
             return
+        if not write:
+            # A read nobody can parse is never completed: it would leak a root-complex tag.
+            T.Tlp.unpack(raw)
         size = len(raw) - off - (16 if ftype == _MWR64 else 12) if write else _request_bytes(raw, off)
         ept = self.epts.get(peer.name)
         hit = ept.lookup(addr, size) if ept is not None else None
@@ -594,7 +623,8 @@ class Fabric:
                 peer.stalled = seq
                 if peer.backlog is None:
                     peer.backlog = deque()
-                self.send(host.identity, wire.vmexit(peer.name, seq, "mmio", {"tlp": raw}))
+                stamped = _stamp_requester(raw, off, ROOT_COMPLEX_RID)
+                self.send(host.identity, wire.vmexit(peer.name, seq, "mmio", {"tlp": stamped}))
             elif self._rc_free:
                 tag = self._rc_free.pop()
                 self._rc_tags[tag] = (peer, _request_tag(raw, off), host)
@@ -615,6 +645,11 @@ class Fabric:
         _, _vm, seq, reason, args = msg
         if type(seq) is not int or type(reason) is not str or type(args) is not dict:
             raise wire.WireError("VMEXIT fields have the wrong types")
+        if seq < 0 or reason in _FABRIC_EXITS:
+            # Negative seqs and EPT exits are the fabric's: a forged "mmio" exit would get the
+            # host to complete another guest's trapped read, a negative seq end a trapped store.
+            self._drop(peer, "spoofed_exit")
+            return
         if self.host is None:
             self._drop(peer, "no_host")
             return

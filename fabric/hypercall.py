@@ -34,6 +34,11 @@ NAMES = {HC_QUERY_FEATURES: "QUERY_FEATURES", HC_MSI_COMPOSE: "MSI_COMPOSE", HC_
 #: features bitmap returned by HC_QUERY_FEATURES
 FEAT_MSI_COMPOSE = 1 << 0
 
+#: HC_MSI_COMPOSE cookie: bits 15:0 the slot index, bit 16 set when the message will be
+#: stored in a memory-kind IMS (queue context in guest RAM, fetched by the device)
+COOKIE_SLOT_MASK = 0xFFFF
+COOKIE_MEMORY = 1 << 16
+
 # Return codes: KVM's (include/uapi/linux/kvm_para.h), negated by the callee.
 KVM_ENOSYS = 1000
 KVM_EFAULT = errno.EFAULT

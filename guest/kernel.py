@@ -214,14 +214,33 @@ class Kernel:
 
     # -- IMS -----------------------------------------------------------------
 
-    def create_ims_domain(self, dev: PciDev, hwsize: int, slot_addr: Callable[[int], int]) -> ImsDomain:
-        """``pci_create_ims_domain``: a per-device IMS domain, or DomainCreationError saying why not."""
-        name = f"IMS-{dev.name}"
+    def create_ims_domain(self, dev: PciDev, hwsize: int, slot_addr: Callable[[int], int],
+                          kind: str = "device", store=None) -> ImsDomain:
+        """``pci_create_ims_domain`` (2022; ``pci_subdevice_msi_create_irq_domain`` in 2020): a
+        per-device IMS domain, or DomainCreationError saying why not.
+
+        ``store`` writes the slots (the MMIO path for ``device`` kind; a RAM writer for
+        ``memory`` kind).  Whether the device *has* IMS is the caller's capability check
+        (``PciBus.ims_supported``); this decides whether the platform can compose for it.
+        """
+        name = f"IMS-{'MEM-' if kind == 'memory' else ''}{dev.name}"
         if self.ims_parent is None:
             raise DomainCreationError(name, self.ims_refusal or "no MSI parent domain supports IMS")
         if hwsize <= 0:
             raise DomainCreationError(name, "the device reports no IMS slots")
-        return ImsDomain(self.ims_parent, dev.name, hwsize, slot_addr, self.hw)
+        return ImsDomain(self.ims_parent, dev.name, hwsize, slot_addr, store or self.hw, kind)
+
+    def ram_store(self):
+        """A store for memory-kind IMS: plain writes into this OS's RAM."""
+        ram = self.ram
+
+        class _RamStore:
+            def mmio_write(self, addr: int, data: bytes) -> None:
+                if not ram.write(addr, data):
+                    raise MemoryError(f"IMS slot at 0x{addr:x} outside RAM")
+        return _RamStore()
+
+    pci_create_ims_domain = create_ims_domain
 
     async def alloc_ims(self, domain: ImsDomain, dev: PciDev, nr: int = 1) -> list[int]:
         """Allocate ``nr`` IMS irqs and run the domains' async prepare (compose hypercalls)."""

@@ -70,10 +70,13 @@ class HcallDomainOps(IrqDomainOps):
     def alloc(self, domain: IrqDomain, virq: int, nr: int, arg: Any) -> None:
         dev = getattr(arg, "dev", None)
         first = getattr(arg, "hwirq", None) or 0
+        extra = getattr(arg, "extra", None) or {}
+        # cookie: the slot index, bit 16 set for a memory-kind store (docs/hypercalls.md)
+        kind = hc.COOKIE_MEMORY if extra.get("ims_kind") == "memory" else 0
         irq_domain_alloc_irqs_parent(domain, virq, nr, arg)
         for i in range(nr):
             irq_domain_set_hwirq_and_chip(domain, virq + i, virq + i, domain.chip,
-                                          HcallData(getattr(dev, "rid", 0), first + i))
+                                          HcallData(getattr(dev, "rid", 0), (first + i) | kind))
 
     def free(self, domain: IrqDomain, virq: int, nr: int) -> None:
         d: HcallDomain = domain

@@ -73,12 +73,12 @@ class ImsChip(IrqChip):
     # No irq_set_affinity: pci_create_ims_domain forbids it; the parent handles affinity.
 
 
-def _with_hwirq(arg: Any, first: int) -> Any:
-    """``arg`` for the parent, carrying the first slot as ``hwirq``."""
+def _with_hwirq(arg: Any, first: int, kind: str = "device") -> Any:
+    """``arg`` for the parent, carrying the first slot as ``hwirq`` and the store's kind."""
     if arg is None:
-        return IrqAllocInfo(hwirq=first)
-    if isinstance(arg, IrqAllocInfo) and arg.hwirq != first:
-        return dataclasses.replace(arg, hwirq=first)
+        return IrqAllocInfo(hwirq=first, extra={"ims_kind": kind})
+    if isinstance(arg, IrqAllocInfo):
+        return dataclasses.replace(arg, hwirq=first, extra={**arg.extra, "ims_kind": kind})
     return arg
 
 
@@ -92,7 +92,7 @@ class ImsDomainOps(IrqDomainOps):
             raise NoSpaceError(f"{d.name}: IMS slots {first}..{first + nr - 1} beyond {d.hwsize}")
         # The parent sees the slot chosen here (Linux msi_set_desc sets arg->hwirq): the HCALL
         # domain names it in its compose hypercall.
-        irq_domain_alloc_irqs_parent(domain, virq, nr, _with_hwirq(arg, first))
+        irq_domain_alloc_irqs_parent(domain, virq, nr, _with_hwirq(arg, first, d.kind))
         added: list[int] = []
         try:
             for i in range(nr):
@@ -122,12 +122,21 @@ class ImsDomainOps(IrqDomainOps):
 
 
 class ImsDomain(IrqDomain):
-    """``<prefix>IMS-<dev>``: a device's IMS slots (``DOMAIN_BUS_PCI_DEVICE_IMS``)."""
+    """``<prefix>IMS-<dev>``: a device's IMS slots (``DOMAIN_BUS_PCI_DEVICE_IMS``).
+
+    ``kind`` is the store: ``"device"`` (slots in a BAR page, written with MMIO stores)
+    or ``"memory"`` (slots in a queue context in this OS's RAM, written with plain
+    stores — ``mmio`` is then a RAM writer; the device fetches them by DMA).  Memory
+    domains are named ``<prefix>IMS-MEM-<dev>``.
+    """
 
     def __init__(self, parent: IrqDomain, dev_name: str, hwsize: int, slot_addr: Callable[[int], int],
-                 mmio: MmioOps):
+                 mmio: MmioOps, kind: str = "device"):
+        if kind not in ("device", "memory"):
+            raise ValueError(f"IMS kind {kind!r}")
         prefix = getattr(parent, "msi_prefix", "")
-        name = f"{prefix}IMS-{dev_name}"
+        name = f"{prefix}IMS-{'MEM-' if kind == 'memory' else ''}{dev_name}"
+        self.kind = kind
         self.hwsize = hwsize
         self.slot_addr = slot_addr
         self.used: set[int] = set()

@@ -292,6 +292,39 @@ class PciBus:
             vfs.append(vf)
         return vfs
 
+    # -- capability detection (the 2020 series: "PCI: add SIOV and IMS capability detection") --
+
+    async def find_dvsec_capability(self, dev: PciDev, vendor: int, dvsec_id: int) -> int:
+        """``pci_find_dvsec_capability``: offset of the DVSEC (vendor, ID), or 0 if absent."""
+        for pos, cap_id, _ver in dev.ext_cap_list:
+            if cap_id != R.PCI_EXT_CAP_ID_DVSEC:
+                continue
+            h1 = await self.read32(dev.rid, pos + R.PCI_DVSEC_HEADER1)
+            h2 = await self.read16(dev.rid, pos + R.PCI_DVSEC_HEADER2)
+            if h1 & 0xFFFF == vendor and h2 == dvsec_id:
+                return pos
+        return 0
+
+    async def siov_supported(self, dev: PciDev) -> bool:
+        """``pci_siov_supported``: the Intel SIOV DVSEC is present."""
+        return bool(await self.find_dvsec_capability(dev, R.PCI_VENDOR_ID_INTEL, R.PCI_DVSEC_ID_INTEL_SIOV))
+
+    async def ims_supported(self, dev: PciDev) -> bool:
+        """``pci_ims_supported``: the SIOV DVSEC's Capabilities register has the IMS bit."""
+        pos = await self.find_dvsec_capability(dev, R.PCI_VENDOR_ID_INTEL, R.PCI_DVSEC_ID_INTEL_SIOV)
+        if not pos:
+            return False
+        return bool(await self.read32(dev.rid, pos + R.PCI_DVSEC_INTEL_SIOV_CAP) & R.PCI_DVSEC_INTEL_SIOV_CAP_IMS)
+
+    async def enable_pasid(self, dev: PciDev) -> bool:
+        """``pci_enable_pasid``: set PASID Enable if the function has the capability."""
+        pos = dev.ext_caps.get(R.PCI_EXT_CAP_ID_PASID)
+        if not pos:
+            return False
+        ctrl = await self.read16(dev.rid, pos + R.PCI_PASID_CTRL)
+        await self.write16(dev.rid, pos + R.PCI_PASID_CTRL, ctrl | R.PCI_PASID_CTRL_ENABLE)
+        return True
+
     # -- function-level reset -------------------------------------------------
 
     async def function_reset(self, dev: PciDev) -> None:

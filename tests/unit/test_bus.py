@@ -7,6 +7,9 @@ Topology used throughout (see ``Bench``):
     d1    (role device, buses 2..3)         identity D1, functions 02:xx.x and 03:xx.x
     g1    (role guest)                      identity G1
     ctl   (role control)                    identity CTL
+
+The virtual-machine tests (end of file) add g2 (role guest, identity G2) and an EPT, RAM window
+and IOMMU domain for g1 (see ``vm_bench``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fabric import tlp as T
 from fabric import wire
 from fabric.bus import RC_TAGS, Fabric, PeerSpec, Platform
 from fabric.dmar import FaultReason, FaultRecord, reason_string
@@ -517,9 +521,13 @@ def test_random_frames_never_raise_and_interrupts_still_flow(frames) -> None:
         b.f.on_multipart([identity, frame, frame])
     b.take()
     # Every counted drop is also attributed to a registered peer (or to "unregistered").
-    per_peer = sum(sum(p.drops.values()) for p in b.f.peers.values())
+    # A guest's EPT violations are in its per-peer counts too, but they are VM exits to the
+    # host, not drops: they are counted as "ept:violation".
+    per_peer = sum(n for p in b.f.peers.values() for r, n in p.drops.items() if r != "ept_violation")
     counted = sum(v for k, v in b.c.items() if k.startswith("drop:") and k != "drop:unregistered")
     assert per_peer == counted
+    assert sum(p.drops["ept_violation"] for p in b.f.peers.values()) == b.c["ept:violation"]
+    assert all(p.role == "guest" for p in b.f.peers.values() if p.drops["ept_violation"])
     # The bus still works: d0's interrupt reaches the host.
     b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=99)
     assert b.take() == [(HOST, [wire.IRQ, 2, 0x41, D0_RID, 99, 5])]
@@ -563,14 +571,20 @@ def test_random_bytes_from_any_role_are_counted(frames: list[bytes], name: str) 
 
 REG_KEYS = {
     "window.set": ("base", "size", "rid"), "window.clear": ("base",), "cpus.bind": ("apic_ids",),
-    "ram.set": ("base", "size"), "context.set": ("rid", "mode"), "irte.write": ("index", "lo", "hi"),
+    "ram.set": ("base", "size"), "context.set": ("rid", "mode", "domain"),
+    "irte.write": ("index", "lo", "hi"),
     "irte.clear": ("index",), "ir.table": ("entries",), "ir.enable": ("on",), "ir.cfi": ("on",),
     "faults.drain": (), "nope": ("x",),
+    "mem.map": ("owner", "hpa", "size", "local"), "mem.unmap": ("owner",),
+    "iommu.domain": ("domain", "op"), "iommu.map": ("domain", "iova", "hpa", "size", "read", "write"),
+    "iommu.unmap": ("domain", "iova", "size"), "ept.map": ("vm", "gpa", "size", "kind", "hpa"),
+    "ept.unmap": ("vm", "gpa", "size"),
 }
 _arg = st.one_of(
     st.integers(-(2**63), 2**64 - 1),
-    st.sampled_from([0, 1, 2, 5, 256, 0x0100, 65536, BAR, float("inf"), float("-inf"), float("nan"),
-                     "pt", "block", True, None]),
+    st.sampled_from([0, 1, 2, 5, 256, 0x0100, 4096, 65536, BAR, 1 << 40, float("inf"), float("-inf"),
+                     float("nan"), "pt", "block", "domain", "clear", "create", "destroy", "mmio", "trap",
+                     "g1", "host", "", True, None]),
     st.lists(st.integers(-3, 300) | st.floats(), max_size=3),
     _value,
 )
@@ -604,7 +618,7 @@ SAMPLE = {
     wire.HELLO: wire.hello("tok-x", "x"),
     wire.WELCOME: wire.welcome("x", {}),
     wire.REFUSED: wire.refused("x"),
-    wire.TLP: wire.tlp(Tlp.cfg_read(0x0500, 0).pack()),
+    wire.TLP: wire.tlp(Tlp.mem_read(0x5000_0000, 4).pack()),   # a read every role could try
     wire.IRQ: wire.irq(0, 0x30, None, 0),
     wire.REG: wire.reg(1, "ir.cfi", {"on": True}),
     wire.REG_ACK: wire.reg_ack(1, True, None),
@@ -612,11 +626,14 @@ SAMPLE = {
     wire.CTL_REP: wire.ctl_rep(1, True, None),
     wire.EVENT: wire.event("x", "k", {}),
     wire.DROPPED: wire.dropped("x", 1),
+    wire.VMEXIT: wire.vmexit("g1", 1, "cpuid", {"leaf": 0}),
+    wire.VMENTRY: wire.vmentry("g1", 1, True, None),
+    wire.INJECT: wire.inject("g1", 0, 0x30, None, 0),
 }
 ALLOWED = {
-    "host": {wire.TLP, wire.REG, wire.EVENT, wire.CTL_REP},
+    "host": {wire.TLP, wire.REG, wire.EVENT, wire.CTL_REP, wire.VMENTRY, wire.INJECT},
     "d0": {wire.TLP, wire.EVENT, wire.CTL_REP},
-    "g1": {wire.EVENT, wire.CTL_REP},          # a guest has no TLP path yet
+    "g1": {wire.TLP, wire.VMEXIT, wire.EVENT, wire.CTL_REP},   # memory TLPs through its EPT
     "ctl": {wire.CTL},
 }
 
@@ -635,6 +652,22 @@ def test_authorization_matrix(name: str, kind: int) -> None:
     # Only the control peer can shut the fabric down, only the host can program the IR unit.
     assert b.f.shutdown_requested == (name == "ctl" and kind == wire.CTL)
     assert b.f.ir.cfi == (name == "host" and kind == wire.REG)
+    # Only the host reaches a guest with VMENTRY/INJECT, only a guest reaches the host with VMEXIT.
+    to_g1 = [m[0] for ident, m in out if ident == G1 and m[0] != wire.DROPPED]
+    if name == "host":
+        assert to_g1 == {wire.VMENTRY: [wire.VMENTRY], wire.INJECT: [wire.IRQ]}.get(kind, [])
+    elif name == "g1" and kind == wire.TLP:      # its own read, completed with UR
+        assert to_g1 == [wire.TLP]
+    else:
+        assert to_g1 == []
+    exits = [m for ident, m in out if ident == HOST and m[0] == wire.VMEXIT]
+    if name == "g1" and kind == wire.VMEXIT:
+        assert exits == [[wire.VMEXIT, "g1", 1, "cpuid", {"leaf": 0}]]
+    elif name == "g1" and kind == wire.TLP:      # nothing mapped there: EPT violation
+        assert exits == [[wire.VMEXIT, "g1", 0, "ept_violation", {"gpa": 0x5000_0000, "size": 4,
+                                                                  "write": False}]]
+    else:
+        assert exits == []
 
 
 def test_device_cannot_program_the_iommu() -> None:
@@ -643,17 +676,24 @@ def test_device_cannot_program_the_iommu() -> None:
     b.dropped(D0, "unauthorized")
     b.frame(G1, wire.reg(1, "context.set", {"rid": D0_RID, "mode": "pt"}))
     b.dropped(G1, "unauthorized")
-    assert b.f.context == {}
+    assert b.f.iommu.contexts() == {} and b.f.iommu.context(D0_RID) is None
 
 
-def test_guest_cannot_send_tlps_yet() -> None:
+def test_guest_tlps_without_ept_are_violations_and_config_tlps_unauthorized() -> None:
+    # A guest's memory TLPs go through its EPT; with none, a store is an EPT violation the host
+    # hears about (the guest hears nothing) -- never DMA, whatever context its address has.
     b = Bench()
     b.program_dma("pt")
     b.tlp(G1, Tlp.mem_write(0x1000, b"evil", 0))
-    b.dropped(G1, "unauthorized")
+    assert b.one(HOST) == [wire.VMEXIT, "g1", 0, "ept_violation", {"gpa": 0x1000, "size": 4, "write": True}]
+    assert b.f.dma_tlps == 0 and b.c["ept:violation"] == 1
+    # Config space is reached through VM exits only.
     b.tlp(G1, Tlp.cfg_read(0x0100, 0))
+    b.dropped(G1, "unauthorized")
+    b.tlp(G1, Tlp.cfg_write(0x0100, 0x04, 6))
     b.dropped(G1, "unauthorized", 2)
-    assert b.f.tlps == 0
+    assert b.c["drop:unauthorized"] == 2 and b.f.dma_tlps == 0
+    assert b.f.snapshot()["rc_tags_in_use"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1094,7 +1134,8 @@ def test_ir_fault_reasons(case: str) -> None:
     assert b.f.fault_lines() == [line]
     faults = b.ctl("faults")
     assert faults == [wire.CTL_REP, 7, True, {"lines": [line], "totals": {f"0x{reason:02x}": 1},
-                                             "overflow": 0}]
+                                             "overflow": 0,
+                                             "by_source": {"01:00.0": {f"0x{reason:02x}": 1}}}]
     snap = b.f.snapshot()
     assert snap["ir_faults_total"] == 1 and snap["dma_faults_total"] == 0
     # Draining the log (the host's fault handler) returns the lines once.
@@ -1246,12 +1287,22 @@ def test_dma_without_context_faults_0x02() -> None:
 def test_dma_blocked_context_faults_0x0d() -> None:
     b = Bench()
     b.program_dma("block")
+    b.tlp(D0, Tlp.mem_write(0x5000, b"xxxx", D0_RID))
+    assert b.take() == []
+    blocked = ("DMAR: [DMA Write NO_PASID] Request device [01:00.0] fault addr 0x5000 "
+               "[fault reason 0x0d] PCE for translation request specifies blocking")
+    assert b.f.fault_lines() == [blocked]
+    assert b.c["dma:fault:0x0d"] == 1 and len(b.faults) == 1 and b.faults[0].line() == blocked
+    # With a PASID prefix the RID's PASID table decides first (fabric/iommu.py rule 1): a RID
+    # without one is in legacy mode, so the request faults 0x31 before the context is read.
     b.tlp(D0, Tlp.mem_write(0x5000, b"xxxx", D0_RID, pasid=0x42))
     assert b.take() == []
-    assert b.f.fault_lines() == [
-        "DMAR: [DMA Write PASID 0x42] Request device [01:00.0] fault addr 0x5000 "
-        "[fault reason 0x0d] PCE for translation request specifies blocking"]
-    assert b.c["dma:fault:0x0d"] == 1 and len(b.faults) == 1
+    ttm0 = ("DMAR: [DMA Write PASID 0x42] Request device [01:00.0] fault addr 0x5000 "
+            "[fault reason 0x31] SM: TTM 0 for request with PASID")
+    assert b.f.fault_lines() == [blocked, ttm0]
+    assert b.c["dma:fault:0x31"] == 1 and b.c["dma:fault:0x0d"] == 1
+    assert [f.line() for f in b.faults] == [blocked, ttm0]
+    assert b.f.control("faults", {})["by_source"] == {"01:00.0": {"0x0d": 1, "0x31": 1}}
 
 
 def test_dma_read_without_context_faults_and_gets_ur() -> None:
@@ -1304,7 +1355,7 @@ def test_no_ram_programmed_is_unmapped() -> None:
 def test_bad_context_refused(args: dict) -> None:
     b = Bench()
     assert b.reg("context.set", args)[2] is False
-    assert b.f.context == {}
+    assert b.f.iommu.contexts() == {}
 
 
 def test_dma_into_interrupt_range_goes_to_ir_not_ram() -> None:
@@ -1413,7 +1464,7 @@ def test_fabric_control_ops() -> None:
     assert {n: p["role"] for n, p in peers.items()} == ROLE
     assert peers["d0"]["drops"] == {"malformed": 1}
     assert b.ctl("irt")[3][0].lstrip().startswith("5: Irte(")
-    assert b.ctl("faults")[3] == {"lines": [], "totals": {}, "overflow": 0}
+    assert b.ctl("faults")[3] == {"lines": [], "totals": {}, "overflow": 0, "by_source": {}}
     assert not b.f.shutdown_requested
     assert b.ctl("shutdown") == [wire.CTL_REP, 7, True, True]
     assert b.f.shutdown_requested
@@ -1433,3 +1484,695 @@ def test_events_are_stamped_with_the_sender_name() -> None:
     assert b.one(CTL) == [wire.EVENT, "g1", "breach", {"vector": 0x41}]
     b.frame(D0, wire.event("", "fault", {}))
     assert b.one(CTL) == [wire.EVENT, "d0", "fault", {}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Virtual machines: guest CPU accesses through the EPT, VM exits and entries, injection, DMA
+# into a guest's RAM through an IOMMU domain
+#
+# vm_bench(): d0's VF 01:10.1 has its BAR at HPA VF_BAR (4 pages, window to d0).  g1's EPT maps
+# GPA GBAR: pages 0-1 pass through to VF_BAR, pages 2-3 (GTRAP) trap to the host.  g1's RAM is
+# the HPA window GHPA..GHPA+GRAM (its GPA 0..GRAM), and the VF's context points at domain DOM,
+# which maps IOVA = GPA onto that window (what host/vmm.py programs).
+
+G2 = b"\x00g2"
+VF_BAR = 0xFD00_0000
+GBAR = 0xC000_0000
+GTRAP = GBAR + 0x2000
+GHPA = 1 << 40
+GRAM = 16 << 20
+DOM = 1
+
+
+def vm_bench(*, g2: bool = False, dma: bool = True) -> Bench:
+    sp = specs()
+    sp["tok-g2"] = PeerSpec("g2", "guest")
+    b = Bench(peer_specs=sp)
+    if g2:
+        b.frame(G2, wire.hello("tok-g2", "g2"))
+        assert b.take()[0] == (G2, [wire.WELCOME, 1, "g2", {"role": "guest", "name": "g2"}])
+    b.reg_ok("window.set", {"base": VF_BAR, "size": 0x4000, "rid": D0_VF})
+    b.reg_ok("ept.map", {"vm": "g1", "gpa": GBAR, "size": 0x2000, "kind": "mmio", "hpa": VF_BAR})
+    b.reg_ok("ept.map", {"vm": "g1", "gpa": GTRAP, "size": 0x2000, "kind": "trap"})
+    if dma:
+        b.reg_ok("mem.map", {"owner": "g1", "hpa": GHPA, "size": GRAM, "local": 0})
+        b.reg_ok("iommu.domain", {"domain": DOM, "op": "create"})
+        b.reg_ok("iommu.map", {"domain": DOM, "iova": 0, "hpa": GHPA, "size": GRAM,
+                               "read": True, "write": True})
+        b.reg_ok("context.set", {"rid": D0_VF, "mode": "domain", "domain": DOM})
+    return b
+
+
+def _unparseable_read(addr: int, tag: int = 3) -> bytes:
+    """An MRd that frames correctly (``peek`` passes) but breaks the BE rules (``unpack`` fails)."""
+    raw = bytearray(Tlp.mem_read(addr, 4, 0, tag=tag).pack())
+    raw[7] = 0xFF                     # Last DW BE must be 0 for a 1-DW request
+    return bytes(raw)
+
+
+# -- EPT pass-through ---------------------------------------------------------------------------
+
+
+def test_guest_passthrough_write_goes_to_the_hpa_stamped_by_the_root_complex() -> None:
+    b = vm_bench()
+    for off in (0x10, 0x1FFC):        # both pass-through pages
+        sent = Tlp.mem_write(GBAR + off, b"\x01\x02\x03\x04", 0x4321)
+        b.tlp(G1, sent, origin=5, t_ns=6)
+        msg = b.one(D0)
+        expect = Tlp.mem_write(VF_BAR + off, b"\x01\x02\x03\x04", 0x0000)
+        assert msg == [wire.TLP, expect.pack(), None, 0]     # the guest's provenance is not passed on
+        # Only the requester ID and the address changed.
+        a, z = sent.pack(), msg[1]
+        assert [i for i in range(len(a)) if a[i] != z[i]] and all(
+            a[i] == z[i] for i in range(len(a)) if i not in (4, 5, 8, 9, 10, 11))
+    assert b.f.epts["g1"].mmio_hits == 2 and b.f.epts["g1"].trap_hits == 0
+    assert b.c["vmexit"] == 0 and b.c["ept:trap"] == 0 and b.c["ept:violation"] == 0
+    assert b.f.dma_tlps == 0 and b.f.snapshot()["rc_tags_in_use"] == 0
+
+
+@pytest.mark.parametrize("tag", [0, 0x7F, 0xFF, 0x100, 0x2A5, 0x3FF])
+def test_guest_passthrough_read_completes_back_to_the_guest_with_its_tag(tag: int) -> None:
+    b = vm_bench()
+    b.tlp(G1, Tlp.mem_read(GBAR + 0x20, 8, 0x4321, tag=tag))
+    r = b.one_tlp(D0)
+    assert r.type == TlpType.MEM_READ and r.address == VF_BAR + 0x20 and r.length == 2
+    assert r.requester_id == 0x0000 and 0 <= r.tag < RC_TAGS
+    assert b.f.snapshot()["rc_tags_in_use"] == 1
+    # Another port cannot complete it; the device it went to can.
+    b.tlp(D1, Tlp.completion(r, D1_RID, CplStatus.SC, b"EVILEVIL"))
+    b.dropped(D1, "unexpected_completion")
+    b.tlp(D0, Tlp.completion(r, D0_VF, CplStatus.SC, b"12345678"))
+    c = b.one_tlp(G1)
+    assert c.type == TlpType.CPL_DATA and c.tag == tag and c.data == b"12345678"
+    assert c.requester_id == 0x0000 and c.completer_id == D0_VF and c.status == CplStatus.SC
+    assert b.f.snapshot()["rc_tags_in_use"] == 0
+    # Consumed once.
+    b.tlp(D0, Tlp.completion(r, D0_VF, CplStatus.SC, b"12345678"))
+    b.dropped(D0, "unexpected_completion")
+
+
+@pytest.mark.parametrize("gpa, hpa", [
+    (0x1_0000_0000, VF_BAR),            # 4DW at the guest, 3DW at the device
+    (0xD000_0000, 0x40_0000_0000),      # 3DW at the guest, 4DW at the device
+    (0x2_0000_0000, 0x40_0000_0000),    # 4DW both sides
+], ids=["4dw-to-3dw", "3dw-to-4dw", "4dw-to-4dw"])
+def test_guest_passthrough_form_follows_the_new_address(gpa: int, hpa: int) -> None:
+    b = vm_bench(dma=False)
+    dest, cid = D0, D0_VF
+    if hpa != VF_BAR:
+        b.reg_ok("window.set", {"base": hpa, "size": 0x1000, "rid": D1_RID})
+        dest, cid = D1, D1_RID
+    b.reg_ok("ept.map", {"vm": "g1", "gpa": gpa, "size": 0x1000, "kind": "mmio", "hpa": hpa})
+    b.tlp(G1, Tlp.mem_write(gpa + 0x25, b"abc", 0x77))          # partial BEs survive
+    w = b.one_tlp(dest)
+    assert w == Tlp.mem_write(hpa + 0x25, b"abc", 0x0000)
+    assert w.type == (TlpType.MEM_WRITE_64 if hpa >> 32 else TlpType.MEM_WRITE)
+    b.tlp(G1, Tlp.mem_read(gpa + 0x30, 8, 0x77, tag=0x1A5))
+    r = b.one_tlp(dest)
+    assert r.type == (TlpType.MEM_READ_64 if hpa >> 32 else TlpType.MEM_READ)
+    assert r.address == hpa + 0x30 and r.length == 2 and r.requester_id == 0 and r.tag < RC_TAGS
+    b.tlp(dest, Tlp.completion(r, cid, CplStatus.SC, b"12345678"))
+    c = b.one_tlp(G1)
+    assert c.tag == 0x1A5 and c.data == b"12345678"
+
+
+def test_guest_passthrough_to_an_hpa_nobody_decodes_is_a_master_abort() -> None:
+    b = vm_bench()
+    b.reg_ok("ept.map", {"vm": "g1", "gpa": 0xE000_0000, "size": 0x1000, "kind": "mmio", "hpa": 0xFB00_0000})
+    b.tlp(G1, Tlp.mem_write(0xE000_0010, b"abcd"))
+    assert b.take() == [] and b.c["mmio:master_abort"] == 1
+    b.tlp(G1, Tlp.mem_read(0xE000_0010, 4, tag=0x1C0))
+    cpl = b.one_tlp(G1)
+    assert cpl.type == TlpType.CPL and cpl.status == CplStatus.UR and cpl.tag == 0x1C0
+    assert cpl.completer_id == 0x0000
+    assert b.c["mmio:master_abort"] == 2 and b.c["rc:ur"] == 1
+    assert b.c["vmexit"] == 0 and b.c["ept:violation"] == 0 and b.f.snapshot()["rc_tags_in_use"] == 0
+
+
+def test_guest_with_pasid_prefix_is_unauthorized() -> None:
+    b = vm_bench()
+    b.tlp(G1, Tlp.mem_write(GBAR, b"abcd", pasid=5))
+    b.dropped(G1, "unauthorized")
+    b.tlp(G1, Tlp.mem_read(GBAR, 4, pasid=5))
+    b.dropped(G1, "unauthorized", 2)
+    assert b.f.epts["g1"].mmio_hits == 0 and b.f.snapshot()["rc_tags_in_use"] == 0
+
+
+# -- trapped pages --------------------------------------------------------------------------------
+
+
+def _trapped_store(b: Bench, off: int = 8, data: bytes = b"\x11\x22\x33\x44") -> int:
+    """g1 stores to a trapped page; check the host's VM exit and return its (negative) seq."""
+    b.tlp(G1, Tlp.mem_write(GTRAP + off, data, 0x4321))
+    ex = b.one(HOST)
+    assert ex[:2] == [wire.VMEXIT, "g1"] and ex[3] == "mmio" and list(ex[4]) == ["tlp"]
+    seq = ex[2]
+    assert type(seq) is int and seq < 0
+    t = Tlp.unpack(ex[4]["tlp"])
+    # The host emulates the store at its guest-physical address.
+    assert t.type == TlpType.MEM_WRITE and t.byte_address() == GTRAP + off and t.payload_bytes() == data
+    assert b.peer("g1").stalled == seq
+    return seq
+
+
+def test_trapped_store_exits_to_the_host_and_stalls_the_guest_until_vm_entry() -> None:
+    b = vm_bench(g2=True)
+    seq = _trapped_store(b)
+    assert b.c["ept:trap"] == 1 and b.f.epts["g1"].trap_hits == 1
+    rx = b.peer("g1").rx
+    # While stalled, nothing the guest sends is processed: it waits, in order.
+    later = [wire.tlp(Tlp.mem_write(GBAR + 0x40, b"AAAA").pack()),
+             wire.event("g1", "progress", {"n": 1}),
+             wire.tlp(Tlp.mem_write(GBAR + 0x44, b"BBBB").pack()),
+             wire.vmentry("g1", seq, True, None)]          # a guest cannot end its own exit
+    for frame in later:
+        b.frame(G1, frame)
+    assert b.take() == [] and list(b.peer("g1").backlog) == later and b.peer("g1").rx == rx
+    # Entries that are not the one for this exit change nothing.
+    b.frame(HOST, wire.vmentry("g1", seq - 1, True, None))
+    assert b.take() == []
+    b.frame(HOST, wire.vmentry("g2", seq, True, None))
+    assert b.take() == []
+    b.frame(HOST, wire.vmentry("g1", 7, True, "cpuid answer"))   # an answer to an explicit exit
+    assert b.one(G1) == [wire.VMENTRY, "g1", 7, True, "cpuid answer"]
+    assert b.peer("g1").stalled == seq and len(b.peer("g1").backlog) == 4
+    assert b.peer("g2").stalled == 0
+    # The entry for this exit: consumed by the fabric (the guest is not told), the vCPU resumes
+    # and its queued frames run in the order it sent them.
+    b.frame(HOST, wire.vmentry("g1", seq, True, None))
+    out = b.take()
+    assert [(ident, m[0]) for ident, m in out] == [(D0, wire.TLP), (CTL, wire.EVENT), (D0, wire.TLP),
+                                                   (G1, wire.DROPPED)]
+    assert Tlp.unpack(out[0][1][1]).data == b"AAAA" and Tlp.unpack(out[2][1][1]).data == b"BBBB"
+    assert out[1][1] == [wire.EVENT, "g1", "progress", {"n": 1}]
+    assert out[3][1] == [wire.DROPPED, "unauthorized", 1]
+    assert b.peer("g1").stalled == 0 and not b.peer("g1").backlog and b.peer("g1").rx == rx + 4
+    # The same entry again does nothing, and the guest runs freely.
+    b.frame(HOST, wire.vmentry("g1", seq, True, None))
+    assert b.take() == []
+    b.tlp(G1, Tlp.mem_write(GBAR, b"CCCC"))
+    assert b.one_tlp(D0).data == b"CCCC"
+
+
+def test_trapped_store_in_the_backlog_stalls_again() -> None:
+    b = vm_bench()
+    seq1 = _trapped_store(b)
+    b.tlp(G1, Tlp.mem_write(GBAR, b"AAAA"))
+    b.tlp(G1, Tlp.mem_write(GTRAP + 0x10, b"SSSS"))      # a second trapped store, queued
+    b.tlp(G1, Tlp.mem_write(GBAR, b"CCCC"))
+    assert b.take() == []
+    b.frame(HOST, wire.vmentry("g1", seq1, True, None))
+    out = b.take()
+    assert [(ident, m[0]) for ident, m in out] == [(D0, wire.TLP), (HOST, wire.VMEXIT)]
+    assert Tlp.unpack(out[0][1][1]).data == b"AAAA"
+    seq2 = out[1][1][2]
+    assert out[1][1][:2] == [wire.VMEXIT, "g1"] and seq2 < 0 and seq2 != seq1
+    assert Tlp.unpack(out[1][1][4]["tlp"]).payload_bytes() == b"SSSS"
+    assert b.peer("g1").stalled == seq2 and len(b.peer("g1").backlog) == 1
+    b.frame(HOST, wire.vmentry("g1", seq1, True, None))   # the old entry: stale
+    assert b.take() == []
+    b.frame(HOST, wire.vmentry("g1", seq2, False, "emulation failed"))   # ok=False resumes too
+    assert b.one_tlp(D0).data == b"CCCC"
+    assert b.peer("g1").stalled == 0 and b.c["ept:trap"] == 2
+
+
+def test_stalled_guest_backlog_is_bounded(monkeypatch) -> None:
+    import fabric.bus as bus
+    monkeypatch.setattr(bus, "STALL_BACKLOG", 3)
+    b = vm_bench()
+    seq = _trapped_store(b)
+    for i in range(5):
+        b.tlp(G1, Tlp.mem_write(GBAR, bytes([i]) * 4))
+    assert b.take() == [(G1, [wire.DROPPED, "stall_backlog_full", 1]),
+                        (G1, [wire.DROPPED, "stall_backlog_full", 2])]
+    assert len(b.peer("g1").backlog) == 3 and b.c["drop:stall_backlog_full"] == 2
+    b.frame(HOST, wire.vmentry("g1", seq, True, None))
+    assert [Tlp.unpack(m[1]).data for _, m in b.take()] == [bytes([i]) * 4 for i in range(3)]
+
+
+def test_stalled_guest_oversized_frame_is_dropped_not_queued() -> None:
+    # The backlog holds frames a guest may send: an oversized one (up to the socket's 4 MiB
+    # limit) is dropped at once, as it would be unstalled, rather than held in memory.
+    b = vm_bench()
+    seq = _trapped_store(b)
+    big = wire.event("g1", "big", {"x": "x" * wire.MAX_DATA_FRAME})
+    b.frame(G1, big)
+    b.dropped(G1, "oversized")
+    assert not b.peer("g1").backlog and b.peer("g1").drops == {"oversized": 1}
+    b.frame(G1, wire.event("g1", "small", {}))
+    assert b.take() == [] and len(b.peer("g1").backlog) == 1
+    b.frame(HOST, wire.vmentry("g1", seq, True, None))
+    assert b.one(CTL) == [wire.EVENT, "g1", "small", {}]
+    assert b.c["drop:oversized"] == 1 and b.peer("g1").rx == 3
+
+
+def test_trapped_read_exits_with_a_stamped_tlp_and_the_host_completes_it() -> None:
+    b = vm_bench(g2=True)
+    b.tlp(G1, Tlp.mem_read(GTRAP + 0x10, 4, 0x4321, tag=0x2C5))
+    ex = b.one(HOST)
+    # Seq 0: the host answers with a completion, not a VM entry; the vCPU does not stall.
+    assert ex[:4] == [wire.VMEXIT, "g1", 0, "mmio"] and list(ex[4]) == ["tlp"]
+    t = Tlp.unpack(ex[4]["tlp"])
+    assert t.type == TlpType.MEM_READ and t.address == GTRAP + 0x10 and t.length == 1
+    assert t.requester_id == 0x0000 and 0 <= t.tag < RC_TAGS          # requester 00:00.0 + RC tag
+    assert b.peer("g1").stalled == 0 and b.f.snapshot()["rc_tags_in_use"] == 1
+    assert b.c["ept:trap"] == 1 and b.f.epts["g1"].trap_hits == 1
+    b.tlp(G1, Tlp.mem_write(GBAR, b"next"))      # not stalled: goes at once
+    assert b.one_tlp(D0).data == b"next"
+    # Only the host, which the request went to, can complete it.
+    for port, cid in ((D0, D0_VF), (G2, 0x0000), (G1, 0x0000)):
+        b.tlp(port, Tlp.completion(t, cid, CplStatus.SC, b"EVIL"))
+        assert b.take()[-1] == (port, [wire.DROPPED, "unexpected_completion", 1])
+    b.tlp(HOST, Tlp.completion(t, 0x0000, CplStatus.SC, b"\x78\x56\x34\x12"))
+    c = b.one_tlp(G1)
+    assert c.type == TlpType.CPL_DATA and c.tag == 0x2C5 and c.data == b"\x78\x56\x34\x12"
+    assert c.requester_id == 0x0000 and c.status == CplStatus.SC
+    assert b.f.snapshot()["rc_tags_in_use"] == 0
+    b.tlp(HOST, Tlp.completion(t, 0x0000, CplStatus.SC, b"\x78\x56\x34\x12"))
+    b.dropped(HOST, "unexpected_completion")
+
+
+# -- EPT violations -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpa", [0x1000, GBAR - 4, GTRAP + 0x2000, 0x1_0000_0000 + GBAR, VF_BAR])
+def test_ept_violation_exits_to_the_host_and_reads_get_ur(gpa: int) -> None:
+    # VF_BAR: the host-physical address is not a guest-physical one.
+    b = vm_bench()
+    b.tlp(G1, Tlp.mem_write(gpa, b"evil", 0x4321))
+    assert b.one(HOST) == [wire.VMEXIT, "g1", 0, "ept_violation", {"gpa": gpa, "size": 4, "write": True}]
+    b.tlp(G1, Tlp.mem_read(gpa, 8 if gpa & 0xFFF != 0xFFC else 4, 0x4321, tag=0x3C))
+    n = 8 if gpa & 0xFFF != 0xFFC else 4
+    out = b.take()
+    assert out[0] == (HOST, [wire.VMEXIT, "g1", 0, "ept_violation", {"gpa": gpa, "size": n, "write": False}])
+    assert len(out) == 2 and out[1][0] == G1
+    cpl = Tlp.unpack(out[1][1][1])
+    assert cpl.type == TlpType.CPL and cpl.status == CplStatus.UR and cpl.tag == 0x3C
+    assert cpl.completer_id == 0x0000
+    # Counted, per guest too; the guest itself is not told (no DROPPED notice), nothing is stalled.
+    assert b.c["ept:violation"] == 2 and b.peer("g1").drops == {"ept_violation": 2}
+    assert b.f.epts["g1"].counters()["violations"] == {"not mapped": 2}
+    assert b.c["rc:ur"] == 1 and b.peer("g1").stalled == 0
+    assert b.f.snapshot()["rc_tags_in_use"] == 0 and b.f.dma_tlps == 0
+    assert b.f.control("peers", {})["g1"]["drops"] == {"ept_violation": 2}
+
+
+def test_ept_violation_for_a_guest_without_any_ept() -> None:
+    b = vm_bench(g2=True)
+    b.tlp(G2, Tlp.mem_write(GBAR, b"evil"))          # g1's mapping is not g2's
+    assert b.one(HOST) == [wire.VMEXIT, "g2", 0, "ept_violation", {"gpa": GBAR, "size": 4, "write": True}]
+    assert "g2" not in b.f.epts and b.peer("g2").drops == {"ept_violation": 1}
+
+
+def test_guest_memory_tlp_without_a_host_is_dropped() -> None:
+    sp = specs()
+    b = Bench(register=("ctl", "d0", "g1"), peer_specs=sp)
+    b.tlp(G1, Tlp.mem_write(GBAR, b"abcd"))
+    b.dropped(G1, "no_host")
+    b.frame(G1, wire.vmexit("g1", 1, "cpuid", {}))
+    b.dropped(G1, "no_host", 2)
+
+
+# -- VM exits, entries and injection --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("claimed", ["g1", "g2", "host", "", "d0", "fabric"])
+def test_guest_vmexit_is_stamped_with_the_guest_name(claimed: str) -> None:
+    b = vm_bench(g2=True)
+    b.frame(G1, wire.vmexit(claimed, 9, "cpuid", {"leaf": 1, "subleaf": 0}))
+    assert b.one(HOST) == [wire.VMEXIT, "g1", 9, "cpuid", {"leaf": 1, "subleaf": 0}]
+    b.frame(G2, wire.vmexit(claimed, 0, "hypercall", {"nr": 1}))
+    assert b.one(HOST) == [wire.VMEXIT, "g2", 0, "hypercall", {"nr": 1}]
+    assert b.c["vmexit"] == 2
+
+
+@pytest.mark.parametrize("fields", [["g1", "9", "cpuid", {}], ["g1", 9, 5, {}], ["g1", 9, "cpuid", []],
+                                    ["g1", 9, "cpuid", None], ["g1", 1.5, "cpuid", {}]])
+def test_guest_vmexit_with_wrong_field_types_is_malformed(fields: list) -> None:
+    b = vm_bench()
+    b.raw(G1, [wire.VMEXIT, *fields])
+    b.dropped(G1, "malformed")
+    assert b.c["vmexit"] == 0
+
+
+def test_vmentry_reaches_only_the_named_guest() -> None:
+    b = vm_bench(g2=True)
+    b.frame(HOST, wire.vmentry("g2", 4, True, {"a": [1, 2]}))
+    assert b.one(G2) == [wire.VMENTRY, "g2", 4, True, {"a": [1, 2]}]
+    b.raw(HOST, [wire.VMENTRY, "g1", 5, 1, "x"])             # ok is coerced to a bool
+    assert b.one(G1) == [wire.VMENTRY, "g1", 5, True, "x"]
+    b.raw(HOST, [wire.VMENTRY, "g1", 6, None, None])
+    assert b.one(G1) == [wire.VMENTRY, "g1", 6, False, None]
+
+
+@pytest.mark.parametrize("vm, seq", [("nobody", 1), ("d0", 1), ("host", 1), ("ctl", 1), ("", 1),
+                                     (5, 1), (None, 1), (["g1"], 1), ("g1", "1"), ("g1", None)])
+def test_vmentry_to_an_unknown_vm_is_dropped(vm, seq) -> None:
+    b = vm_bench(g2=True)
+    b.raw(HOST, [wire.VMENTRY, vm, seq, True, None])
+    b.dropped(HOST, "unknown_vm")
+    assert b.c["drop:unknown_vm"] == 1
+
+
+def test_inject_becomes_an_irq_at_the_named_guest_only() -> None:
+    b = vm_bench(g2=True)
+    b.frame(HOST, wire.inject("g1", 1, 0x31, 77, 1234))
+    assert b.one(G1) == [wire.IRQ, 1, 0x31, 77, 1234, -2]
+    b.frame(HOST, wire.inject("g2", 0, 0xEC, None, 5))
+    assert b.one(G2) == [wire.IRQ, 0, 0xEC, None, 5, -2]
+    # Provenance is sanitised, as for device interrupts.
+    for origin, t_ns in [(True, 5), ("d1", "now"), ([1], 2.5), (b"x", {})]:
+        b.raw(HOST, [wire.INJECT, "g1", 1, 0x31, origin, t_ns])
+        assert b.one(G1) == [wire.IRQ, 1, 0x31, None, 5 if t_ns == 5 else 0, -2]
+    assert b.c["injected"] == 6 and b.f.irqs_delivered == 0
+
+
+@pytest.mark.parametrize("vm, apic, vector", [("nobody", 0, 0x30), ("d0", 0, 0x30), ("host", 0, 0x30),
+                                              (3, 0, 0x30), ("g1", "0", 0x30), ("g1", 0, None),
+                                              ("g1", True, 0x30), ("g1", 0, 1.0)])
+def test_inject_to_an_unknown_vm_or_with_bad_fields_is_dropped(vm, apic, vector) -> None:
+    b = vm_bench(g2=True)
+    b.raw(HOST, [wire.INJECT, vm, apic, vector, None, 0])
+    b.dropped(HOST, "unknown_vm")
+    assert b.c["injected"] == 0
+
+
+def test_guest_cannot_program_the_fabric_or_speak_for_the_host() -> None:
+    b = vm_bench(g2=True)
+    epts = {vm: e.mappings() for vm, e in b.f.epts.items()}
+    n = 0
+    for frame in [
+        wire.reg(1, "ept.map", {"vm": "g1", "gpa": 0, "size": 0x1000, "kind": "mmio", "hpa": VF_BAR}),
+        wire.reg(2, "mem.map", {"owner": "g1", "hpa": 0, "size": RAM_SIZE, "local": 0}),
+        wire.reg(3, "context.set", {"rid": D0_VF, "mode": "pt"}),
+        wire.reg(4, "iommu.map", {"domain": DOM, "iova": GRAM, "hpa": 0, "size": 0x1000}),
+        wire.inject("g2", 0, 0x30, None, 0),
+        wire.inject("g1", 0, 0x30, None, 0),
+        wire.vmentry("g2", 1, True, None),
+        wire.irq(0, 0x30, None, 0),
+        wire.tlp(Tlp.cfg_read(D0_VF, 0, tag=1).pack()),
+        wire.tlp(Tlp.cfg_write(D0_VF, 0x04, 0x6, tag=2).pack()),
+        wire.ctl(1, "fabric", "shutdown", {}),
+    ]:
+        n += 1
+        b.frame(G1, frame)
+        out = b.take()
+        assert all(ident == G1 and m[0] == wire.DROPPED and m[1] == "unauthorized" for ident, m in out), out
+    assert b.c["drop:unauthorized"] == n and b.peer("g1").drops == {"unauthorized": n}
+    assert {vm: e.mappings() for vm, e in b.f.epts.items()} == epts
+    assert len(b.f.memmap) == 1 and b.f.iommu.context(D0_VF) == ("domain", DOM)
+    assert b.f.iommu.domain_mappings(DOM) == [{"iova": 0, "hpa": GHPA, "size": GRAM, "read": True,
+                                               "write": True}]
+    assert not b.f.shutdown_requested and b.f.snapshot()["rc_tags_in_use"] == 0
+
+
+# -- DMA into a guest's RAM -----------------------------------------------------------------------
+
+
+def test_dma_through_a_domain_lands_in_the_guest_at_its_gpa() -> None:
+    b = vm_bench(g2=True)
+    w = Tlp.mem_write(0x2000, b"payload!", D0_VF)
+    b.tlp(D0, w, origin=3, t_ns=4)
+    # IOVA 0x2000 -> HPA GHPA+0x2000 -> g1's RAM at GPA 0x2000: unchanged on the wire.
+    assert b.one(G1) == [wire.TLP, w.pack(), None, 0]
+    assert b.f.dma_tlps == 1 and b.faults == [] and b.f.iommu.translations == 1
+    # Last DW of the guest's RAM.
+    b.tlp(D0, Tlp.mem_write(GRAM - 4, b"last", D0_VF))
+    assert b.one_tlp(G1).address == GRAM - 4
+
+
+def test_dma_readdressed_to_the_gpa_picks_the_header_form() -> None:
+    b = vm_bench()
+    # IOVA above 4 GiB onto low guest RAM, and low IOVA onto guest RAM above 4 GiB.
+    b.reg_ok("iommu.map", {"domain": DOM, "iova": 0x1_0000_0000, "hpa": GHPA + 0x3000, "size": 0x1000})
+    b.reg_ok("mem.map", {"owner": "g1", "hpa": GHPA + GRAM, "size": 0x1000, "local": 0x1_0000_0000})
+    b.reg_ok("iommu.map", {"domain": DOM, "iova": 0x5000_0000, "hpa": GHPA + GRAM, "size": 0x1000})
+    b.tlp(D0, Tlp.mem_write(0x1_0000_0011, b"abcde", D0_VF))
+    w = b.one_tlp(G1)
+    assert w == Tlp.mem_write(0x3011, b"abcde", D0_VF) and w.type == TlpType.MEM_WRITE
+    b.tlp(D0, Tlp.mem_write(0x5000_0008, b"wxyz", D0_VF))
+    w = b.one_tlp(G1)
+    assert w == Tlp.mem_write(0x1_0000_0008, b"wxyz", D0_VF) and w.type == TlpType.MEM_WRITE_64
+    # A DMA read, re-addressed the same way; the guest's RAM answers it.
+    rd = Tlp.mem_read(0x1_0000_0040, 8, D0_VF, tag=0x2F0)
+    b.tlp(D0, rd)
+    got = b.one_tlp(G1)
+    assert got == Tlp.mem_read(0x3040, 8, D0_VF, tag=0x2F0) and got.type == TlpType.MEM_READ
+    b.tlp(G1, Tlp.completion(got, 0x0000, CplStatus.SC, b"ABCDEFGH"))
+    cpl = b.one_tlp(D0)
+    assert cpl.tag == 0x2F0 and cpl.data == b"ABCDEFGH" and cpl.requester_id == D0_VF
+    assert cpl.completer_id == 0x0000 and cpl.status == CplStatus.SC
+    assert b.f.dma_tlps == 3 and b.faults == []
+
+
+@pytest.mark.parametrize("write", [True, False], ids=["write", "read"])
+def test_dma_outside_the_domain_faults_and_reaches_nobody(write: bool) -> None:
+    b = vm_bench(g2=True)
+    b.reg_ok("ram.set", {"base": 0, "size": RAM_SIZE})          # host RAM exists at HPA 0..
+    rw = "Write" if write else "Read"
+    code = 0x05 if write else 0x06
+    text = "PTE Write access is not set" if write else "PTE Read access is not set"
+    lines = []
+    for iova in (GRAM, GRAM + 0x1234, 0x4000_0000):             # past the guest's RAM; host-RAM IOVAs
+        tlp = (Tlp.mem_write(iova, b"evil", D0_VF) if write else Tlp.mem_read(iova, 4, D0_VF, tag=9))
+        b.tlp(D0, tlp)
+        out = b.take()
+        if write:
+            assert out == []
+        else:
+            assert len(out) == 1 and out[0][0] == D0
+            cpl = Tlp.unpack(out[0][1][1])
+            assert cpl.status == CplStatus.UR and cpl.tag == 9 and cpl.requester_id == D0_VF
+        lines.append(f"DMAR: [DMA {rw} NO_PASID] Request device [01:10.1] fault addr 0x{iova & ~0xFFF:x} "
+                     f"[fault reason 0x{code:02x}] {text}")
+    assert b.f.fault_lines() == lines and [f.line() for f in b.faults] == lines
+    assert b.c[f"dma:fault:0x{code:02x}"] == 3 and b.f.dma_tlps == 3
+    faults = b.f.control("faults", {})
+    assert faults["by_source"] == {"01:10.1": {f"0x{code:02x}": 3}}
+    assert faults["totals"] == {f"0x{code:02x}": 3}
+    assert b.f.snapshot()["dma_faults_total"] == 3
+
+
+def test_dma_beyond_mgaw_and_to_a_read_only_mapping() -> None:
+    b = vm_bench()
+    b.reg_ok("iommu.map", {"domain": DOM, "iova": 0x2000_0000, "hpa": GHPA, "size": 0x1000,
+                           "read": True, "write": False})
+    b.tlp(D0, Tlp.mem_write(0x2000_0010, b"evil", D0_VF))
+    assert b.take() == [] and b.c["dma:fault:0x05"] == 1
+    b.tlp(D0, Tlp.mem_read(0x2000_0010, 4, D0_VF, tag=4))
+    assert b.one_tlp(G1) == Tlp.mem_read(0x10, 4, D0_VF, tag=4)      # read allowed: GPA 0x10
+    b.tlp(D0, Tlp.mem_write(1 << 48, b"evil", D0_VF))
+    assert b.take() == [] and b.c["dma:fault:0x04"] == 1
+    assert b.f.fault_lines() == [
+        "DMAR: [DMA Write NO_PASID] Request device [01:10.1] fault addr 0x20000000 "
+        "[fault reason 0x05] PTE Write access is not set",
+        "DMAR: [DMA Write NO_PASID] Request device [01:10.1] fault addr 0x1000000000000 "
+        "[fault reason 0x04] Access beyond MGAW"]
+    assert b.f.control("faults", {})["by_source"] == {"01:10.1": {"0x04": 1, "0x05": 1}}
+
+
+def test_dma_from_a_function_whose_context_is_another_domain_cannot_reach_the_guest() -> None:
+    # The PF gets a domain of its own, mapping nothing of g1: its DMA to g1's IOVAs faults.
+    b = vm_bench()
+    b.reg_ok("iommu.domain", {"domain": 2, "op": "create"})
+    b.reg_ok("context.set", {"rid": D0_RID, "mode": "domain", "domain": 2})
+    b.tlp(D0, Tlp.mem_write(0x2000, b"evil", D0_RID))
+    assert b.take() == [] and b.c["dma:fault:0x05"] == 1
+    assert b.f.control("faults", {})["by_source"] == {"01:00.0": {"0x05": 1}}
+    # Destroying g1's domain makes the VF's context not present (fault 0x02).
+    b.reg_ok("iommu.domain", {"domain": DOM, "op": "destroy"})
+    b.tlp(D0, Tlp.mem_write(0x2000, b"late", D0_VF))
+    assert b.take() == [] and b.c["dma:fault:0x02"] == 1
+
+
+def test_dma_to_a_guest_that_is_not_connected_is_unclaimed_by_anyone() -> None:
+    b = vm_bench()                                   # g2 never registered
+    b.reg_ok("mem.map", {"owner": "g2", "hpa": GHPA + (1 << 36), "size": 0x1000, "local": 0})
+    b.reg_ok("iommu.map", {"domain": DOM, "iova": 0x3000_0000, "hpa": GHPA + (1 << 36), "size": 0x1000})
+    b.tlp(D0, Tlp.mem_write(0x3000_0000, b"xxxx", D0_VF))
+    assert b.take() == [] and b.c["dma:owner_absent"] == 1
+    b.tlp(D0, Tlp.mem_read(0x3000_0000, 4, D0_VF, tag=2))
+    cpl = b.one_tlp(D0)
+    assert cpl.status == CplStatus.UR and cpl.tag == 2 and b.c["dma:owner_absent"] == 2
+
+
+# -- what a hostile guest must not be able to do -------------------------------------------------
+
+
+def test_guest_completion_only_answers_a_dma_read_of_its_own_ram() -> None:
+    b = vm_bench(g2=True)
+    b.program_dma("pt", rid=D1_RID)
+    # Unsolicited completions, to the device assigned to it and to another one: dropped.
+    for n, (rid, tag) in enumerate(((D0_VF, 7), (D1_RID, 0x155), (D0_RID, 0)), 1):
+        b.tlp(G1, Tlp.completion(Tlp.mem_read(0x2000, 4, rid, tag=tag), 0, CplStatus.SC, b"EVIL"))
+        assert b.take() == ([(G1, [wire.DROPPED, "unexpected_completion", n])] if n & (n - 1) == 0 else [])
+    # d1's DMA read of host RAM: g1 cannot race the host's answer.
+    rd = Tlp.mem_read(0x8000, 4, D1_RID, tag=0x55)
+    b.tlp(D1, rd)
+    assert b.one_tlp(HOST) == rd
+    b.tlp(G1, Tlp.completion(rd, 0, CplStatus.SC, b"EVIL"))
+    assert b.take() == [(G1, [wire.DROPPED, "unexpected_completion", 4])]
+    b.tlp(HOST, Tlp.completion(rd, 0, CplStatus.SC, b"GOOD"))
+    assert b.one_tlp(D1).data == b"GOOD"
+    # A DMA read of g1's RAM is answered by g1 -- once, and not by g2.
+    rd = Tlp.mem_read(0x2000, 4, D0_VF, tag=0x301)
+    b.tlp(D0, rd)
+    assert b.one_tlp(G1) == rd
+    b.tlp(G2, Tlp.completion(rd, 0, CplStatus.SC, b"EVIL"))
+    b.dropped(G2, "unexpected_completion")
+    b.tlp(G1, Tlp.completion(Tlp.mem_read(0x2000, 4, D0_VF, tag=0x302), 0, CplStatus.SC, b"EVIL"))
+    assert b.take() == []                               # wrong tag (5th drop: no notice)
+    b.tlp(G1, Tlp.completion(rd, 0, CplStatus.SC, b"RAM!"))
+    cpl = b.one_tlp(D0)
+    assert cpl.data == b"RAM!" and cpl.tag == 0x301 and cpl.completer_id == 0x0000
+    b.tlp(G1, Tlp.completion(rd, 0, CplStatus.SC, b"RAM!"))
+    assert b.take() == [] and b.c["drop:unexpected_completion"] == 7
+
+
+def test_guest_cannot_forge_the_exits_only_the_fabric_generates() -> None:
+    # "mmio" and "ept_violation" exits, and negative seqs, are the fabric's: a guest claiming one
+    # could answer another guest's trapped read (the host completes the RC tag it is shown) or
+    # end its own trapped store before the host has emulated it.
+    b = vm_bench(g2=True)
+    b.reg_ok("ept.map", {"vm": "g2", "gpa": GTRAP, "size": 0x1000, "kind": "trap"})
+    b.tlp(G2, Tlp.mem_read(GTRAP, 4, tag=1))
+    stamped = b.one(HOST)[4]["tlp"]
+    forged = [wire.vmexit("g1", 0, "mmio", {"tlp": stamped}),
+              wire.vmexit("g2", 0, "ept_violation", {"gpa": 0, "size": 4, "write": True}),
+              wire.vmexit("g1", -1, "cpuid", {"leaf": 0})]
+    for n, frame in enumerate(forged, 1):
+        b.frame(G1, frame)
+        assert b.take() == ([(G1, [wire.DROPPED, "spoofed_exit", n])] if n & (n - 1) == 0 else [])
+    assert b.c["vmexit"] == 0 and b.c["drop:spoofed_exit"] == 3
+    # The host's answer to g2's exit reaches g2.
+    b.tlp(HOST, Tlp.completion(Tlp.unpack(stamped), 0, CplStatus.SC, b"REAL"))
+    c = b.one_tlp(G2)
+    assert c.data == b"REAL" and c.tag == 1
+    # A stalled guest cannot predict its exit's seq and have the host end it early.
+    seq = _trapped_store(b)
+    b.frame(HOST, wire.vmentry("g1", seq, True, None))
+    b.frame(G1, wire.vmexit("g1", seq - 1, "cpuid", {}))
+    b.dropped(G1, "spoofed_exit", 4)
+    b.tlp(G1, Tlp.mem_write(GTRAP, b"next"))
+    assert b.one(HOST)[2] == seq - 1 and b.peer("g1").stalled == seq - 1
+
+
+@pytest.mark.parametrize("gpa", [GBAR + 0x10, GTRAP + 0x10, 0x1000], ids=["mmio", "trap", "unmapped"])
+def test_guest_read_that_does_not_parse_is_malformed_and_takes_no_rc_tag(gpa: int) -> None:
+    # The device (or the host's VMM) cannot parse it either, so it would never be completed and
+    # its RC tag would leak: 256 of them and the host could no longer read config space.
+    b = vm_bench()
+    for _ in range(RC_TAGS + 1):
+        b.tlp(G1, _unparseable_read(gpa))
+    out = b.take()
+    assert all(ident == G1 and m[:2] == [wire.DROPPED, "malformed"] for ident, m in out), out[:3]
+    assert b.c["drop:malformed"] == RC_TAGS + 1 and b.f.snapshot()["rc_tags_in_use"] == 0
+    assert b.c["vmexit"] == 0 and b.c["ept:violation"] == 0 and b.c["rc:ur"] == 0
+    _sent, got = _host_cfg_read(b, 0x0100, tag=1)
+    assert got.requester_id == 0
+
+
+# -- property: whatever a guest sends, it reaches a device only through its EPT's mmio pages --
+
+
+def _guest_templates() -> list[bytes]:
+    return [
+        Tlp.mem_write(GBAR + 8, b"abcd").pack(),
+        Tlp.mem_read(GBAR + 0x10, 8, tag=5).pack(),
+        Tlp.mem_write(GBAR + 0x1FFC, b"edge").pack(),
+        Tlp.mem_write(GTRAP + 4, b"wxyz").pack(),
+        Tlp.mem_read(GTRAP + 8, 4, tag=3).pack(),
+        Tlp.mem_write(0x1000, b"ram?").pack(),
+        Tlp.mem_read(0x1_0000_0000 + GBAR, 4).pack(),
+        Tlp.mem_write(VF_BAR, b"hpa!").pack(),
+        Tlp.mem_write(0xFEE0_0000, (0x41).to_bytes(4, "little")).pack(),
+        Tlp.mem_read(GBAR, 4, pasid=3).pack(),
+        Tlp.cfg_read(D0_VF, 0, tag=1).pack(),
+        Tlp.cfg_write(D1_RID, 0x04, 6, tag=2).pack(),
+        Tlp.completion(Tlp.mem_read(0x2000, 4, D0_VF, tag=7), 0, CplStatus.SC, bytes(4)).pack(),
+        Tlp.completion(Tlp.mem_read(0x2000, 4, D1_RID, tag=7), 0, CplStatus.UR).pack(),
+        Tlp.completion(Tlp.mem_read(0x2000, 4, 0, tag=0), 0, CplStatus.SC, bytes(4)).pack(),
+    ]
+
+
+@st.composite
+def _mutated_guest_tlp(draw) -> bytes:
+    raw = bytearray(draw(st.sampled_from(_guest_templates())))
+    for _ in range(draw(st.integers(0, 3))):
+        i = draw(st.integers(0, len(raw) - 1))
+        raw[i] = draw(st.integers(0, 255))
+    return bytes(raw)
+
+
+_vm_names = st.sampled_from(["g1", "g2", "host", "d0", "", "fabric"])
+_guest_frames = st.one_of(
+    _frames,
+    st.sampled_from(_guest_templates()).map(wire.tlp),           # as a guest sends them
+    st.tuples(_mutated_guest_tlp(), st.none() | st.integers(-1, 2**40) | _leaf, _leaf).map(
+        lambda t: msgpack.packb([wire.TLP, *t], use_bin_type=True)),
+    st.tuples(_vm_names, st.integers(-3, 3) | _leaf,
+              st.sampled_from(["cpuid", "cfg", "hypercall", "mmio", "ept_violation", "x"]),
+              st.dictionaries(st.text(max_size=4), _value, max_size=2)).map(
+        lambda t: msgpack.packb([wire.VMEXIT, *t], use_bin_type=True)),
+    st.tuples(_vm_names, st.integers(-3, 3), _leaf, _leaf).map(
+        lambda t: msgpack.packb([wire.VMENTRY, *t], use_bin_type=True)),
+    st.tuples(_vm_names, st.integers(0, 3), st.integers(0, 255), _leaf, _leaf).map(
+        lambda t: msgpack.packb([wire.INJECT, *t], use_bin_type=True)),
+)
+_UNSTALL = b"unstall"      # the host ends whatever trapped store stalls g1
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_guest_frames | st.just(_UNSTALL), min_size=1, max_size=16))
+def test_random_guest_frames_reach_devices_only_through_ept_mmio(frames) -> None:
+    b = vm_bench(g2=True)
+    b.program_ir()
+    b.write_irte(5, Irte.remapped(0x41, 2, D0_RID))
+    out = []
+    for frame in frames:
+        if frame is _UNSTALL:
+            if b.peer("g1").stalled:
+                b.frame(HOST, wire.vmentry("g1", b.peer("g1").stalled, True, None))
+        else:
+            b.frame(G1, frame)           # must not raise
+        out += b.take()
+    ept = b.f.epts["g1"]
+    to_devices = [m for ident, m in out if ident in (D0, D1)]
+    # Only memory requests through a pass-through page: at the HPA, stamped 00:00.0, to d0.
+    assert all(ident != D1 for ident, _ in out)
+    assert len(to_devices) <= ept.mmio_hits
+    for m in to_devices:
+        assert m[0] == wire.TLP and m[2:] == [None, 0], m
+        ftype, off, rid, addr = T.peek(m[1])
+        assert ftype in (int(TlpType.MEM_WRITE), int(TlpType.MEM_WRITE_64), int(TlpType.MEM_READ),
+                         int(TlpType.MEM_READ_64)) and off == 0
+        assert rid == 0x0000 and VF_BAR <= addr < VF_BAR + 0x2000
+    # The host hears only VM exits, all in g1's name; the fabric's own exits are real ones.
+    for ident, m in out:
+        if ident == HOST:
+            assert m[0] == wire.VMEXIT and m[1] == "g1", m
+            if m[3] == "mmio":
+                ftype, off, rid, addr = T.peek(m[4]["tlp"])
+                assert GTRAP <= addr < GTRAP + 0x2000 and (m[2] < 0) == (ftype in (0x40, 0x60))
+            elif m[3] == "ept_violation":
+                assert m[2] == 0
+            else:
+                assert m[2] >= 0
+        else:
+            assert ident in (G1, D0, CTL), (ident, m)      # nothing for g2, d1
+    assert b.f.dma_tlps == 0 and b.f.irqs_delivered == 0 and b.f.fault_log.recorded == 0
+    # Drops are accounted for (EPT violations are per-guest counts, not drops).
+    per_peer = sum(n for p in b.f.peers.values() for r, n in p.drops.items() if r != "ept_violation")
+    counted = sum(v for k, v in b.c.items() if k.startswith("drop:") and k != "drop:unregistered")
+    assert per_peer == counted and b.peer("g1").drops["ept_violation"] == b.c["ept:violation"]
+    # The machine still works once the guest is resumed.
+    if b.peer("g1").stalled:
+        b.frame(HOST, wire.vmentry("g1", b.peer("g1").stalled, True, None))
+    b.take()
+    if not b.peer("g1").stalled:
+        b.tlp(G1, Tlp.mem_write(GBAR, b"live"))
+        assert b.take()[-1] == (D0, [wire.TLP, Tlp.mem_write(VF_BAR, b"live").pack(), None, 0])
+    b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=99)
+    assert b.take() == [(HOST, [wire.IRQ, 2, 0x41, D0_RID, 99, 5])]
+    _sent, got = _host_cfg_read(b, 0x0100, tag=1)
+    assert got.requester_id == 0

@@ -55,15 +55,30 @@ def test_default_loads() -> None:
     assert t.platform == Platform()
     assert t.devices == (Device(name="d0", kind="sriov", total_vfs=4, vfs=2, pf_vectors=8,
                                 vf_vectors=4, bus=1),)
-    assert t.guests == ()
+    # Two VMs, one VF each (case 2); the host keeps the PF (case 1).
+    assert t.guests == (Guest(name="g1", cpus=2, memory_mib=16, cpuid="kvm", assign=("d0.vf0",)),
+                        Guest(name="g2", cpus=1, memory_mib=16, cpuid="kvm", assign=("d0.vf1",)))
+    assert [g.kernel for g in t.guests] == ["modern", "modern"]
+    assert [g.irq for g in t.guests] == ["msix", "msix"]
     assert t.workload == Workload(per_function=10000, inflight=8)
-    # PF + 2 VFs, 4000 each
-    assert (1 + t.device("d0").vfs) * t.workload.per_function == 12_000
+    # PF + 2 VFs, 10,000 each
+    assert (1 + t.device("d0").vfs) * t.workload.per_function == 30_000
+    # Every enabled VF is assigned, none twice.
+    assigned = [a for g in t.guests for a in g.assign]
+    assert sorted(assigned) == [f"d0.vf{i}" for i in range(t.device("d0").vfs)]
+
+
+# What the default file states beyond the built-in defaults: its two guests and a longer run.
+DEFAULT_EXTRAS = ('[[guest]]\nname = "g1"\ncpus = 2\nassign = ["d0.vf0"]\n'
+                  '[[guest]]\nname = "g2"\nassign = ["d0.vf1"]\n'
+                  '[workload]\nper_function = 10000\n')
 
 
 def test_default_file_states_every_default() -> None:
-    # Parsing the default file explicitly vs. an almost empty one gives the same topology.
-    assert load(None) == loads('name = "default"\n' + D0, "<default>")
+    # Parsing the default file explicitly vs. an almost empty one gives the same topology:
+    # apart from the guests and per_function (noted in its header), it states only defaults.
+    assert load(None) == loads('name = "default"\n' + D0 + DEFAULT_EXTRAS, "<default>")
+    assert Workload().per_function != load(None).workload.per_function
 
 
 def test_device_and_guest_lookup() -> None:
@@ -153,7 +168,14 @@ def test_to_dict_round_trip(text: str) -> None:
 def test_to_dict_layout_is_the_file_layout() -> None:
     d = load(None).to_dict()
     assert list(d) == ["name", "transport", "platform", "device", "guest", "workload"]
-    assert "source" not in d and d["guest"] == [] and d["device"][0]["bus"] == 1
+    assert "source" not in d and d["device"][0]["bus"] == 1
+    assert d["guest"] == [
+        {"name": "g1", "cpus": 2, "memory_mib": 16, "cpuid": "kvm", "assign": ["d0.vf0"],
+         "kernel": "modern", "behaviours": [], "irq": "msix"},
+        {"name": "g2", "cpus": 1, "memory_mib": 16, "cpuid": "kvm", "assign": ["d0.vf1"],
+         "kernel": "modern", "behaviours": [], "irq": "msix"},
+    ]
+    assert d["workload"] == {"per_function": 10000, "inflight": 8, "rate": 0.0, "timeout_s": 120.0}
 
 
 def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
