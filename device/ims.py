@@ -149,10 +149,20 @@ class ImsStore:
             self.blocked_no_bme += 1
             return None
         lo, hi, data, ctrl = _SLOT.unpack_from(self.slots, slot * IMS_SLOT_SIZE)
-        pasid = ctrl >> IMS_CTRL_PASID_SHIFT if ctrl & IMS_CTRL_PASID_ENABLE and self.pasid_interrupts else None
         self.sent += 1
+        return self.emit_message(hi << 32 | lo, data, ctrl)
+
+    def emit_message(self, address: int, data: int, ctrl: int) -> Emit:
+        """Turn one unmasked slot into its MWr (BME already checked).
+
+        A function's store tags it with ctrl.PASID when PE is set and the
+        device can tag interrupts; origin = the function's RID.  A subclass
+        whose device identifies the sender differently (the SIOV ADI's store,
+        ``device.adi``) overrides this.
+        """
+        pasid = ctrl >> IMS_CTRL_PASID_SHIFT if ctrl & IMS_CTRL_PASID_ENABLE and self.pasid_interrupts else None
         rid = self.requester_id
-        return Emit(mem_write_dw(hi << 32 | lo, data.to_bytes(4, "little"), rid, pasid), rid)
+        return Emit(mem_write_dw(address, data.to_bytes(4, "little"), rid, pasid), rid)
 
     # ---- MMIO accessors (offsets relative to the first slot) -------------------------------------
 

@@ -26,12 +26,19 @@ from fabric.tlp import Tlp, TlpError
 class DeviceShell:
     def __init__(self, cfg: dict, port: Port):
         self.port = port
-        self.model = SriovDevice(total_vfs=int(cfg.get("total_vfs", 4)),
-                                 pf_vectors=int(cfg.get("pf_vectors", 8)),
-                                 vf_vectors=int(cfg.get("vf_vectors", 4)),
-                                 pf_ims_slots=int(cfg.get("pf_ims_slots", 0)),
-                                 vf_ims_slots=int(cfg.get("vf_ims_slots", 0)),
-                                 pasid_interrupts=bool(cfg.get("pasid_interrupts", True)))
+        if cfg.get("kind") == "siov":
+            from device.siov_device import SiovDevice
+            self.model = SiovDevice(adis=int(cfg.get("adis", 4)), adi_ims_slots=int(cfg.get("adi_ims_slots", 8)),
+                                    pf_vectors=int(cfg.get("pf_vectors", 8)),
+                                    pf_ims_slots=int(cfg.get("pf_ims_slots", 0)),
+                                    pasid_interrupts=bool(cfg.get("pasid_interrupts", True)))
+        else:
+            self.model = SriovDevice(total_vfs=int(cfg.get("total_vfs", 4)),
+                                     pf_vectors=int(cfg.get("pf_vectors", 8)),
+                                     vf_vectors=int(cfg.get("vf_vectors", 4)),
+                                     pf_ims_slots=int(cfg.get("pf_ims_slots", 0)),
+                                     vf_ims_slots=int(cfg.get("vf_ims_slots", 0)),
+                                     pasid_interrupts=bool(cfg.get("pasid_interrupts", True)))
         self.bad_tlps = 0
         self.stop = asyncio.get_running_loop().create_future()
         self._ops = {"stats": self.op_stats, "flr": self.op_flr, "shutdown": self.op_shutdown}

@@ -187,6 +187,8 @@ class Platform:
 
     ir: bool = True                 # an interrupt-remapping unit exists
     ir_entries: int = 65536
+    pasid_ir: bool = False          # IRTEs can also check the request's PASID (not in real VT-d)
+    pasid_interrupts: bool = True   # the root complex accepts PASID-tagged interrupt requests
     fault_records: int = 8
     max_bus: int = 32               # buses the host scans
     limits: dict = field(default_factory=dict)
@@ -225,7 +227,7 @@ class Fabric:
         self.epts: dict[str, Ept] = {}                    # guest name -> its EPT
         self.host: Peer | None = None
         # IRTA starts unprogrammed, as at reset: the host's IR driver programs it (``ir.table``).
-        self.ir = InterruptRemapper(None, fault_log=self.fault_log)
+        self.ir = InterruptRemapper(None, fault_log=self.fault_log, pasid_check=self.platform.pasid_ir)
         self._rc_free = list(range(RC_TAGS - 1, -1, -1))
         # RC tag -> (requesting port, its original tag, port the request went to)
         self._rc_tags: list[tuple[Peer, int, Peer] | None] = [None] * RC_TAGS
@@ -263,6 +265,7 @@ class Fabric:
             "iommu.domain": self._reg_iommu_domain,
             "iommu.map": self._reg_iommu_map,
             "iommu.unmap": self._reg_iommu_unmap,
+            "iommu.pasid": self._reg_iommu_pasid,
             "ept.map": self._reg_ept_map,
             "ept.unmap": self._reg_ept_unmap,
             "irte.write": self._reg_irte_write,
@@ -365,6 +368,8 @@ class Fabric:
             info["max_bus"] = self.platform.max_bus
             info["ir"] = self.platform.ir
             info["ir_entries"] = self.platform.ir_entries
+            info["pasid_ir"] = self.platform.pasid_ir
+            info["pasid_interrupts"] = self.platform.pasid_interrupts
         elif spec.role == "control":
             self.controls.append(peer)
         self.counters["registered"] += 1
@@ -417,6 +422,11 @@ class Fabric:
             return
         data = int.from_bytes(raw[off + hdr:off + hdr + 4], "little")
         pasid = T.prefix_pasid(raw) if off else None
+        if pasid is not None and not self.platform.pasid_interrupts:
+            # The thread's case 4: "the platform cannot receive a PASID tagged interrupt message".
+            self._ir_fault(rid, FaultReason.IR_REQ_RSVD, 0, addr, data, pasid,
+                           "PASID-tagged interrupt request: this platform cannot receive them")
+            return
         res = self.ir.remap(rid, addr, data, pasid)
         if type(res) is Remapped or type(res) is Passthrough:
             dest = self.apic_owner.get(res.dest_id)
@@ -782,9 +792,20 @@ class Fabric:
             ept.unmap(int(a["gpa"]), int(a["size"]))
 
     def _reg_irte_write(self, peer: Peer, a: dict) -> None:
+        """Write a raw IRTE; ``pasid`` binds it to one PASID (platform ``pasid_ir`` only)."""
         index = int(a["index"])
         raw = int(a["lo"]) | (int(a["hi"]) << 64)
-        self.ir.write_irte(index, raw)
+        pasid = a.get("pasid")
+        if pasid is not None and not self.platform.pasid_ir:
+            raise ValueError("this platform's IRTEs cannot check a PASID (pasid_ir is off)")
+        self.ir.write_irte(index, raw, pasid=None if pasid is None else int(pasid))
+
+    def _reg_iommu_pasid(self, peer: Peer, a: dict) -> None:
+        """Scalable mode: requests from ``rid`` tagged with ``pasid`` translate through ``domain``."""
+        if a.get("domain") is None:
+            self.iommu.clear_pasid(int(a["rid"]), int(a["pasid"]))
+        else:
+            self.iommu.set_pasid(int(a["rid"]), int(a["pasid"]), int(a["domain"]))
 
     def _reg_irte_clear(self, peer: Peer, a: dict) -> None:
         self.ir.clear_irte(int(a["index"]))

@@ -122,7 +122,7 @@ class GuestHardware:
 
     # -- no IOMMU / IR inside a VM ----------------------------------------------
 
-    def irte_write(self, index: int, raw: int) -> None:
+    def irte_write(self, index: int, raw: int, pasid: int | None = None) -> None:
         raise RuntimeError("a VM has no interrupt-remapping unit")
 
     def irte_clear(self, index: int) -> None:

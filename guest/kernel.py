@@ -131,6 +131,8 @@ class Kernel:
         self.drivers: list[Any] = []
         self.bound: dict[int, Any] = {}         # rid -> driver instance
         self.claimed: set[int] = set()          # functions vfio-pci holds for VMs (no host driver)
+        self.pasid_ir = False                   # the platform's IRTEs can check PASIDs
+        self._next_pasid = 1
         self.irq_owner: dict[int, int] = {}     # virq -> RID that may raise it
         self.breaches: list[Breach] = []
         self.breach_count = 0
@@ -215,7 +217,7 @@ class Kernel:
     # -- IMS -----------------------------------------------------------------
 
     def create_ims_domain(self, dev: PciDev, hwsize: int, slot_addr: Callable[[int], int],
-                          kind: str = "device", store=None) -> ImsDomain:
+                          kind: str = "device", store=None, name: str | None = None) -> ImsDomain:
         """``pci_create_ims_domain`` (2022; ``pci_subdevice_msi_create_irq_domain`` in 2020): a
         per-device IMS domain, or DomainCreationError saying why not.
 
@@ -223,12 +225,13 @@ class Kernel:
         ``memory`` kind).  Whether the device *has* IMS is the caller's capability check
         (``PciBus.ims_supported``); this decides whether the platform can compose for it.
         """
-        name = f"IMS-{'MEM-' if kind == 'memory' else ''}{dev.name}"
+        dev_name = name or dev.name
+        full = f"IMS-{'MEM-' if kind == 'memory' else ''}{dev_name}"
         if self.ims_parent is None:
-            raise DomainCreationError(name, self.ims_refusal or "no MSI parent domain supports IMS")
+            raise DomainCreationError(full, self.ims_refusal or "no MSI parent domain supports IMS")
         if hwsize <= 0:
-            raise DomainCreationError(name, "the device reports no IMS slots")
-        return ImsDomain(self.ims_parent, dev.name, hwsize, slot_addr, store or self.hw, kind)
+            raise DomainCreationError(full, "the device reports no IMS slots")
+        return ImsDomain(self.ims_parent, dev_name, hwsize, slot_addr, store or self.hw, kind)
 
     def ram_store(self):
         """A store for memory-kind IMS: plain writes into this OS's RAM."""
@@ -242,16 +245,25 @@ class Kernel:
 
     pci_create_ims_domain = create_ims_domain
 
-    async def alloc_ims(self, domain: ImsDomain, dev: PciDev, nr: int = 1) -> list[int]:
-        """Allocate ``nr`` IMS irqs and run the domains' async prepare (compose hypercalls)."""
-        virq = irq_domain_alloc_irqs(domain, nr, IrqAllocInfo(dev=dev, extra={"sid": dev.rid}))
+    async def alloc_ims(self, domain: ImsDomain, dev: PciDev, nr: int = 1, owner: int | None = None,
+                        pasid: int | None = None) -> list[int]:
+        """Allocate ``nr`` IMS irqs and run the domains' async prepare (compose hypercalls).
+
+        ``owner``: the provenance identity allowed to raise them (default: the function's);
+        ``pasid``: bind the IRTEs to this PASID too (bare metal, PASID-tagged interrupts).
+        """
+        extra = {"sid": dev.rid}
+        if pasid is not None:
+            extra["pasid"] = pasid
+        virq = irq_domain_alloc_irqs(domain, nr, IrqAllocInfo(dev=dev, extra=extra))
         irqs = list(range(virq, virq + nr))
         try:
             await self._prepare(irqs)
         except BaseException:
             irq_domain_free_irqs(domain, virq, nr)
             raise
-        owner = self.provenance.get(dev.rid, dev.rid)
+        if owner is None:
+            owner = self.provenance.get(dev.rid, dev.rid)
         for irq in irqs:
             self.irq_owner[irq] = owner
         return irqs
@@ -263,6 +275,14 @@ class Kernel:
                 prepare = getattr(level.domain, "prepare", None)
                 if prepare is not None:
                     await prepare(level)
+
+    def alloc_pasid(self) -> int:
+        """``ioasid_alloc``: a fresh PASID (20 bits; 0 is reserved for requests without one)."""
+        pasid = self._next_pasid
+        if pasid > 0xF_FFFF:
+            raise RuntimeError("PASID space exhausted")
+        self._next_pasid += 1
+        return pasid
 
     def remove_domain(self, domain: IrqDomain) -> None:
         irq_domain_remove(domain)

@@ -151,6 +151,7 @@ class Workload:
             span = ((r.t_last or now) - (r.t_first or now)) / 1e9
             out[inst.name] = {
                 "rid": inst.dev.rid,
+                "origin": inst.origin,
                 "irq_mode": inst.irq_mode,
                 "ims_error": inst.ims_error,
                 "target": r.target,

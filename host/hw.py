@@ -84,8 +84,14 @@ class HostHardware:
 
     # -- IOMMU / IR unit (privileged register interface) -----------------------
 
-    def irte_write(self, index: int, raw: int) -> None:
-        self.port.reg_nowait("irte.write", {"index": index, "lo": raw & (1 << 64) - 1, "hi": raw >> 64})
+    def irte_write(self, index: int, raw: int, pasid: int | None = None) -> None:
+        args = {"index": index, "lo": raw & (1 << 64) - 1, "hi": raw >> 64}
+        if pasid is not None:
+            args["pasid"] = pasid
+        self.port.reg_nowait("irte.write", args)
+
+    async def iommu_pasid(self, rid: int, pasid: int, domain: int | None) -> None:
+        await self.port.reg("iommu.pasid", {"rid": rid, "pasid": pasid, "domain": domain})
 
     def irte_clear(self, index: int) -> None:
         self.port.reg_nowait("irte.clear", {"index": index})

@@ -24,10 +24,15 @@ from fabric.loop import die_with_parent, run
 from fabric.port import Port
 from guest.cpuid import bare_metal_cpuid
 from guest.drivers.engine import EngineDriver
+from guest.drivers.siov import SiovPfDriver
 from guest.kernel import Kernel
 from guest.shell import OsShell
 from host.hw import HostHardware
 from host.vmm import Vmm
+
+
+#: the IOMMU domain of the host's own PASID-tagged DMA (identity over host RAM)
+HOST_PASID_DOMAIN = 0x7FFF
 
 
 class Host(OsShell):
@@ -37,8 +42,19 @@ class Host(OsShell):
                         bare_metal_cpuid, ir_entries=int(cfg["ir_entries"]) if cfg.get("ir", True) else None)
         super().__init__(port, kernel, hw)
         self.cfg = cfg
+        self.platform = dict(port.info)
+        kernel.pasid_ir = bool(self.platform.get("pasid_ir"))
         kernel.drivers.append(EngineDriver(cfg.get("irq_mode", "msix")))
         kernel.claimed.update(int(r) for vm in cfg.get("vms", []) for r in vm.get("assign_rids", []))
+        # Scalable-IOV PFs: per-PF options and the ADIs the VMM keeps for VMs
+        self.siov_opts = {int(rid): o for rid, o in cfg.get("siov", {}).items()}
+        claimed: dict[int, set[int]] = {}
+        for vm in cfg.get("vms", []):
+            for rid, adi in vm.get("assign_adis", []):
+                claimed.setdefault(int(rid), set()).add(int(adi))
+        self.siov = SiovPfDriver("ims", {rid: o.get("ims", "device") for rid, o in self.siov_opts.items()},
+                                 claimed, HOST_PASID_DOMAIN if self.siov_opts else None)
+        kernel.drivers.append(self.siov)
         self.vmm = Vmm(self)
         self.msg_handlers[wire.VMEXIT] = self.vmm.on_exit
         self.ctl_ops["vms"] = self.op_vms
@@ -52,6 +68,11 @@ class Host(OsShell):
             await self.port.reg("ir.table", {"entries": k.ir.allocator.entries})
             await self.port.reg("ir.enable", {"on": True})
             await self.port.reg("ir.cfi", {"on": False})   # Linux clears CFI once IR is on
+        if self.siov_opts:
+            # PASID-tagged DMA of the host's own ADIs: an identity domain over host RAM
+            await self.port.reg("iommu.domain", {"domain": HOST_PASID_DOMAIN, "op": "create"})
+            await self.port.reg("iommu.map", {"domain": HOST_PASID_DOMAIN, "iova": 0, "hpa": 0,
+                                              "size": k.ram.size, "read": True, "write": True})
         max_bus = int(self.port.info.get("max_bus", 32))
         sriov = {int(b): int(n) for b, n in self.cfg.get("sriov", {}).items()}
         devs = await k.pci_init(range(1, max_bus + 1), sriov)

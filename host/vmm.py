@@ -34,7 +34,11 @@ from guest.irq.domain import (IrqAllocInfo, IrqError, irq_chip_compose_msi_msg, 
                               irq_domain_free_irqs)
 from guest.pci import regs as R
 from guest.pci.core import PciDev
+from fabric.ir import compose_remappable
+from fabric.provenance import adi_origin, describe
+from host import emul_siov
 from host.cpuid import vm_cpuid
+from host.vdev import BAR0_SIZE as ADI_BAR0_SIZE, VirtualAdi
 from host.vfio import PAGE, VirtualFunction
 
 #: guest RAM windows in host-physical space: 1 TiB up, 64 GiB apart
@@ -49,10 +53,26 @@ COMPOSE_QUOTA = 64
 @dataclass
 class Compose:
     handle: int
-    vf: VirtualFunction
+    vf: "VirtualFunction | VirtualAdi"
     virq: int
     apic: int
     vector: int
+    kind: str = "remapped"      # "remapped": a real pair went to the guest; "fake": the ABI pair
+    real: tuple[int, int, int] | None = None
+
+
+def fake_pair(handle: int) -> tuple[int, int, int]:
+    """The "fake" address/data pair of case 4 (an ABI between guest and VMM, docs/hypercalls.md).
+
+    Remappable format with the VMM's handle in the handle field and address bits 63:32 = 1:
+    meaningless to the IR unit (any request with addr_hi != 0 faults 0x20), recognisable by
+    the VMM's IMS emulation when the guest stores it into a trapped slot.
+    """
+    lo, _, data = compose_remappable(handle & 0xFFFF, 0, shv=True)
+    return lo, FAKE_ADDR_HI, data
+
+
+FAKE_ADDR_HI = 0x1
 
 
 @dataclass
@@ -65,7 +85,7 @@ class Vm:
     variant: str
     hpa: int
     domain: int
-    vfs: dict[int, VirtualFunction] = field(default_factory=dict)      # guest RID -> VF
+    vfs: dict[int, "VirtualFunction | VirtualAdi"] = field(default_factory=dict)  # guest RID -> device
     composes: dict[int, Compose] = field(default_factory=dict)
     handles: itertools.count = field(default_factory=lambda: itertools.count(1))
     exits: dict[str, int] = field(default_factory=dict)
@@ -105,16 +125,42 @@ class Vmm:
         await reg("iommu.domain", {"domain": vm.domain, "op": "create"})
         await reg("iommu.map", {"domain": vm.domain, "iova": 0, "hpa": vm.hpa, "size": vm.mem_size,
                                 "read": True, "write": True})
-        for slot, rid in enumerate(spec.get("assign_rids", [])):
+        slot = FIRST_GUEST_SLOT
+        for rid in spec.get("assign_rids", []):
             dev = self.kernel.pci.devices.get(rid)
             if dev is None:
                 raise RuntimeError(f"{name}: assigned function {rid_str(rid)} was not found by enumeration")
-            vf = await self._make_vf(dev, (FIRST_GUEST_SLOT + slot) << 3)
+            vf = await self._make_vf(dev, slot << 3)
+            slot += 1
             vm.vfs[vf.guest_rid] = vf
             await reg("context.set", {"rid": rid, "mode": "domain", "domain": vm.domain})
             self.log.append(f"vfio-pci {rid_str(rid)}: assigned to {name} as {rid_str(vf.guest_rid)}")
+        for rid, adi in spec.get("assign_adis", []):
+            vadi = await self._make_adi(vm, rid, adi, slot << 3)
+            slot += 1
+            vm.vfs[vadi.guest_rid] = vadi
+            self.log.append(f"vdcm {rid_str(rid)} ADI {adi}: PASID 0x{vadi.pasid:x}, assigned to {name} as "
+                            f"{rid_str(vadi.guest_rid)}" + (" (IMS capability hidden: Intel's path)"
+                                                            if vadi.mangle else ""))
         self.vms[name] = vm
         return vm
+
+    async def _make_adi(self, vm: Vm, rid: int, adi: int, guest_rid: int) -> VirtualAdi:
+        """Give ADI ``adi`` of the SIOV PF at ``rid`` to ``vm``: a PASID, DMA into the VM's domain."""
+        pf = self.host.siov.pfs.get(rid)
+        if pf is None or not 0 <= adi < pf.count:
+            raise RuntimeError(f"{vm.name}: {rid_str(rid)} has no ADI {adi}")
+        opts = self.host.siov_opts.get(rid, {})
+        pasid = self.kernel.alloc_pasid()
+        pf.enable_adi(adi, pasid)
+        pf.owner[adi] = vm.name
+        await self.host.hw.iommu_pasid(rid, pasid, vm.domain)
+        raw = await self.kernel.hw.mmio_read(pf.portal(adi) + emul_siov.IMS_CAP, 4)
+        slots = int.from_bytes(raw or b"\0\0\0\0", "little")
+        vadi = VirtualAdi(rid, adi, guest_rid, pasid, pf.portal(adi), slots,
+                          mangle=bool(opts.get("mangle")), emulate_ims=bool(opts.get("vmm_emulation", True)))
+        vadi.tags_pasid = pf.pasid_interrupts
+        return vadi
 
     async def _make_vf(self, dev: PciDev, guest_rid: int) -> VirtualFunction:
         bus = self.kernel.pci
@@ -180,7 +226,8 @@ class Vmm:
         """A guest access to a trapped page (the fabric forwards the TLP, already stamped)."""
         tlp = Tlp.unpack(a["tlp"])
         gpa = tlp.byte_address()
-        vf = next((v for v in vm.vfs.values() if v.bar0_gpa <= gpa < v.bar0_gpa + v.bar0_size), None)
+        vf = next((v for v in vm.vfs.values() if v.bar0_gpa and v.bar0_gpa <= gpa < v.bar0_gpa + _bar0_size(v)),
+                  None)
         if tlp.type in (TlpType.MEM_WRITE, TlpType.MEM_WRITE_64):
             if vf is not None:
                 for action in vf.mmio_write(gpa - vf.bar0_gpa, tlp.payload_bytes()):
@@ -229,6 +276,7 @@ class Vmm:
         if len(args) < 3:
             return hc.reply(-hc.KVM_EINVAL)
         dev, vector, dest = args[0], args[1], args[2]
+        cookie = args[3] if len(args) > 3 else 0
         vf = vm.vfs.get(dev)
         if vf is None:
             vm.refuse(f"compose for {rid_str(dev & 0xFFFF)}, which is not assigned to {vm.name}")
@@ -245,16 +293,37 @@ class Vmm:
         ir = self.kernel.ir
         if ir is None:
             return hc.reply(-hc.KVM_EOPNOTSUPP)   # without IR nothing would check the source
+        memory = bool(cookie & hc.COOKIE_MEMORY)
+        fake = False
+        extra = {"sid": getattr(vf, "host_rid", None) or getattr(vf, "pf_rid", 0)}
+        owner = extra["sid"]
+        if isinstance(vf, VirtualAdi):
+            owner = adi_origin(vf.pf_rid, vf.adi)
+            plat = self.host.platform
+            if memory and vf.tags_pasid and not plat.get("pasid_interrupts", True):
+                vm.refuse(f"compose for {rid_str(dev)}: this platform cannot receive PASID-tagged "
+                          "interrupts (case 3 impossible; use the emulated IMS of case 4)")
+                return hc.reply(-hc.KVM_EOPNOTSUPP)
+            if not memory:
+                if not vf.emulate_ims or vf.mangle:
+                    vm.refuse(f"compose for {rid_str(dev)} device IMS: the VMM has no IMS emulation "
+                              f"for device 1b36:11a2")
+                    return hc.reply(-hc.KVM_EOPNOTSUPP)
+                fake = True
+            if vf.tags_pasid and plat.get("pasid_ir"):
+                extra["pasid"] = vf.pasid      # case 3: the IRTE accepts only this ADI's PASID
         try:
-            virq = irq_domain_alloc_irqs(ir, 1, IrqAllocInfo(extra={"sid": vf.host_rid}))
+            virq = irq_domain_alloc_irqs(ir, 1, IrqAllocInfo(extra=extra))
         except IrqError:
             return hc.reply(-hc.KVM_ENOSPC)
         handle = next(vm.handles)
-        vm.composes[handle] = Compose(handle, vf, virq, dest, vector)
-        self.kernel.irq_owner[virq] = vf.host_rid
+        self.kernel.irq_owner[virq] = owner
         self.kernel.irq.request_irq(virq, self._compose_handler(vm, handle), f"vfio-ims:{vm.name}")
         msg = irq_chip_compose_msi_msg(self.kernel.irq.irq_get_irq_data(virq))
-        return hc.reply(0, msg.address_lo, msg.address_hi, msg.data, handle)
+        real = (msg.address_lo, msg.address_hi, msg.data)
+        vm.composes[handle] = Compose(handle, vf, virq, dest, vector, "fake" if fake else "remapped", real)
+        lo, hi, data = fake_pair(handle) if fake else real
+        return hc.reply(0, lo, hi, data, handle)
 
     def _free(self, vm: Vm, args: list[int]) -> dict:
         if len(args) < 2:
@@ -279,7 +348,10 @@ class Vmm:
     # ------------------------------------------------------------------
     # actions from the vfio model
 
-    async def _act(self, vm: Vm, vf: VirtualFunction, action: tuple) -> None:
+    async def _act(self, vm: Vm, vf, action: tuple) -> None:
+        if isinstance(vf, VirtualAdi):
+            await self._act_adi(vm, vf, action)
+            return
         kind = action[0]
         if kind == "bar0":
             _, old, new = action
@@ -301,6 +373,32 @@ class Vmm:
         elif kind == "fire":
             _, idx, origin, t_ns = action
             target = vf.deliverable(idx)
+            if target is not None:
+                self._inject(vm, *target, origin, t_ns)
+
+    async def _act_adi(self, vm: Vm, vadi: VirtualAdi, action: tuple) -> None:
+        kind = action[0]
+        reg = self.port.reg
+        if kind == "bar0":
+            _, old, new = action
+            if old:
+                await reg("ept.unmap", {"vm": vm.name, "gpa": old, "size": ADI_BAR0_SIZE})
+            if new:
+                # page 0: the ADI's portal, pass-through; page 1: its IMS slots, trapped when the
+                # VMM emulates IMS, else not mapped; pages 2-3: the emulated MSI-X (mangle)
+                await reg("ept.map", {"vm": vm.name, "gpa": new, "size": PAGE, "kind": "mmio",
+                                      "hpa": vadi.portal_hpa})
+                if vadi.ims_page_kind == "trap":
+                    await reg("ept.map", {"vm": vm.name, "gpa": new + PAGE, "size": PAGE, "kind": "trap"})
+                if vadi.mangle:
+                    await reg("ept.map", {"vm": vm.name, "gpa": new + 2 * PAGE, "size": 2 * PAGE, "kind": "trap"})
+        elif kind == "ims_slot":
+            emul_siov.translate_slot(self, vm, vadi, action[1])
+        elif kind in ("msix_ctrl", "entry"):
+            emul_siov.mangle_update(self, vm, vadi)
+        elif kind == "fire":
+            _, idx, origin, t_ns = action
+            target = vadi.deliverable(idx)
             if target is not None:
                 self._inject(vm, *target, origin, t_ns)
 
@@ -330,5 +428,23 @@ class Vmm:
         return {vm.name: {"exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
                           "pending_forward": vm.pending_forward, "composes": len(vm.composes),
                           "refused": vm.refused[-20:], "refused_total": len(vm.refused),
-                          "assigned": {rid_str(g): rid_str(v.host_rid) for g, v in vm.vfs.items()}}
+                          "assigned": {rid_str(g): _phys(v) for g, v in vm.vfs.items()},
+                          "pasids": {rid_str(g): v.pasid for g, v in vm.vfs.items() if isinstance(v, VirtualAdi)},
+                          "irte_bindings": [{"handle": c.handle, "dev": rid_str(c.vf.guest_rid), "kind": c.kind,
+                                             "irte": c.real[0] >> 5 & 0x7FFF if c.real else None,
+                                             "pasid": (c.vf.pasid if isinstance(c.vf, VirtualAdi) and
+                                                       c.vf.tags_pasid and self.host.platform.get("pasid_ir")
+                                                       else None),
+                                             "vector": c.vector, "vcpu": c.apic}
+                                            for c in vm.composes.values()]}
                 for vm in self.vms.values()}
+
+
+def _bar0_size(v) -> int:
+    return ADI_BAR0_SIZE if isinstance(v, VirtualAdi) else v.bar0_size
+
+
+def _phys(v) -> str:
+    if isinstance(v, VirtualAdi):
+        return describe(adi_origin(v.pf_rid, v.adi))
+    return rid_str(v.host_rid)

@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 from fabric import wire
 from fabric.port import Port, PortError
+from fabric.provenance import adi_origin, describe
 from irqlab.topology import Topology
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,28 +163,38 @@ class Lab:
             self._write(f"{d.name}.json", {"endpoint": self.endpoint, "name": d.name, "kind": d.kind,
                                            "total_vfs": d.total_vfs, "pf_vectors": d.pf_vectors,
                                            "vf_vectors": d.vf_vectors, "pf_ims_slots": d.pf_ims_slots,
-                                           "vf_ims_slots": d.vf_ims_slots,
+                                           "vf_ims_slots": d.vf_ims_slots, "adis": d.adis,
+                                           "adi_ims_slots": d.adi_ims_slots,
                                            "pasid_interrupts": d.pasid_interrupts})
         plat = topo.platform
         max_bus = max((d.bus_range[1] for d in topo.devices), default=1)
         self._write("fabric.json", {"endpoint": self.endpoint, "tokens": table,
                                     "platform": {"ir": plat.ir, "ir_entries": plat.ir_entries,
+                                                 "pasid_ir": plat.pasid_ir,
+                                                 "pasid_interrupts": plat.pasid_interrupts,
                                                  "max_bus": max_bus}})
         vms = []
         self.provenance = {}
         for g in topo.guests:
-            rids = [_function_rid(topo, target) for target in g.assign]
+            rids = [_function_rid(topo, t) for t in g.assign if ".vf" in t]
+            adis = [_adi(topo, t) for t in g.assign if ".adi" in t]
             vms.append({"name": g.name, "cpus": g.cpus, "memory_mib": g.memory_mib, "cpuid": g.cpuid,
-                        "kernel": g.kernel, "assign_rids": rids})
-            # The VMM puts assigned functions at 00:03.0, 00:04.0, ... of the guest's bus.
-            prov = {str((3 + i) << 3): rid for i, rid in enumerate(rids)}
+                        "kernel": g.kernel, "assign_rids": rids, "assign_adis": adis})
+            # The VMM puts assigned VFs, then ADIs, at 00:03.0, 00:04.0, ... of the guest's bus;
+            # the oracle's identity of each is the VF's RID or (PF RID, ADI index).
+            origins = rids + [adi_origin(rid, i) for rid, i in adis]
+            prov = {str((3 + i) << 3): o for i, o in enumerate(origins)}
             self.provenance[g.name] = {int(k): v for k, v in prov.items()}
+            kinds = [topo.device(t.partition(".")[0]).ims for t in g.assign if ".adi" in t]
             self._write(f"{g.name}.json", {"endpoint": self.endpoint, "name": g.name, "cpus": g.cpus,
                                            "memory_mib": g.memory_mib, "kernel": g.kernel, "irq_mode": g.irq,
-                                           "provenance": prov})
+                                           "ims_kind": kinds[0] if kinds else "device", "provenance": prov})
         self._write("host.json", {"endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
                                   "memory_mib": plat.memory_mib, "ir": plat.ir, "ir_entries": plat.ir_entries,
                                   "sriov": {str(d.bus): d.vfs for d in topo.devices if d.vfs},
+                                  "siov": {str(d.pf_rid): {"ims": d.ims, "vmm_emulation": d.vmm_emulation,
+                                                           "mangle": d.mangle}
+                                           for d in topo.devices if d.kind == "siov"},
                                   "vms": vms})
         return tokens
 
@@ -466,7 +477,12 @@ def _function_rid(topo: Topology, target: str) -> int:
     dev = topo.device(dev_name)
     if fn.startswith("vf"):
         return dev.vf_rid(int(fn[2:]))
-    raise ValueError(f"{target}: only VFs can be assigned so far")
+    raise ValueError(f"{target} is not a VF")
+
+
+def _adi(topo: Topology, target: str) -> tuple[int, int]:
+    dev_name, _, fn = target.partition(".")
+    return topo.device(dev_name).pf_rid, int(fn[3:])
 
 
 def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
@@ -481,7 +497,7 @@ def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
         return "ordering violated", f"{row['record_missing']} interrupts overtook their completion record"
     if target and got >= target and sent == got:
         return ("clean error" if why else "delivered"), why
-    faults = faults_by_source.get(row["phys"], {})
+    faults = faults_by_source.get(row["phys"].split(" ")[0], {})
     reasons = ", ".join(f"fault {r} x{n}" for r, n in sorted(faults.items()))
     if sent > got:
         detail = (f"{sent} interrupts sent by {row['phys']}, {got} reached {row['os']}"
@@ -495,19 +511,23 @@ def build_report(topo: Topology, results: dict, before: dict, after: dict, fabri
     """Join each OS's view (delivered) with the devices' (sent) per function."""
     from fabric.bdf import rid_str
     provenance = provenance or {}
-    sent_by_rid: dict[int, int] = {}
+    sent_by_rid: dict[int, int] = {}     # by provenance identity: a function's RID or an ADI's origin
     for name in after:
         for key, f in after[name].get("functions", {}).items():
             prev = before.get(name, {}).get("functions", {}).get(key, {})
             sent_by_rid[f["rid"]] = sum(f.get(k, 0) - prev.get(k, 0) for k in ("msix_sent", "ims_sent"))
+        pf_rid = after[name].get("pf_rid")
+        for i, a in enumerate(after[name].get("adis", [])):
+            prev = (before.get(name, {}).get("adis") or [{}] * (i + 1))[i]
+            sent_by_rid[adi_origin(pf_rid, a.get("index", i))] = a.get("ims_sent", 0) - prev.get("ims_sent", 0)
     rows = []
     by_source = faults.get("by_source", {})
     for os_name, res in results.items():
         os_counters = res.get("os", {})
         for fname, f in res.get("functions", {}).items():
-            phys = provenance.get(os_name, {}).get(f["rid"], f["rid"])
+            phys = f.get("origin", provenance.get(os_name, {}).get(f["rid"], f["rid"]))
             sent = sent_by_rid.get(phys, 0)
-            row = {"os": os_name, "function": fname, "rid": rid_str(f["rid"]), "phys": rid_str(phys),
+            row = {"os": os_name, "function": fname, "rid": rid_str(f["rid"]), "phys": describe(phys),
                    "sent": sent, "delivered": f["completed"], "interrupts": f["interrupts"],
                    "target": f["target"], "lost": max(sent - f["interrupts"], 0),
                    "record_missing": f["record_missing"], "rate_per_s": f["rate_per_s"],

@@ -126,8 +126,8 @@ class Platform:
     cpus: int = 2
     memory_mib: int = 64
     posted: bool = False            # accepted; used by a later issue
-    pasid_ir: bool = False          # accepted; used by a later issue
-    pasid_interrupts: bool = True   # accepted; used by a later issue
+    pasid_ir: bool = False          # IRTEs can also check the request's PASID (not in real VT-d)
+    pasid_interrupts: bool = True   # the root complex accepts PASID-tagged interrupt requests
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,14 @@ class Device:
     pf_vectors: int = 8
     vf_vectors: int = 4
     bus: int | None = None          # None only before resolution; a loaded Topology has ints
-    adis: int = 0                   # accepted; used by a later issue (siov)
+    adis: int = 0                   # siov: ADIs (default 4 for a siov device)
+    adi_ims_slots: int = 8          # siov: device-kind IMS slots per ADI
+    vmm_emulation: bool = True      # siov: the VMM has IMS emulation for this device (case 4)
+    mangle: bool = False            # siov: the VMM hides the IMS capability from guests (Intel's path)
     pf_ims_slots: int = 0           # IMS slots (kind "device", in BAR0 page 1) on the PF
     vf_ims_slots: int = 0           # ... and on each VF
-    ims: str = "device"             # accepted; used by a later issue
-    pasid_interrupts: bool = True   # accepted; used by a later issue
+    ims: str = "device"             # which IMS kind drivers prefer: "device" (BAR slots) or "memory"
+    pasid_interrupts: bool = True   # the device tags interrupt MWrs with the ADI's PASID
 
     @property
     def buses(self) -> int:
@@ -515,6 +518,9 @@ _DEVICE_KEYS: dict[str, _Checker] = {
     "vf_vectors": _Int(1, 2048),
     "bus": _Int(FIRST_BUS, LAST_BUS, optional=True),
     "adis": _Int(0, 64),
+    "adi_ims_slots": _Int(0, 256),
+    "vmm_emulation": _Bool(),
+    "mangle": _Bool(),
     "pf_ims_slots": _Int(0, 256),
     "vf_ims_slots": _Int(0, 256),
     "ims": _Choice(("device", "memory")),
@@ -630,6 +636,16 @@ def _default_name(source: str) -> str:
 
 def _device(table: Any, path: str) -> Device:
     dev: Device = _section(Device, _DEVICE_KEYS, table, path)
+    if dev.kind == "siov":
+        tbl = _table(table, path)
+        for key in ("vfs", "total_vfs", "vf_ims_slots"):
+            if tbl.get(key):
+                raise _Problem(f"{path}.{key}", f"a 'siov' device has ADIs, not VFs (set {path}.adis)")
+        dev = dataclasses.replace(dev, vfs=0, total_vfs=0, adis=dev.adis if "adis" in tbl else 4)
+    else:
+        for key in ("adi_ims_slots", "vmm_emulation", "mangle"):
+            if getattr(dev, key) != getattr(Device, key):
+                raise _Problem(f"{path}.{key}", f"only a 'siov' device has ADIs ({path}.kind is {dev.kind!r})")
     if dev.vfs > dev.total_vfs:
         raise _Problem(f"{path}.vfs", f"{dev.vfs} exceeds {path}.total_vfs = {dev.total_vfs}")
     if dev.adis and dev.kind != "siov":

@@ -9,8 +9,11 @@ The driver's own copy of the register map (like a Linux driver's
     BAR0 + 0x10  CMPL_RING_ENTRIES  RW  power of two
     BAR0 + 0x14  IRQ_VECTOR         RW  MSI-X entry raised on completion
     BAR0 + 0x18  DOORBELL           WO  cookie: one work item
-    BAR0 + 0x28  IRQ_MODE           RW  0 = raise MSI-X entry IRQ_VECTOR, 1 = IMS slot IRQ_VECTOR
-    BAR0 + 0x2C  IMS_CAP            RO  number of IMS slots (0: no IMS)
+    BAR0 + 0x28  IRQ_MODE           RW  0 = raise MSI-X entry IRQ_VECTOR, 1 = IMS slot IRQ_VECTOR,
+                                        2 = memory IMS slot IRQ_VECTOR (ADIs)
+    BAR0 + 0x2C  IMS_CAP            RO  number of device-kind IMS slots (0: no IMS)
+    BAR0 + 0x38  QCTX_BASE_LO/HI    RW  (ADIs) queue context: memory-kind IMS slots, 16 B each
+    BAR0 + 0x40  IMS_MEM_SLOTS      RO  (ADIs) memory-kind IMS slots the queue context holds
     BAR0 + 0x1000 IMS slots, 16 B each (addr lo, addr hi, data, ctrl)
     completion record (16 B): u32 cookie | u32 status (1 = done) | u64 seq
 
@@ -31,6 +34,7 @@ import struct
 import time
 from typing import Callable
 
+from guest.pci import regs as R
 from guest.pci.core import PciDev
 
 PCI_VENDOR_ID_REDHAT_QUMRANET = 0x1B36
@@ -45,9 +49,14 @@ IRQ_VECTOR = 0x14
 DOORBELL = 0x18
 IRQ_MODE = 0x28
 IMS_CAP = 0x2C
+QCTX_BASE_LO = 0x38
+QCTX_BASE_HI = 0x3C
+IMS_MEM_SLOTS = 0x40
 IMS_OFFSET = 0x1000
 IMS_SLOT_SIZE = 16
-IRQ_MODE_MSIX, IRQ_MODE_IMS = 0, 1
+IRQ_MODE_MSIX, IRQ_MODE_IMS, IRQ_MODE_IMS_MEMORY = 0, 1, 2
+ADI_DEVICE_ID = 0x11A3
+PAGE_SIZE = 4096
 CMPL_STATUS_DONE = 1
 RING_ENTRIES = 1024
 
@@ -60,33 +69,56 @@ class EngineDriver:
 
     name = "irqlab-engine"
 
-    def __init__(self, irq_mode: str = "msix"):
+    def __init__(self, irq_mode: str = "msix", ims_kind: str = "device"):
         if irq_mode not in ("msix", "ims"):
             raise ValueError(f"irq_mode {irq_mode!r} (expected 'msix' or 'ims')")
+        if ims_kind not in ("device", "memory"):
+            raise ValueError(f"ims_kind {ims_kind!r} (expected 'device' or 'memory')")
         self.irq_mode = irq_mode
+        self.ims_kind = ims_kind
 
     def match(self, dev: PciDev) -> bool:
-        return dev.vendor == PCI_VENDOR_ID_REDHAT_QUMRANET and dev.device in (ENGINE_PF_ID, ENGINE_VF_ID)
+        return dev.vendor == PCI_VENDOR_ID_REDHAT_QUMRANET and dev.device in (
+            ENGINE_PF_ID, ENGINE_VF_ID, ADI_DEVICE_ID)
 
     async def probe(self, kernel, dev: PciDev) -> "EngineInstance":
         await kernel.pci.enable_device(dev)
-        inst = EngineInstance(kernel, dev, self.irq_mode)
+        inst = EngineInstance(kernel, dev, self.irq_mode, ims_kind=self.ims_kind)
         await inst.setup()
         return inst
 
 
-class EngineInstance:
-    """One bound function: its ring, its MSI-X vector and its counters."""
+class DriverError(RuntimeError):
+    """Probe failed: the function cannot be used (e.g. no interrupt the platform allows)."""
 
-    def __init__(self, kernel, dev: PciDev, irq_mode: str = "msix"):
+
+class EngineInstance:
+    """One bound work engine (a PCI function, or an ADI portal): its ring, its interrupt, counters.
+
+    ``bar0`` is the engine's register page (a function's BAR0, or an ADI's portal
+    page in its PF's BAR2); ``origin`` the out-of-band identity of what raises its
+    interrupts (the isolation oracle's notion of the owner).
+    """
+
+    def __init__(self, kernel, dev: PciDev, irq_mode: str = "msix", *, bar0: int | None = None,
+                 label: str | None = None, ims_kind: str = "device", origin: int | None = None,
+                 msix: bool = True, domain_name: str | None = None, bind_pasid: int | None = None):
         self.kernel = kernel
         self.dev = dev
         self.want_mode = irq_mode
+        self.ims_kind = ims_kind
         self.irq_mode = "msix"
-        self.ims_error = ""      # why IMS was not used, when it was asked for
+        self.ims_error = ""      # why IMS (or a kind of it) was not used, when it was asked for
         self.ims_domain = None
-        self.bar0 = dev.bars[0].base
+        self.bar0 = dev.bars[0].base if bar0 is None else bar0
+        self._label = label
+        self.origin = kernel.provenance.get(dev.rid, dev.rid) if origin is None else origin
+        self._msix = msix and R.PCI_CAP_ID_MSIX in dev.caps
+        self._domain_name = domain_name or dev.name
+        self._action = domain_name or str(dev)
+        self.bind_pasid = bind_pasid   # bare metal: IRTEs also check this PASID
         self.ring = 0
+        self.qctx = 0
         self.entries = RING_ENTRIES
         self.irq = -1
         self.doorbells = 0
@@ -100,6 +132,10 @@ class EngineInstance:
 
     @property
     def name(self) -> str:
+        if self._label:
+            return self._label
+        if self.dev.device == ADI_DEVICE_ID:
+            return f"adi {self.dev}"
         # A VF assigned to a VM looks like an ordinary function there; its device ID still says VF.
         vf = self.dev.is_virtfn or self.dev.device == ENGINE_VF_ID
         return f"{'vf' if vf else 'pf'} {self.dev}"
@@ -107,39 +143,73 @@ class EngineInstance:
     async def setup(self) -> None:
         k = self.kernel
         self.ring = k.ram.alloc(self.entries * _RECORD.size)
-        index = 0
+        index, mode = 0, IRQ_MODE_MSIX
         if self.want_mode == "ims":
-            index = await self._setup_ims()
+            index, mode = await self._setup_ims()
         if self.irq_mode == "msix":
+            if not self._msix:
+                raise DriverError(f"{self.name}: no usable interrupt: {self.ims_error or 'no IMS'}; "
+                                  "and no MSI-X capability to fall back to")
             (self.irq,) = await k.alloc_msix(self.dev, 1)
-        k.irq.request_irq(self.irq, self.handle_irq, f"{EngineDriver.name}:{self.dev}")
+        k.irq.request_irq(self.irq, self.handle_irq, f"{EngineDriver.name}:{self._action}")
         w = k.hw.mmio_write
         w(self.bar0 + CMPL_BASE_LO, _U32.pack(self.ring & 0xFFFF_FFFF))
         w(self.bar0 + CMPL_BASE_HI, _U32.pack(self.ring >> 32))
         w(self.bar0 + CMPL_RING_ENTRIES, _U32.pack(self.entries))
         w(self.bar0 + IRQ_VECTOR, _U32.pack(index))
-        w(self.bar0 + IRQ_MODE, _U32.pack(IRQ_MODE_IMS if self.irq_mode == "ims" else IRQ_MODE_MSIX))
+        w(self.bar0 + IRQ_MODE, _U32.pack(mode))
 
-    async def _setup_ims(self) -> int:
-        """Try IMS; on refusal keep the reason and fall back to MSI-X.  Returns the slot."""
-        from guest.irq.domain import IrqError
+    async def _setup_ims(self) -> tuple[int, int]:
+        """Try IMS, the preferred kind first, then the other; keep every refusal's reason.
+
+        Returns (slot, IRQ_MODE).  When nothing works ``irq_mode`` stays "msix".
+        """
         from fabric.hypercall import HypercallError
+        from guest.irq.domain import IrqError
         k = self.kernel
-        raw = await k.hw.mmio_read(self.bar0 + IMS_CAP, 4)
-        slots = int.from_bytes(raw, "little") if raw else 0
-        try:
-            self.ims_domain = k.create_ims_domain(self.dev, slots,
-                                                  lambda i: self.bar0 + IMS_OFFSET + i * IMS_SLOT_SIZE)
-            (self.irq,) = await k.alloc_ims(self.ims_domain, self.dev, 1)
-        except (IrqError, HypercallError) as exc:
-            self.ims_error = str(exc)
-            k.log.append(f"{EngineDriver.name} {self.dev}: IMS unavailable, using MSI-X: {exc}")
-            if self.ims_domain is not None:
-                k.remove_domain(self.ims_domain)
-                self.ims_domain = None
-            return 0
-        self.irq_mode = "ims"
-        return k.irq.irq_get_irq_data(self.irq).hwirq
+        errors = []
+        # Capability detection, as the 2020 series proposed: a function with the SIOV DVSEC
+        # says in it whether it has IMS (a VMM may hide the bit); others are device-specific.
+        if await k.pci.siov_supported(self.dev) and not await k.pci.ims_supported(self.dev):
+            self.ims_error = "the device's SIOV capability does not offer IMS"
+            return 0, IRQ_MODE_MSIX
+        kinds = [self.ims_kind] + [x for x in ("device", "memory") if x != self.ims_kind]
+        for kind in kinds:
+            reg = IMS_CAP if kind == "device" else IMS_MEM_SLOTS
+            raw = await k.hw.mmio_read(self.bar0 + reg, 4)
+            slots = int.from_bytes(raw, "little") if raw else 0
+            if not slots:
+                continue
+            domain = None
+            try:
+                if kind == "memory":
+                    if not self.qctx:
+                        self.qctx = k.ram.alloc(PAGE_SIZE)
+                    qctx = self.qctx
+                    domain = k.create_ims_domain(self.dev, slots, lambda i: qctx + i * IMS_SLOT_SIZE,
+                                                 kind="memory", store=k.ram_store(), name=self._domain_name)
+                else:
+                    domain = k.create_ims_domain(self.dev, slots,
+                                                 lambda i: self.bar0 + IMS_OFFSET + i * IMS_SLOT_SIZE,
+                                                 name=self._domain_name)
+                (self.irq,) = await k.alloc_ims(domain, self.dev, 1, owner=self.origin, pasid=self.bind_pasid)
+            except (IrqError, HypercallError) as exc:
+                errors.append(f"{kind} IMS: {exc}")
+                if domain is not None:
+                    k.remove_domain(domain)
+                continue
+            self.ims_domain = domain
+            self.ims_error = "; ".join(errors)
+            if kind == "memory":
+                w = k.hw.mmio_write
+                w(self.bar0 + QCTX_BASE_LO, _U32.pack(self.qctx & 0xFFFF_FFFF))
+                w(self.bar0 + QCTX_BASE_HI, _U32.pack(self.qctx >> 32))
+            self.irq_mode = "ims" if kind == "device" else "ims-memory"
+            slot = k.irq.irq_get_irq_data(self.irq).hwirq
+            return slot, (IRQ_MODE_IMS if kind == "device" else IRQ_MODE_IMS_MEMORY)
+        self.ims_error = "; ".join(errors) or "the device reports no IMS slots"
+        k.log.append(f"{EngineDriver.name} {self.name}: IMS unavailable: {self.ims_error}")
+        return 0, IRQ_MODE_MSIX
 
     def ring_doorbell(self, cookie: int) -> None:
         self.doorbells += 1

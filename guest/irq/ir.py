@@ -30,8 +30,9 @@ from guest.irq.vector import irqd_cfg
 
 
 class IrHardware(Protocol):
-    def irte_write(self, index: int, raw: int) -> None:
-        """Program IRTE ``index`` with a 128-bit value (ordered before later MMIO writes)."""
+    def irte_write(self, index: int, raw: int, pasid: int | None = None) -> None:
+        """Program IRTE ``index`` with a 128-bit value (ordered before later MMIO writes);
+        ``pasid``: also accept only requests tagged with it (platform ``pasid_ir``)."""
 
     def irte_clear(self, index: int) -> None:
         """Clear IRTE ``index`` (present bit 0)."""
@@ -45,6 +46,7 @@ class IrteRef:
     sid: int
     msg: MsiMsg
     irte: Irte | None = None
+    pasid: int | None = None
 
 
 class IrteAllocator:
@@ -95,7 +97,9 @@ class IntelIrChip(IrqChip):
 class IrDomainOps(IrqDomainOps):
     def alloc(self, domain: IrqDomain, virq: int, nr: int, arg: Any) -> None:
         assert isinstance(domain, IrDomain)
-        sid = (getattr(arg, "extra", None) or {}).get("sid")
+        extra = getattr(arg, "extra", None) or {}
+        sid = extra.get("sid")
+        pasid = extra.get("pasid")
         if sid is None:
             dev = getattr(arg, "dev", None)
             sid = getattr(dev, "rid", None)
@@ -110,7 +114,7 @@ class IrDomainOps(IrqDomainOps):
         for i in range(nr):
             index = base + i
             lo, hi, data = compose_remappable(index, 0, shv=True)
-            ref = IrteRef(index, sid, MsiMsg(lo, hi, data))
+            ref = IrteRef(index, sid, MsiMsg(lo, hi, data), pasid=pasid)
             irq_domain_set_hwirq_and_chip(domain, virq + i, index, domain.chip, ref)
 
     def free(self, domain: IrqDomain, virq: int, nr: int) -> None:
@@ -156,4 +160,7 @@ class IrDomain(IrqDomain):
         # Linux set_msi_sid: SVT=1 (verify SID), SQ=0 (all 16 bits), SID = the requester.
         irte = Irte.remapped(cfg.vector, cfg.dest_apicid, ref.sid, svt=1 if self.sid_check else 0)
         ref.irte = irte
-        self.hw.irte_write(ref.index, irte.pack())
+        if ref.pasid is None:
+            self.hw.irte_write(ref.index, irte.pack())
+        else:
+            self.hw.irte_write(ref.index, irte.pack(), pasid=ref.pasid)

@@ -198,8 +198,8 @@ def topologies(draw: st.DrawFn) -> dict[str, Any]:
     ndev = draw(st.integers(1, len(names)))
     devices = []
     for n in names[:ndev]:
-        total = draw(st.integers(0, 64))
         kind = draw(st.sampled_from(["sriov", "siov"]))
+        total = draw(st.integers(0, 64)) if kind == "sriov" else 0   # a siov device has ADIs, no VFs
         devices.append({
             "name": n, "kind": kind, "total_vfs": total, "vfs": draw(st.integers(0, total)),
             "pf_vectors": draw(st.integers(1, 2048)), "vf_vectors": draw(st.integers(1, 2048)),
@@ -207,6 +207,9 @@ def topologies(draw: st.DrawFn) -> dict[str, Any]:
             "ims": draw(st.sampled_from(["device", "memory"])),
             "pasid_interrupts": draw(st.booleans()),
         })
+        if kind == "siov":
+            devices[-1].update(adi_ims_slots=draw(st.integers(0, 256)), vmm_emulation=draw(st.booleans()),
+                               mangle=draw(st.booleans()))
         if draw(st.booleans()):
             devices[-1]["bus"] = draw(st.integers(1, 255))
     explicit = [d["bus"] for d in devices if "bus" in d]
