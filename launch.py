@@ -154,7 +154,7 @@ async def _run(args, console) -> int:
     try:
         try:
             await lab.start()
-            n = sum(1 + d.vfs for d in topo.devices)
+            n = sum(1 + d.vfs + d.adis for d in topo.devices)
             per = topo.workload.per_function if args.per_function is None else args.per_function
             progress(f"booted: host {lab.boot_info.get('cpuid')}, {len(topo.guests)} guests; "
                      f"running {per:,} interrupts on each of {n} functions")

@@ -26,7 +26,8 @@ Page 0 registers (32-bit, little-endian)::
                                       MSI-X vector with an IMS slot); 2 = memory-kind IMS slot
                                       IRQ_VECTOR; writes of any other value are ignored
     0x2C   IMS_CAP            RO      device-kind IMS slots of this ADI (page 1)
-    0x30   IMS_SENT           RO      completion interrupts sent (both kinds)
+    0x30   IMS_SENT           RO      completion interrupts sent: device kind at once (not
+                                      replays), memory kind when the slot's CplD arrives
     0x38   QCTX_BASE_LO       RW      queue-context base, a bus address in the ADI owner's
     0x3C   QCTX_BASE_HI       RW      memory, [63:4] (bits 3:0 read 0: slots are 16-byte aligned)
     0x40   IMS_MEM_SLOTS      RO      memory-kind IMS slots the queue context may hold (16)
@@ -103,7 +104,7 @@ from typing import Any, Protocol
 from device.config import BE_MASK
 from device.emit import Emit, mem_write_dw
 from device.engine import DOORBELL, IRQ_MODE, WorkEngine
-from device.ims import IMS_CTRL_VECTOR_MASKBIT, IMS_SLOT_SIZE, ImsStore
+from device.ims import IMS_CTRL_PASID_ENABLE, IMS_CTRL_VECTOR_MASKBIT, IMS_SLOT_SIZE, ImsStore
 from fabric.provenance import ADI_FLAG, describe
 from fabric.tlp import CplStatus, Tlp, TlpType
 
@@ -274,7 +275,10 @@ class AdiIms(ImsStore):
         super().__init__(slots, requester_id=0, pasid_interrupts=False)
 
     def emit_message(self, address: int, data: int, ctrl: int) -> Emit:
-        return self.adi.interrupt(address, data)
+        # A device-kind slot is written by the ADI's owner's kernel (or, trapped, by the VMM):
+        # its ctrl.PASID-enable bit says whether the message goes out tagged.  The PASID value
+        # is always the ADI's own (the slot's PASID field is not trusted to choose it).
+        return self.adi.interrupt(address, data, tagged=bool(ctrl & IMS_CTRL_PASID_ENABLE))
 
 
 # ---- the ADI ---------------------------------------------------------------------------------------
@@ -343,11 +347,12 @@ class Adi:
         if self.ims is not None:
             self.ims.bus_master = self.gate_open
 
-    def interrupt(self, address: int, data: int) -> Emit:
-        """The interrupt MWr of this ADI: ``data`` at ``address``, PF RID, PASID per ``irq_pasid``."""
+    def interrupt(self, address: int, data: int, tagged: bool = True) -> Emit:
+        """The interrupt MWr of this ADI: ``data`` at ``address``, PF RID, PASID per ``irq_pasid``
+        (device-kind slots: only when their ctrl asks for it, ``tagged``)."""
         rid = self.host.rid
         return Emit(mem_write_dw(address & ~3 & _ADDR_MASK, (data & 0xFFFFFFFF).to_bytes(4, "little"), rid,
-                                 self.irq_pasid),
+                                 self.irq_pasid if tagged else None),
                     ADI_FLAG | self.index << 16 | rid)
 
     # ---- management registers (PF BAR0) ----------------------------------------------------------

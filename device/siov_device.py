@@ -18,7 +18,9 @@ registers in page 0 above the engine's::
 
     +---------+-------------------------------------------------------------------+
     | 0x0000  | page 0: PF work engine (``device.engine``, 0x00-0x34)             |
-    | 0x0100  |         ADI_CAP     RO  bits 15:0 = number of ADIs                |
+    | 0x0100  |         ADI_CAP     RO  bits 15:0 = number of ADIs, bit 31 = the  |
+    |         |                         device PASID-tags interrupt MWrs (the     |
+    |         |                         ``pasid_interrupts`` knob), 30:16 = 0     |
     | 0x0200  |         ADI table, 8 bytes per ADI i at 0x200 + 8 * i:            |
     |         |           +0 ADI_CTRL  bit0 EN, bit1 PE (PASID Enable),           |
     |         |                        bit31 write 1 = ADI reset (reads 0)        |
@@ -82,7 +84,7 @@ from fabric.bdf import rid_str
 from fabric.provenance import function_origin
 from fabric.tlp import CplStatus, Tlp, TlpType
 
-__all__ = ["Emit", "SiovDevice", "ADI_CAP", "ADI_TABLE", "ADI_ENTRY_SIZE", "ADI_CTRL", "ADI_PASID",
+__all__ = ["Emit", "SiovDevice", "ADI_CAP", "ADI_CAP_COUNT", "ADI_CAP_PASID_INTERRUPTS", "ADI_TABLE", "ADI_ENTRY_SIZE", "ADI_CTRL", "ADI_PASID",
            "MAX_ADIS", "PASID_CAP_OFFSET", "SIOV_DVSEC_OFFSET", "BAR2_INDEX", "bar2_size"]
 
 PASID_CAP_OFFSET = 0x100
@@ -91,6 +93,8 @@ BAR2_INDEX = 2
 PCI_BASE_ADDRESS_2 = 0x18
 
 ADI_CAP = 0x100
+ADI_CAP_COUNT = 0xFFFF
+ADI_CAP_PASID_INTERRUPTS = 1 << 31
 ADI_TABLE = 0x200
 ADI_ENTRY_SIZE = 8
 ADI_CTRL = 0x0
@@ -275,7 +279,7 @@ class SiovDevice:
     def mgmt_read(self, off: int) -> int:
         """DW at BAR0 offset ``off`` in [0x100, 0x1000)."""
         if off == ADI_CAP:
-            return len(self._adis)
+            return len(self._adis) | (ADI_CAP_PASID_INTERRUPTS if self.pasid_interrupts else 0)
         if off >= ADI_TABLE:
             i, field = divmod(off - ADI_TABLE, ADI_ENTRY_SIZE)
             if i < len(self._adis):
@@ -393,6 +397,7 @@ class SiovDevice:
         return {
             "kind": "siov",
             "bus": self.bus,
+            "pf_rid": pf.rid,
             "pasid_enable": self.pasid_enabled,
             "pasid_interrupts": self.pasid_interrupts,
             "ims_supported": bool(self.dvsec.capabilities & 1),

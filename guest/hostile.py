@@ -51,6 +51,33 @@ async def compose_foreign(shell, args: dict) -> dict:
         return {"ret": exc.ret, "error": str(exc)}
 
 
+async def ims_redirect(shell, args: dict) -> dict:
+    """Point this VM's memory-IMS slot at IRTE ``handle`` (someone else's), ring the doorbell.
+
+    The store is guest RAM: no VMM can trap it.  Whether the message reaches the other
+    VM's vector depends only on what the IR unit can check: the requester ID (the same
+    PF for every ADI) and, if the platform can, the PASID.
+    """
+    from fabric.ir import compose_remappable
+    inst = _engine(shell)
+    if inst.irq_mode != "ims-memory":
+        raise RuntimeError(f"{inst.name} does not use memory IMS (it uses {inst.irq_mode})")
+    slot = shell.kernel.irq.irq_get_irq_data(inst.irq).hwirq
+    addr = inst.qctx + slot * 16
+    saved = shell.kernel.ram.read(addr, 16)
+    lo, hi, data = compose_remappable(int(args["handle"]), 0, shv=True)
+    shell.kernel.ram.write(addr, struct.pack("<IIII", lo, hi, data, 0))
+    shell.hw.mmio_write(inst.bar0 + DOORBELL, struct.pack("<I", 0x57EA1))
+    inst.completed += 1          # that work item's interrupt is meant to go elsewhere
+    restore = args.get("restore", True)
+    if restore:
+        # put our own message back once the device has fetched the forged one: a store and a
+        # read-back of our own register page keep the order (posted writes, then a read)
+        await shell.hw.mmio_read(inst.bar0, 4)
+        shell.kernel.ram.write(addr, saved)
+    return {"slot": slot, "handle": int(args["handle"]), "restored": bool(restore)}
+
+
 async def hypercall_raw(shell, args: dict) -> dict:
     """Issue a hypercall exactly as given (any number, any arguments, even malformed ones)."""
     result = await shell.hw.vmexit("hypercall", {"nr": args.get("nr"), "a": args.get("a", [])})
@@ -69,4 +96,5 @@ ACTIONS = {
     "dma-outside-memory": ("make the assigned device DMA outside the VM's memory", dma_outside_memory),
     "compose-foreign": ("hypercall: compose an interrupt for a device the VM does not own", compose_foreign),
     "hypercall-raw": ("issue a hypercall with arbitrary number and arguments", hypercall_raw),
+    "ims-redirect": ("point the memory IMS slot at another IRTE handle and ring a doorbell", ims_redirect),
 }

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from fabric.bdf import rid_str
+from fabric.provenance import describe
 from guest.apic import LocalApic
 from guest.cpuid import CpuidInfo, probe
 from guest.irq.domain import (DomainCreationError, IrqAllocInfo, IrqDomain, IrqTable,
@@ -64,8 +65,8 @@ class Breach:
     origin: int | None
 
     def __str__(self) -> str:
-        own = rid_str(self.owner) if self.owner is not None else "nobody"
-        org = rid_str(self.origin) if self.origin is not None else "unknown"
+        own = describe(self.owner) if self.owner is not None else "nobody"
+        org = describe(self.origin) if self.origin is not None else "unknown"
         return (f"CPU{self.cpu} vector 0x{self.vector:02x} (irq {self.irq}) belongs to {own} "
                 f"but was raised by {org}")
 
@@ -131,10 +132,12 @@ class Kernel:
         self.drivers: list[Any] = []
         self.bound: dict[int, Any] = {}         # rid -> driver instance
         self.claimed: set[int] = set()          # functions vfio-pci holds for VMs (no host driver)
+        self.probe_failures: dict[int, str] = {}  # rid -> why the driver could not bind
         self.pasid_ir = False                   # the platform's IRTEs can check PASIDs
         self._next_pasid = 1
         self.irq_owner: dict[int, int] = {}     # virq -> RID that may raise it
         self.breaches: list[Breach] = []
+        self.breach_irqs: dict[int, int] = {}   # virq -> interrupts that reached it from someone else
         self.breach_count = 0
         self.irqs_received = 0
         self.misdirected = 0                    # messages for an APIC ID no CPU has
@@ -199,9 +202,16 @@ class Kernel:
         if dev.rid in self.claimed:
             dev.driver = "vfio-pci"
             return None
+        from guest.drivers.engine import DriverError
         for drv in self.drivers:
             if drv.match(dev):
-                inst = await drv.probe(self, dev)
+                try:
+                    inst = await drv.probe(self, dev)
+                except DriverError as exc:
+                    # Linux: "probe of 0000:00:03.0 failed with error -22"; the driver says why.
+                    self.probe_failures[dev.rid] = str(exc)
+                    self.log.append(f"{getattr(drv, 'name', 'driver')} {dev.name}: probe failed: {exc}")
+                    return None
                 self.bound[dev.rid] = inst
                 dev.driver = inst
                 return inst
@@ -323,6 +333,8 @@ class Kernel:
 
     def _breach(self, cpu: int, vector: int, irq: int | None, owner: int | None, origin: int) -> None:
         self.breach_count += 1
+        if irq is not None:
+            self.breach_irqs[irq] = self.breach_irqs.get(irq, 0) + 1
         if len(self.breaches) < 100:
             self.breaches.append(Breach(cpu, vector, irq, owner, origin))
 

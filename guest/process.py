@@ -59,7 +59,7 @@ class Guest(OsShell):
                 "hierarchy": k.domain_hierarchy(),
                 "drivers": {inst.name: {"irq_mode": inst.irq_mode, "ims_error": inst.ims_error}
                             for inst in self.engines()},
-                "ims_refusal": k.ims_refusal}
+                "ims_refusal": k.ims_refusal, "failed": self.probe_failures()}
 
 
 async def main_async(cfg: dict, token: str, name: str) -> int:

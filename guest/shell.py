@@ -13,6 +13,7 @@ import asyncio
 import time
 
 from fabric import wire
+from fabric.bdf import rid_str
 from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
 from guest.drivers.engine import EngineInstance
 from guest.views import lspci
@@ -156,7 +157,12 @@ class OsShell:
             pacer.cancel()
         wl.detach()
         return {"timed_out": timed_out, "stalled": stalled, "elapsed_s": time.monotonic() - t0,
-                "functions": wl.report(), "os": self.counters()}
+                "functions": wl.report(), "failed": self.probe_failures(), "os": self.counters()}
+
+    def probe_failures(self) -> dict:
+        k = self.kernel
+        return {rid_str(rid): {"rid": rid, "origin": k.provenance.get(rid, rid), "error": err}
+                for rid, err in k.probe_failures.items()}
 
     @staticmethod
     async def _pace(wl: Workload, done: asyncio.Future) -> None:

@@ -160,6 +160,7 @@ class Workload:
                 "interrupts": inst.kernel.arrivals.get(inst.irq, 0) - r.arrivals_start,
                 "handled": inst.interrupts - r.interrupts_start,
                 "record_missing": inst.record_missing,
+                "breaches": inst.kernel.breach_irqs.get(inst.irq, 0),
                 "rate_per_s": r.done / span if span > 0 else None,
                 "latency": latency_summary(h),
                 # HdrHistogram.encode() is already base64 text (compressed V2 encoding)

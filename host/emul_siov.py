@@ -60,8 +60,8 @@ def translate_slot(vmm, vm, vadi, idx: int) -> None:
 def mangle_update(vmm, vm, vadi) -> None:
     """Intel's path: back the guest's emulated MSI-X vector 0 with the ADI's real IMS slot 0.
 
-    On the first enable the VMM composes a host interrupt for the ADI (source-id = the PF,
-    PASID-bound where the platform can) and writes it into real slot 0 itself; the guest's
+    On the first enable the VMM composes a host interrupt for the ADI (source-id = the PF)
+    and writes it into real slot 0 itself, untagged; the guest's
     driver selects "its MSI-X vector 0" (IRQ_MODE 0 / IRQ_VECTOR 0, pass-through page), which
     on this device raises IMS slot 0.  Real interrupts are then forwarded like vfio's MSI-X.
     """
@@ -74,9 +74,7 @@ def mangle_update(vmm, vm, vadi) -> None:
                     vmm._inject(vm, *target, origin, t_ns)
         return
     k = vmm.kernel
-    extra = {"sid": vadi.pf_rid}
-    if vadi.tags_pasid and vmm.host.platform.get("pasid_ir"):
-        extra["pasid"] = vadi.pasid
+    extra = {"sid": vadi.pf_rid}     # the VMM writes slot 0 untagged (ctrl PASID-enable clear)
     try:
         virq = irq_domain_alloc_irqs(k.ir, 1, IrqAllocInfo(extra=extra))
     except IrqError as exc:

@@ -300,18 +300,21 @@ class Vmm:
         if isinstance(vf, VirtualAdi):
             owner = adi_origin(vf.pf_rid, vf.adi)
             plat = self.host.platform
-            if memory and vf.tags_pasid and not plat.get("pasid_interrupts", True):
-                vm.refuse(f"compose for {rid_str(dev)}: this platform cannot receive PASID-tagged "
-                          "interrupts (case 3 impossible; use the emulated IMS of case 4)")
-                return hc.reply(-hc.KVM_EOPNOTSUPP)
+            if memory:
+                why = self._memory_ims_refusal(vf)
+                if why:
+                    vm.refuse(f"compose for {rid_str(dev)} memory IMS: {why}")
+                    return hc.reply(-hc.KVM_EOPNOTSUPP)
             if not memory:
                 if not vf.emulate_ims or vf.mangle:
                     vm.refuse(f"compose for {rid_str(dev)} device IMS: the VMM has no IMS emulation "
                               f"for device 1b36:11a2")
                     return hc.reply(-hc.KVM_EOPNOTSUPP)
                 fake = True
-            if vf.tags_pasid and plat.get("pasid_ir"):
-                extra["pasid"] = vf.pasid      # case 3: the IRTE accepts only this ADI's PASID
+            if memory and vf.tags_pasid and plat.get("pasid_ir"):
+                # case 3: the IRTE accepts only this ADI's PASID.  (Device-kind slots are
+                # trapped and written by the VMM untagged: the source-id is check enough.)
+                extra["pasid"] = vf.pasid
         try:
             virq = irq_domain_alloc_irqs(ir, 1, IrqAllocInfo(extra=extra))
         except IrqError:
@@ -324,6 +327,25 @@ class Vmm:
         vm.composes[handle] = Compose(handle, vf, virq, dest, vector, "fake" if fake else "remapped", real)
         lo, hi, data = fake_pair(handle) if fake else real
         return hc.reply(0, lo, hi, data, handle)
+
+    def _memory_ims_refusal(self, vadi: VirtualAdi) -> str:
+        """Why a message stored in guest memory would be unsafe or useless here ('' if fine).
+
+        Nobody can trap a store into guest RAM, so the IR unit must be able to tell this
+        ADI's interrupts from every other ADI's on the same RID: the device has to tag them
+        with the PASID, the root complex has to accept such tags, and IRTEs have to check them.
+        """
+        plat = self.host.platform
+        if vadi.tags_pasid and not plat.get("pasid_interrupts", True):
+            return "this platform cannot receive PASID-tagged interrupts (case 3 impossible)"
+        if self.host.cfg.get("vmm_unsafe_ims"):
+            return ""   # the naive VMM of row 4-unsafe
+        if not vadi.tags_pasid:
+            return ("the device does not tag interrupt messages with the ADI's PASID: a message in "
+                    "guest memory could name any IRTE of its RID")
+        if not plat.get("pasid_ir"):
+            return "the platform's IRTEs cannot check PASIDs"
+        return ""
 
     def _free(self, vm: Vm, args: list[int]) -> dict:
         if len(args) < 2:

@@ -173,6 +173,7 @@ class Lab:
                                                  "pasid_ir": plat.pasid_ir,
                                                  "pasid_interrupts": plat.pasid_interrupts,
                                                  "max_bus": max_bus}})
+
         vms = []
         self.provenance = {}
         for g in topo.guests:
@@ -191,6 +192,7 @@ class Lab:
                                            "ims_kind": kinds[0] if kinds else "device", "provenance": prov})
         self._write("host.json", {"endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
                                   "memory_mib": plat.memory_mib, "ir": plat.ir, "ir_entries": plat.ir_entries,
+                                  "vmm_unsafe_ims": plat.vmm_unsafe_ims,
                                   "sriov": {str(d.bus): d.vfs for d in topo.devices if d.vfs},
                                   "siov": {str(d.pf_rid): {"ims": d.ims, "vmm_emulation": d.vmm_emulation,
                                                            "mangle": d.mangle}
@@ -532,15 +534,25 @@ def build_report(topo: Topology, results: dict, before: dict, after: dict, fabri
                    "target": f["target"], "lost": max(sent - f["interrupts"], 0),
                    "record_missing": f["record_missing"], "rate_per_s": f["rate_per_s"],
                    "latency": f["latency"], "hist": f["hist"], "irq_mode": f.get("irq_mode", "msix"),
-                   "ims_error": f.get("ims_error", ""), "breaches": os_counters.get("breaches", 0)}
+                   "ims_error": f.get("ims_error", ""), "breaches": f.get("breaches", 0)}
             row["outcome"], row["why"] = _outcome(row, by_source)
             rows.append(row)
+        for fname, f in res.get("failed", {}).items():
+            phys = f["origin"]
+            rows.append({"os": os_name, "function": f"dev {fname}", "rid": fname, "phys": describe(phys),
+                         "sent": sent_by_rid.get(phys, 0), "delivered": 0, "interrupts": 0, "target": 0,
+                         "lost": 0, "record_missing": 0, "rate_per_s": None,
+                         "latency": {"count": 0, "p50_us": None, "p99_us": None, "p999_us": None,
+                                     "max_us": None},
+                         "hist": "", "irq_mode": "none", "ims_error": f["error"], "breaches": 0,
+                         "outcome": "clean error", "why": f"the driver could not bind: {f['error']}"})
     oses = {name: {**res.get("os", {}), "timed_out": res.get("timed_out", False),
                    "stalled": res.get("stalled", False), "elapsed_s": res.get("elapsed_s")}
             for name, res in results.items()}
     total_sent = sum(r["sent"] for r in rows)
     total_delivered = sum(r["interrupts"] for r in rows)
-    ok = bool(rows) and all(r["outcome"] in ("delivered", "clean error") for r in rows)
+    ok = (bool(rows) and all(r["outcome"] in ("delivered", "clean error") for r in rows)
+          and not any(o.get("breaches") for o in oses.values()))
     elapsed = max((o["elapsed_s"] or 0) for o in oses.values()) if oses else 0
     return {"topology": topo.name, "ok": ok, "timed_out": any(o["timed_out"] for o in oses.values()),
             "elapsed_s": elapsed, "functions": rows, "oses": oses, "host": oses.get("host", {}),

@@ -27,7 +27,7 @@ def render(report: dict, console: Console) -> None:
         lat = r["latency"]
         lost_style = "bold red" if r["lost"] else "green"
         fn = r["function"].upper()
-        if r["phys"] != r["rid"]:
+        if r["os"] != "host" and r["phys"] != r["rid"]:
             fn += f" (= {r['phys']})"
         style = _OUTCOME_STYLE.get(r["outcome"], "bold red")
         t.add_row(r["os"], fn, r.get("irq_mode", "msix").upper(), f"{r['sent']:,}", f"{r['interrupts']:,}",

@@ -128,6 +128,8 @@ class Platform:
     posted: bool = False            # accepted; used by a later issue
     pasid_ir: bool = False          # IRTEs can also check the request's PASID (not in real VT-d)
     pasid_interrupts: bool = True   # the root complex accepts PASID-tagged interrupt requests
+    vmm_unsafe_ims: bool = False    # a naive VMM: composes for memory IMS even when nothing can
+                                    # check the message's origin beyond the RID (row 4-unsafe)
 
 
 @dataclass(frozen=True)
@@ -507,6 +509,7 @@ _PLATFORM_KEYS: dict[str, _Checker] = {
     "posted": _Bool(),
     "pasid_ir": _Bool(),
     "pasid_interrupts": _Bool(),
+    "vmm_unsafe_ims": _Bool(),
 }
 
 _DEVICE_KEYS: dict[str, _Checker] = {

@@ -192,7 +192,10 @@ class EngineInstance:
                     domain = k.create_ims_domain(self.dev, slots,
                                                  lambda i: self.bar0 + IMS_OFFSET + i * IMS_SLOT_SIZE,
                                                  name=self._domain_name)
-                (self.irq,) = await k.alloc_ims(domain, self.dev, 1, owner=self.origin, pasid=self.bind_pasid)
+                # Only memory-kind messages go out PASID-tagged (device-kind slots are written with
+                # ctrl PASID-enable clear), so only they may be bound to the PASID.
+                (self.irq,) = await k.alloc_ims(domain, self.dev, 1, owner=self.origin,
+                                                pasid=self.bind_pasid if kind == "memory" else None)
             except (IrqError, HypercallError) as exc:
                 errors.append(f"{kind} IMS: {exc}")
                 if domain is not None:

@@ -180,14 +180,15 @@ def test_device_welcome_carries_its_bus_range() -> None:
 
 
 def test_host_welcome_carries_platform_info() -> None:
-    b = Bench(Platform(max_bus=8, ir=False, ir_entries=256), register=())
+    b = Bench(Platform(max_bus=8, ir=False, ir_entries=256, pasid_interrupts=False), register=())
     b.frame(HOST, wire.hello(TOKEN["host"], "host"))
     assert b.one(HOST) == [wire.WELCOME, 1, "host", {"role": "host", "name": "host", "max_bus": 8,
-                                                       "ir": False, "ir_entries": 256}]
+                                                       "ir": False, "ir_entries": 256, "pasid_ir": False,
+                                                       "pasid_interrupts": False}]
     b = Bench(register=())
     b.frame(HOST, wire.hello(TOKEN["host"], "host"))
     assert b.one(HOST)[3] == {"role": "host", "name": "host", "max_bus": 32, "ir": True,
-                              "ir_entries": 65536}
+                              "ir_entries": 65536, "pasid_ir": False, "pasid_interrupts": True}
 
 
 def test_guest_and_control_welcome() -> None:
