@@ -906,10 +906,16 @@ class Fabric:
         return [rec.line() for rec in self.fault_log.pending()]
 
     def irt_dump(self) -> list[str]:
-        out = []
+        """The IRT as Linux's debugfs ``intel_iommu/ir_translation_struct`` prints it, plus the
+        lab's PASID binding (``pasid_ir``) and the source-validation fields."""
+        out = ["Entry SrcID   DstID    Vct IRTE_high        IRTE_low         SQ SVT P  Mode     PASID"]
         for index, raw in sorted(self.ir.table.items()):
             e = Irte.unpack(raw)
-            out.append(f"{index:5d}: {e}")
+            pasid = self.ir.expected_pasid(index)
+            mode = "posted" if e.mode else "remapped"
+            out.append(f"{index:<5d} {rid_str(e.sid)} {e.dest_id:08x} {e.vector:<3x} {raw >> 64:016x} "
+                       f"{raw & (1 << 64) - 1:016x} {e.sq}  {e.svt}   {int(e.present)}  {mode:<8} "
+                       + (f"0x{pasid:x}" if pasid is not None else "-"))
         return out
 
     def snapshot(self) -> dict:

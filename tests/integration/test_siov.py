@@ -1,0 +1,151 @@
+"""Scalable IOV with real processes: matrix rows 1 (IMS on bare metal), 3, 3-noplat, 4,
+4-unsafe, 4-noemul and mangle (DESIGN.md §5), and the attack the thread is about: a guest
+storing another guest's interrupt handle in its memory IMS slot."""
+
+from __future__ import annotations
+
+import pytest
+
+MEM = {"name": "m0", "kind": "siov", "adis": 2, "ims": "memory", "pasid_interrupts": True}
+DEV = {"name": "v0", "kind": "siov", "adis": 2, "ims": "device", "pasid_interrupts": False}
+
+
+def topo(devices, guests=(), **platform) -> dict:
+    return {"device": list(devices), "guest": list(guests), "platform": platform}
+
+
+def guest(name, *assign, **kw) -> dict:
+    return {"name": name, "irq": "ims", "assign": list(assign), **kw}
+
+
+def rows(report, os_name=None) -> list[dict]:
+    return [r for r in report["functions"] if os_name is None or r["os"] == os_name]
+
+
+def only(report, os_name) -> dict:
+    (r,) = rows(report, os_name)
+    return r
+
+
+async def handle_of(lab, vm: str) -> int:
+    vms = await lab.call("host", "vms")
+    (binding,) = vms[vm]["irte_bindings"]
+    return binding["irte"]
+
+
+async def test_row_1_host_drives_adis_with_both_ims_kinds(start_lab):
+    lab = await start_lab(topo([MEM, DEV], pasid_ir=True))
+    report = await lab.run_workload(per_function=300, inflight=8)
+    adis = [r for r in rows(report, "host") if r["function"].startswith("adi")]
+    assert {(r["function"], r["irq_mode"], r["phys"]) for r in adis} == {
+        ("adi0 01:00.0", "ims-memory", "01:00.0 ADI 0"), ("adi1 01:00.0", "ims-memory", "01:00.0 ADI 1"),
+        ("adi0 02:00.0", "ims", "02:00.0 ADI 0"), ("adi1 02:00.0", "ims", "02:00.0 ADI 1")}
+    for r in rows(report):
+        assert r["outcome"] == "delivered" and r["sent"] == r["interrupts"] == 300, r
+    views = await lab.call("host", "views")
+    for name in ("IR-IMS-MEM-0000:01:00.0.adi0", "IR-IMS-0000:02:00.0.adi1"):
+        assert name in views["domains"], views["domains"]
+    assert "Process Address Space ID (PASID)" in views["lspci"] and "Designated Vendor-Specific" in views["lspci"]
+    # the memory-kind ADIs' IRTEs are bound to their PASIDs (their messages are tagged)
+    irt = await lab.call("fabric", "irt")
+    bound = [line for line in irt[1:] if line.split()[-1] != "-"]
+    assert len(bound) == 2 and all(line.split()[1] == "01:00.0" for line in bound), irt
+
+
+async def test_row_3_adi_memory_ims_pasid_checked(start_lab):
+    lab = await start_lab(topo([MEM], [guest("g1", "m0.adi0"), guest("g2", "m0.adi1")], pasid_ir=True))
+    report = await lab.run_workload(per_function=300, inflight=8)
+    for vm in ("g1", "g2"):
+        r = only(report, vm)
+        assert r["irq_mode"] == "ims-memory" and r["outcome"] == "delivered" and r["lost"] == 0, r
+    vms = await lab.call("host", "vms")
+    assert vms["g1"]["pasids"] == {"00:03.0": vms["g1"]["irte_bindings"][0]["pasid"]}
+    assert vms["g1"]["pasids"]["00:03.0"] != vms["g2"]["pasids"]["00:03.0"]
+    views = await lab.call("g1", "views")
+    assert "HCALL-IMS-MEM-0000:00:03.0" in views["domains"], views["domains"]
+    # the attack: g1 stores g2's handle in its own memory slot; the PASID check blocks it
+    victim = await handle_of(lab, "g2")
+    await lab.call("g1", "hostile", {"action": "ims-redirect", "handle": victim})
+    report = await lab.run_workload(per_function=200, inflight=4)
+    assert all(o["breaches"] == 0 for o in report["oses"].values()), report["oses"]
+    assert all(r["outcome"] == "delivered" for r in rows(report)), rows(report)
+    lines = report["faults"]["lines"]
+    assert any(f"fault index 0x{victim:x} [fault reason 0x26]" in line for line in lines), lines
+
+
+async def test_row_3_noplat_compose_refused_falls_back_to_emulated_ims(start_lab):
+    lab = await start_lab(topo([{**MEM, "adis": 1}], [guest("g1", "m0.adi0")], pasid_ir=True,
+                               pasid_interrupts=False))
+    report = await lab.run_workload(per_function=300, inflight=8)
+    r = only(report, "g1")
+    assert r["outcome"] == "clean error" and r["irq_mode"] == "ims", r
+    assert "memory IMS: hypercall MSI_COMPOSE failed: -EOPNOTSUPP" in r["ims_error"]
+    assert r["sent"] == r["interrupts"] == 300
+    vms = await lab.call("host", "vms")
+    assert any("cannot receive PASID-tagged interrupts" in x for x in vms["g1"]["refused"])
+    assert [b["kind"] for b in vms["g1"]["irte_bindings"]] == ["fake"]
+
+
+async def test_row_4_device_ims_trapped_with_fake_pairs(start_lab):
+    lab = await start_lab(topo([{**DEV, "adis": 1}], [guest("g1", "v0.adi0")]))
+    report = await lab.run_workload(per_function=300, inflight=8)
+    r = only(report, "g1")
+    assert r["outcome"] == "delivered" and r["irq_mode"] == "ims" and r["sent"] == r["interrupts"] == 300, r
+    vms = await lab.call("host", "vms")
+    (b,) = vms["g1"]["irte_bindings"]
+    assert b["kind"] == "fake" and b["pasid"] is None
+    # the guest cannot write the real slot: a forged pair stays masked and is logged
+    await lab.call("g1", "hostile", {"action": "mmio-outside-ept", "addr": 0xF000_0000})
+    views = await lab.call("g1", "views")
+    assert "HCALL-IMS-0000:00:03.0" in views["domains"]
+
+
+async def test_row_4_unsafe_breach_is_proven(start_lab):
+    lab = await start_lab(topo([{**MEM, "pasid_interrupts": False}],
+                               [guest("g1", "m0.adi0"), guest("g2", "m0.adi1")], vmm_unsafe_ims=True))
+    report = await lab.run_workload(per_function=200, inflight=4)
+    assert all(r["outcome"] == "delivered" for r in rows(report)), rows(report)
+    assert {only(report, vm)["irq_mode"] for vm in ("g1", "g2")} == {"ims-memory"}
+    victim = await handle_of(lab, "g2")
+    await lab.call("g1", "hostile", {"action": "ims-redirect", "handle": victim})
+    report = await lab.run_workload(per_function=200, inflight=4)
+    r = only(report, "g2")
+    assert r["outcome"] == "breach" and r["breaches"] == 1, r
+    samples = report["oses"]["g2"]["breach_samples"]
+    assert samples == ["CPU0 vector 0x21 (irq 24) belongs to 01:00.0 ADI 1 but was raised by 01:00.0 ADI 0"], samples
+    assert report["faults"]["by_source"] == {}          # nothing on the platform noticed
+    assert not report["ok"]
+
+
+async def test_row_4_unsafe_refused_by_a_careful_vmm(start_lab):
+    lab = await start_lab(topo([{**MEM, "adis": 1, "pasid_interrupts": False}], [guest("g1", "m0.adi0")]))
+    report = await lab.run_workload(per_function=100, inflight=4)
+    r = only(report, "g1")
+    assert r["outcome"] == "clean error" and r["irq_mode"] == "ims", r   # fell back to emulated device IMS
+    vms = await lab.call("host", "vms")
+    assert any("does not tag interrupt messages" in x for x in vms["g1"]["refused"]), vms["g1"]["refused"]
+
+
+async def test_row_4_noemul_compose_fails_clearly(start_lab):
+    lab = await start_lab(topo([{**DEV, "adis": 1, "vmm_emulation": False}], [guest("g1", "v0.adi0")]))
+    info = lab.guest_info["g1"]
+    assert "00:03.0" in info["failed"], info
+    err = info["failed"]["00:03.0"]["error"]
+    assert "device IMS: hypercall MSI_COMPOSE failed: -EOPNOTSUPP" in err and "no MSI-X capability" in err, err
+    report = await lab.run_workload(per_function=100, inflight=4)
+    r = only(report, "g1")
+    assert r["outcome"] == "clean error" and r["sent"] == 0, r
+    vms = await lab.call("host", "vms")
+    assert any("no IMS emulation" in x for x in vms["g1"]["refused"])
+
+
+async def test_row_mangle_guest_sees_no_ims_and_uses_emulated_msix(start_lab):
+    lab = await start_lab(topo([{**DEV, "adis": 1, "mangle": True}], [guest("g1", "v0.adi0")]))
+    report = await lab.run_workload(per_function=300, inflight=8)
+    r = only(report, "g1")
+    assert r["outcome"] == "clean error" and r["irq_mode"] == "msix" and r["interrupts"] == 300, r
+    assert "SIOV capability does not offer IMS" in r["ims_error"]
+    views = await lab.call("g1", "views")
+    assert "IMS" not in views["domains"] and "PCI-MSIX-0000:00:03.0" in views["domains"]
+    vms = await lab.call("host", "vms")
+    assert vms["g1"]["hypercalls"] == {}           # no compose: the VMM did it all, device-specifically
