@@ -98,6 +98,8 @@ also ADI_CTRL = ADI_PASID = 0.  Counters are statistics and survive both.
 
 from __future__ import annotations
 
+from collections import deque
+
 import struct
 from typing import Any, Protocol
 
@@ -174,19 +176,33 @@ class AdiHost(Protocol):
 class FetchTable:
     """Outstanding memory-IMS slot reads of one device, by tag (the ADIs share the PF's RID)."""
 
-    __slots__ = ("ntags", "_free", "_entries", "orphaned")
+    __slots__ = ("ntags", "_free", "_entries", "orphaned", "waiting")
 
     def __init__(self, ntags: int = FETCH_TAGS) -> None:
         self.ntags = ntags
         self._entries: list[list[int] | None] = [None] * ntags
         self._free: list[int] = []
         self.orphaned = 0
+        # Reads that found every tag in flight wait here, in order, for the next free tag
+        # (a device stalls its fetch engine; it does not drop an interrupt).
+        self.waiting: deque[tuple[int, int, int]] = deque()
         self.clear()
 
     def clear(self) -> None:
         """Every tag free (PF FLR)."""
         self._entries = [None] * self.ntags
         self._free = list(range(self.ntags - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self.waiting.clear()
+
+    def has_free(self) -> bool:
+        return bool(self._free)
+
+    def drop_waiting(self, adi: int) -> int:
+        """ADI ``adi`` was reset: forget its queued reads."""
+        keep = deque(w for w in self.waiting if w[0] != adi)
+        n = len(self.waiting) - len(keep)
+        self.waiting = keep
+        return n
 
     def alloc(self, adi: int, slot: int, address: int) -> int | None:
         """A tag for ADI ``adi``'s read of memory slot ``slot`` at ``address``; None if all are in flight."""
@@ -373,6 +389,7 @@ class Adi:
         if self.ims is not None:
             self.ims.reset()
         self.ims_mem_orphaned += self.host.fetches.orphan(self.index)
+        self.host.fetches.drop_waiting(self.index)
         self.sync_gate()
 
     def power_on(self) -> None:
@@ -451,10 +468,12 @@ class Adi:
                 self.ims_invalid += 1
                 return out
             slot_addr = engine.slot_address(vector)
-            tag = self.host.fetches.alloc(self.index, vector, slot_addr)
+            fetches = self.host.fetches
+            tag = fetches.alloc(self.index, vector, slot_addr) if not fetches.waiting else None
             if tag is None:
+                # every tag in flight (or others already waiting): queue behind them
                 self.ims_mem_no_tag += 1
-                self.ims_mem_fetch_failed += 1
+                fetches.waiting.append((self.index, vector, slot_addr))
                 return out
             self.ims_mem_fetches += 1
             out.append(Emit(Tlp.mem_read(slot_addr, IMS_SLOT_SIZE, rid, tag=tag, pasid=dma_pasid), None))

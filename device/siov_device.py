@@ -351,12 +351,27 @@ class SiovDevice:
                 adi, slot, address = entry
                 if adi < 0:
                     self.cpl_orphaned += 1
-                    return []
-                return self._adis[adi].fetch_completed(tlp, slot, address)
+                    return self._issue_waiting()
+                return self._adis[adi].fetch_completed(tlp, slot, address) + self._issue_waiting()
         if self.on_completion is not None:
             return self.on_completion(tlp)
         self.cpl_unexpected += 1
         return []
+
+    def _issue_waiting(self) -> list[Emit]:
+        """A tag came free: start the reads that queued for one, oldest first."""
+        out: list[Emit] = []
+        fetches = self.fetches
+        while fetches.waiting and fetches.has_free():
+            index, slot, address = fetches.waiting.popleft()
+            adi = self._adis[index]
+            if not adi.gate_open:
+                adi.ims_mem_blocked += 1
+                continue
+            tag = fetches.alloc(index, slot, address)
+            adi.ims_mem_fetches += 1
+            out.append(Emit(Tlp.mem_read(address, 16, self.pf.rid, tag=tag, pasid=adi.dma_pasid), None))
+        return out
 
     # ---- resets ----------------------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ class Guest(OsShell):
                         provenance={int(k): int(v) for k, v in cfg.get("provenance", {}).items()})
         super().__init__(port, kernel, hw)
         self.cfg = cfg
-        kernel.drivers.append(EngineDriver(cfg.get("irq_mode", "msix"), cfg.get("ims_kind", "device")))
+        kernel.drivers.append(EngineDriver(cfg.get("irq_mode", "msix"),
+                                           {int(r): k for r, k in cfg.get("ims_kinds", {}).items()}))
         self.msg_handlers[wire.VMENTRY] = hw.on_vmentry
         self.ctl_ops["hostile"] = self.op_hostile
 

@@ -65,6 +65,19 @@ async def lspci_dev(bus: PciBus, dev: PciDev) -> list[str]:
                          f"MSE{_pm(ctrl & R.PCI_SRIOV_CTRL_MSE)} ARIHierarchy-")
             lines.append(f"\t\tInitial VFs: {initial}, Total VFs: {total}, Number of VFs: {num}")
             lines.append(f"\t\tVF offset: {off}, stride: {stride}, Device ID: {did:04x}")
+        elif cap == R.PCI_EXT_CAP_ID_PASID:
+            pcap = await bus.read16(rid, pos + R.PCI_PASID_CAP)
+            pctl = await bus.read16(rid, pos + R.PCI_PASID_CTRL)
+            lines.append(f"\t\tPASIDCap: Exec{_pm(pcap & 2)} Priv{_pm(pcap & 4)}, Max PASID Width: {(pcap >> 8) & 0x1F:02x}")
+            lines.append(f"\t\tPASIDCtl: Enable{_pm(pctl & R.PCI_PASID_CTRL_ENABLE)} Exec- Priv-")
+        elif cap == R.PCI_EXT_CAP_ID_DVSEC:
+            h1 = await bus.read32(rid, pos + R.PCI_DVSEC_HEADER1)
+            h2 = await bus.read16(rid, pos + R.PCI_DVSEC_HEADER2)
+            desc = f"\t\tDVSEC Vendor={h1 & 0xFFFF:04x} ID={h2:04x} Rev={(h1 >> 16) & 0xF} Len={h1 >> 20}"
+            if h1 & 0xFFFF == R.PCI_VENDOR_ID_INTEL and h2 == R.PCI_DVSEC_ID_INTEL_SIOV:
+                sc = await bus.read32(rid, pos + R.PCI_DVSEC_INTEL_SIOV_CAP)
+                desc += f": Intel Scalable IOV, IMS{_pm(sc & R.PCI_DVSEC_INTEL_SIOV_CAP_IMS)}"
+            lines.append(desc)
     if dev.driver is not None:
         lines.append(f"\tKernel driver in use: {getattr(dev.driver, 'driver_name', 'irqlab-engine')}")
     return lines

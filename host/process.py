@@ -90,6 +90,20 @@ class Host(OsShell):
     async def op_vms(self, args: dict) -> dict:
         return self.vmm.snapshot()
 
+    async def op_views(self, args: dict) -> dict:
+        views = await super().op_views(args)
+        lines = []
+        for rid, pf in sorted(self.siov.pfs.items()):
+            lines.append(f"{pf.dev}: {pf.count} ADIs, interrupt messages "
+                         f"{'PASID-tagged' if pf.pasid_interrupts else 'untagged'}")
+            for adi in range(pf.count):
+                pasid = pf.pasids.get(adi)
+                lines.append(f"  ADI {adi}: owner {pf.owner.get(adi, '-')}, PASID "
+                             + (f"0x{pasid:x}" if pasid is not None else "-")
+                             + f", portal 0x{pf.portal(adi):x}")
+        views["adis"] = "\n".join(lines)
+        return views
+
 
 async def main_async(cfg: dict, token: str, name: str) -> int:
     host: Host | None = None

@@ -186,10 +186,12 @@ class Lab:
             origins = rids + [adi_origin(rid, i) for rid, i in adis]
             prov = {str((3 + i) << 3): o for i, o in enumerate(origins)}
             self.provenance[g.name] = {int(k): v for k, v in prov.items()}
-            kinds = [topo.device(t.partition(".")[0]).ims for t in g.assign if ".adi" in t]
+            # each assigned function's IMS kind preference, by the RID the guest sees it at
+            targets = [t for t in g.assign if ".vf" in t] + [t for t in g.assign if ".adi" in t]
+            kinds = {str((3 + i) << 3): topo.device(t.partition(".")[0]).ims for i, t in enumerate(targets)}
             self._write(f"{g.name}.json", {"endpoint": self.endpoint, "name": g.name, "cpus": g.cpus,
                                            "memory_mib": g.memory_mib, "kernel": g.kernel, "irq_mode": g.irq,
-                                           "ims_kind": kinds[0] if kinds else "device", "provenance": prov})
+                                           "ims_kinds": kinds, "provenance": prov})
         self._write("host.json", {"endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
                                   "memory_mib": plat.memory_mib, "ir": plat.ir, "ir_entries": plat.ir_entries,
                                   "vmm_unsafe_ims": plat.vmm_unsafe_ims,
@@ -492,7 +494,9 @@ def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
     sent, got, target = row["sent"], row["interrupts"], row["target"]
     why = ""
     if row["ims_error"]:
-        why = f"IMS refused: {row['ims_error']}; the driver fell back to MSI-X"
+        fallback = {"msix": "MSI-X", "ims": "device-kind IMS", "ims-memory": "memory-kind IMS"}.get(
+            row["irq_mode"], row["irq_mode"])
+        why = f"IMS refused: {row['ims_error']}; the driver used {fallback} instead"
     if row["breaches"]:
         return "breach", f"{row['breaches']} interrupts reached a vector their emitter does not own"
     if row["record_missing"]:

@@ -30,7 +30,8 @@ def render(report: dict, console: Console) -> None:
         if r["os"] != "host" and r["phys"] != r["rid"]:
             fn += f" (= {r['phys']})"
         style = _OUTCOME_STYLE.get(r["outcome"], "bold red")
-        t.add_row(r["os"], fn, r.get("irq_mode", "msix").upper(), f"{r['sent']:,}", f"{r['interrupts']:,}",
+        irq = {"msix": "MSI-X", "ims": "IMS", "ims-memory": "IMS-MEM", "none": "-"}.get(r.get("irq_mode", "msix"), "?")
+        t.add_row(r["os"], fn, irq, f"{r['sent']:,}", f"{r['interrupts']:,}",
                   f"[{lost_style}]{r['lost']:,}[/]",
                   "-" if not r["rate_per_s"] else f"{r['rate_per_s']:,.0f}",
                   _us(lat["p50_us"]), _us(lat["p99_us"]), _us(lat["max_us"]), f"[{style}]{r['outcome']}[/]")
@@ -51,6 +52,16 @@ def render(report: dict, console: Console) -> None:
         for b in o.get("breach_samples", []):
             console.print(f"  [bold red]BREACH[/] {name}: {b}")
     for name, vm in report.get("vms", {}).items():
+        pasids = vm.get("pasids", {})
+        for gdev, phys in vm.get("assigned", {}).items():
+            pasid = pasids.get(gdev)
+            line = f"  {name}: {gdev} = {phys}" + (f", PASID 0x{pasid:x}" if pasid is not None else "")
+            binds = [b for b in vm.get("irte_bindings", []) if b["dev"] == gdev]
+            for b in binds:
+                where = "checks PASID 0x%x" % b["pasid"] if b.get("pasid") is not None else "checks the RID only"
+                line += (f"; IRTE {b['irte']} ({b['kind']} pair, {where}) -> vCPU{b['vcpu']} "
+                         f"vector 0x{b['vector']:02x}")
+            console.print(line, markup=False, highlight=False)
         if vm.get("refused_total"):
             console.print(f"  {name}: the host refused {vm['refused_total']} requests, e.g. "
                           f"{vm['refused'][0]}", markup=False, highlight=False)

@@ -69,10 +69,12 @@ class EngineDriver:
 
     name = "irqlab-engine"
 
-    def __init__(self, irq_mode: str = "msix", ims_kind: str = "device"):
+    def __init__(self, irq_mode: str = "msix", ims_kind: "str | dict[int, str]" = "device"):
+        """``ims_kind``: the IMS kind to try first, for every function or per RID (others: device)."""
         if irq_mode not in ("msix", "ims"):
             raise ValueError(f"irq_mode {irq_mode!r} (expected 'msix' or 'ims')")
-        if ims_kind not in ("device", "memory"):
+        kinds = ims_kind.values() if isinstance(ims_kind, dict) else [ims_kind]
+        if any(k not in ("device", "memory") for k in kinds):
             raise ValueError(f"ims_kind {ims_kind!r} (expected 'device' or 'memory')")
         self.irq_mode = irq_mode
         self.ims_kind = ims_kind
@@ -83,7 +85,8 @@ class EngineDriver:
 
     async def probe(self, kernel, dev: PciDev) -> "EngineInstance":
         await kernel.pci.enable_device(dev)
-        inst = EngineInstance(kernel, dev, self.irq_mode, ims_kind=self.ims_kind)
+        kind = self.ims_kind.get(dev.rid, "device") if isinstance(self.ims_kind, dict) else self.ims_kind
+        inst = EngineInstance(kernel, dev, self.irq_mode, ims_kind=kind)
         await inst.setup()
         return inst
 

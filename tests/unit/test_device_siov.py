@@ -34,6 +34,7 @@ from device.engine import (
     IRQ_MODE,
     IRQ_VECTOR,
 )
+from device.ims import IMS_CTRL_PASID_ENABLE, IMS_CTRL_PASID_SHIFT
 from device.siov_device import ADI_CAP, ADI_CAP_PASID_INTERRUPTS, ADI_TABLE, SiovDevice, bar2_size
 from fabric import provenance
 from fabric.provenance import adi_origin, describe, function_origin, is_adi
@@ -134,6 +135,12 @@ def memory_mode(h: Host, i: int, vector: int = 3, qctx: int = QCTX) -> None:
     h.w64(portal(i) + QCTX_BASE_LO, qctx)
     h.w32(portal(i) + IRQ_VECTOR, vector)
     h.w32(portal(i) + IRQ_MODE, IRQ_MODE_IMS_MEMORY)
+
+
+def slot_pe(h: Host, i: int, s: int = 0, pasid_field: int = 0) -> list:
+    """Set ADI i's device IMS slot s ctrl to PASID-enable (bit 3), unmasked, with ``pasid_field``
+    in ctrl[31:12] (stored, but never the PASID the ADI sends)."""
+    return h.w32(ims_slot(i, s) + 12, IMS_CTRL_PASID_ENABLE | pasid_field << IMS_CTRL_PASID_SHIFT)
 
 
 def slot_bytes(addr: int, data: int, ctrl: int = 0) -> bytes:
@@ -351,9 +358,14 @@ def test_adi_portal_registers() -> None:
 
 
 @pytest.mark.parametrize("pasid_interrupts", [True, False])
-def test_doorbell_device_ims(pasid_interrupts: bool) -> None:
+@pytest.mark.parametrize("ctrl_pe", [True, False])
+def test_doorbell_device_ims(pasid_interrupts: bool, ctrl_pe: bool) -> None:
+    """A device-kind slot's MWr is tagged iff the knob is on (and the ADI's PASID is enabled) AND
+    the slot's ctrl has PASID-enable (bit 3); the tag is the ADI's PASID."""
     dev, h = make(pasid_interrupts=pasid_interrupts)
     assert bool(h.r32(BAR0 + ADI_CAP) & ADI_CAP_PASID_INTERRUPTS) == pasid_interrupts, "the driver can tell"
+    if ctrl_pe:
+        assert slot_pe(h, 2) == []
     out = h.w32(portal(2) + DOORBELL, 0xC0FFEE)
     assert [e.tlp.type for e in out] == [TlpType.MEM_WRITE, TlpType.MEM_WRITE]
     dma, irq = out
@@ -362,7 +374,7 @@ def test_doorbell_device_ims(pasid_interrupts: bool) -> None:
     addr, data = handle(2)
     assert irq.tlp.address == addr and irq.tlp.data == data.to_bytes(4, "little")
     assert irq.tlp.requester_id == PF and irq.tlp.length == 1
-    assert irq.tlp.pasid == (0x102 if pasid_interrupts else None)
+    assert irq.tlp.pasid == (0x102 if pasid_interrupts and ctrl_pe else None)
     assert irq.origin == adi_origin(PF, 2) and describe(irq.origin) == "01:00.0 ADI 2"
     for e in out:
         assert Tlp.unpack(e.tlp.pack()) == e.tlp
@@ -383,6 +395,7 @@ def test_irq_mode_0_and_1_both_use_device_ims() -> None:
 
 def test_pasid_prefix_needs_pf_pasid_enable_and_adi_pe() -> None:
     dev, h = make(pasid_enable=False)
+    slot_pe(h, 0)                                                     # the slot asks to be tagged
     dma, irq = h.w32(portal(0) + DOORBELL, 1)
     assert dma.tlp.pasid is None and irq.tlp.pasid is None
     h.wr(PASID_CAP + 4, 1 << 16, be=0xC)
@@ -393,10 +406,14 @@ def test_pasid_prefix_needs_pf_pasid_enable_and_adi_pe() -> None:
     dma, irq = h.w32(portal(0) + DOORBELL, 1)
     assert dma.tlp.pasid == irq.tlp.pasid == 0x100
     assert irq.origin == adi_origin(PF, 0), "provenance is the ADI whatever the tagging"
+    h.w32(ims_slot(0, 0) + 12, 0)                                     # slot ctrl PASID-enable clear
+    dma, irq = h.w32(portal(0) + DOORBELL, 1)
+    assert dma.tlp.pasid == 0x100 and irq.tlp.pasid is None, "DMA still tagged; the slot's MWr is not"
+    assert irq.origin == adi_origin(PF, 0)
 
 
 def test_slot_ctrl_pasid_does_not_choose_the_tag() -> None:
-    """The ADI tags with ADI_PASID (programmed by the host), never with what the slot says."""
+    """The ADI tags with ADI_PASID (programmed by the host), never with what the slot's PASID field says."""
     dev, h = make()
     h.w32(ims_slot(1, 0) + 12, 0x8 | 0x777 << 12)                     # PE + PASID 0x777 in ctrl, unmasked
     assert h.r32(ims_slot(1, 0) + 12) == 0x8 | 0x777 << 12            # stored, reads back
@@ -404,14 +421,45 @@ def test_slot_ctrl_pasid_does_not_choose_the_tag() -> None:
     assert irq.tlp.pasid == 0x101
 
 
+@pytest.mark.parametrize("pasid_interrupts", [True, False])
+def test_device_slot_naming_another_pasid_still_sends_the_adis_own(pasid_interrupts: bool) -> None:
+    """ADI 1's slot ctrl names ADI 3's (real, enabled) PASID: the message still goes out with ADI 1's
+    PASID -- on a doorbell, on a replay, and after the host re-programs ADI_PASID -- or untagged when
+    the device cannot tag interrupts.  The PASID field without PE tags nothing."""
+    dev, h = make(pasid_interrupts=pasid_interrupts)
+    own = 0x101 if pasid_interrupts else None
+    slot_pe(h, 1, pasid_field=0x103)
+    assert h.r32(ims_slot(1, 0) + 12) == IMS_CTRL_PASID_ENABLE | 0x103 << IMS_CTRL_PASID_SHIFT
+    dma, irq = h.w32(portal(1) + DOORBELL, 1)
+    assert dma.tlp.pasid == 0x101 and irq.tlp.pasid == own and irq.origin == adi_origin(PF, 1)
+    _, other = h.w32(portal(3) + DOORBELL, 1)                         # ADI 3 itself, slot ctrl PE clear
+    assert other.tlp.pasid is None
+    h.w32(ims_slot(1, 0) + 12, 1 | IMS_CTRL_PASID_ENABLE | 0x103 << IMS_CTRL_PASID_SHIFT)  # mask
+    assert len(h.w32(portal(1) + DOORBELL, 2)) == 1
+    (irq,) = slot_pe(h, 1, pasid_field=0x103)                         # unmask: replay
+    assert irq.tlp.pasid == own and irq.origin == adi_origin(PF, 1)
+    h.w32(adi_pasid(1), 0x555)                                        # the host re-programs ADI_PASID
+    _, irq = h.w32(portal(1) + DOORBELL, 3)
+    assert irq.tlp.pasid == (0x555 if pasid_interrupts else None)
+    h.w32(ims_slot(1, 0) + 12, 0x103 << IMS_CTRL_PASID_SHIFT)         # PASID field, PE clear
+    _, irq = h.w32(portal(1) + DOORBELL, 4)
+    assert irq.tlp.pasid is None and irq.origin == adi_origin(PF, 1)
+
+
 def test_device_ims_mask_pending_replay_keeps_adi_identity() -> None:
     dev, h = make(pasid_interrupts=True)
-    h.w32(ims_slot(3, 0) + 12, 1)                                     # mask
+    h.w32(ims_slot(3, 0) + 12, 1 | IMS_CTRL_PASID_ENABLE)             # mask, PASID-enable
     out = h.w32(portal(3) + DOORBELL, 1)
     assert len(out) == 1 and dev.adis()[3].ims.is_pending(0)
-    (irq,) = h.w32(ims_slot(3, 0) + 12, 0)                            # unmask: replay
+    (irq,) = slot_pe(h, 3)                                            # unmask (PE kept): replay
     assert irq.origin == adi_origin(PF, 3) and irq.tlp.pasid == 0x103 and irq.tlp.requester_id == PF
     assert dev.snapshot()["adis"][3]["ims_replayed"] == 1
+    # the replay is tagged per the ctrl at the time it is sent: unmasking with PE clear sends it untagged
+    h.w32(ims_slot(3, 0) + 12, 1 | IMS_CTRL_PASID_ENABLE)
+    h.w32(portal(3) + DOORBELL, 2)
+    (irq,) = h.w32(ims_slot(3, 0) + 12, 0)
+    assert irq.origin == adi_origin(PF, 3) and irq.tlp.pasid is None and irq.tlp.requester_id == PF
+    assert dev.snapshot()["adis"][3]["ims_replayed"] == 2
 
 
 def test_device_ims_replay_blocked_while_adi_disabled() -> None:
@@ -465,7 +513,10 @@ def test_pf_engine_is_a_plain_function() -> None:
 
 
 @pytest.mark.parametrize("pasid_interrupts", [True, False])
-def test_memory_ims_fetch_then_send_exactly_what_was_fetched(pasid_interrupts: bool) -> None:
+@pytest.mark.parametrize("fetched_ctrl", [0, IMS_CTRL_PASID_ENABLE | 0x777 << IMS_CTRL_PASID_SHIFT, 0x103 << IMS_CTRL_PASID_SHIFT,
+                                          0xFFFF_FFFE])
+def test_memory_ims_fetch_then_send_exactly_what_was_fetched(pasid_interrupts: bool, fetched_ctrl: int) -> None:
+    """Memory-kind: tagged with the ADI's PASID per the knob alone, whatever the fetched ctrl says."""
     dev, h = make(pasid_interrupts=pasid_interrupts)
     memory_mode(h, 1, vector=3)
     out = h.w32(portal(1) + DOORBELL, 0xAB)
@@ -477,7 +528,7 @@ def test_memory_ims_fetch_then_send_exactly_what_was_fetched(pasid_interrupts: b
     assert mrd.origin is None and Tlp.unpack(mrd.tlp.pack()) == mrd.tlp
     # The owner's RAM holds ADI 2's handle: the device does not care whose it is.
     stolen_addr, stolen_data = handle(2)
-    (irq,) = dev.handle_tlp(cpl_for(mrd.tlp, slot_bytes(stolen_addr, stolen_data)))
+    (irq,) = dev.handle_tlp(cpl_for(mrd.tlp, slot_bytes(stolen_addr, stolen_data, fetched_ctrl)))
     assert irq.tlp.type == TlpType.MEM_WRITE and irq.tlp.address == stolen_addr
     assert irq.tlp.data == stolen_data.to_bytes(4, "little") and irq.tlp.requester_id == PF
     assert irq.tlp.pasid == (0x101 if pasid_interrupts else None)
@@ -496,6 +547,7 @@ def test_memory_ims_sends_any_64bit_address() -> None:
     (irq,) = dev.handle_tlp(cpl_for(mrd.tlp, slot_bytes(0x7_DEAD_BEE7, 0xFFFF_FFFF, ctrl=0xFFFF_FFF8)))
     assert irq.tlp.type == TlpType.MEM_WRITE_64 and irq.tlp.address == 0x7_DEAD_BEE4
     assert irq.tlp.data == b"\xff\xff\xff\xff"
+    assert irq.tlp.pasid == 0x100, "the ADI's PASID, not the fetched ctrl's 0xFFFFF"
 
 
 def test_memory_ims_masked_slot_sends_nothing() -> None:
