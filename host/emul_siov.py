@@ -94,3 +94,28 @@ def mangle_update(vmm, vm, vadi) -> None:
     msg = irq_chip_compose_msi_msg(k.irq.irq_get_irq_data(virq))
     k.hw.mmio_write(_slot_hpa(vadi, 0), _MSG.pack(msg.address_lo, msg.address_hi, msg.data))
     k.hw.mmio_write(_slot_hpa(vadi, 0) + 0xC, _U32.pack(0))
+
+
+def _code_lines(fn) -> int:
+    """Lines of code of ``fn`` (no blank lines, comments or docstring): what the report counts."""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+    src = textwrap.dedent(inspect.getsource(fn))
+    code: set[int] = set()
+    doc = None
+    prev = None
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.STRING and prev is not None and prev.type == tokenize.INDENT and doc is None:
+            doc = range(tok.start[0], tok.end[0] + 1)
+        if tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT,
+                            tokenize.DEDENT, tokenize.ENDMARKER):
+            code.update(range(tok.start[0], tok.end[0] + 1))
+        prev = tok
+    return len(code - set(doc or ()))
+
+
+#: device-specific VMM code per path, in lines (the report prints them beside the rows)
+DEVICE_SPECIFIC_LINES = {"case 4 (IMS emulation)": _code_lines(translate_slot),
+                         "mangle (capability hidden, MSI-X emulated on IMS)": _code_lines(mangle_update)}

@@ -458,8 +458,26 @@ class Vmm:
                                                        c.vf.tags_pasid and self.host.platform.get("pasid_ir")
                                                        else None),
                                              "vector": c.vector, "vcpu": c.apic}
-                                            for c in vm.composes.values()]}
+                                            for c in vm.composes.values()],
+                          "paths": {rid_str(g): _path(v, vm) for g, v in vm.vfs.items()}}
                 for vm in self.vms.values()}
+
+
+def _path(v, vm: Vm) -> dict:
+    """How this assigned device's interrupts are virtualised, and the device-specific VMM code
+    that path needs (DESIGN.md §5: "per-device VMM code counted")."""
+    if isinstance(v, VirtualFunction):
+        return {"path": "vfio-pci MSI-X emulation (generic PCI)", "device_specific_lines": 0}
+    if v.mangle:
+        key = "mangle (capability hidden, MSI-X emulated on IMS)"
+        return {"path": key, "device_specific_lines": emul_siov.DEVICE_SPECIFIC_LINES[key]}
+    kinds = {c.kind for c in vm.composes.values() if c.vf is v}
+    if "fake" in kinds:
+        key = "case 4 (IMS emulation)"
+        return {"path": key, "device_specific_lines": emul_siov.DEVICE_SPECIFIC_LINES[key]}
+    if kinds:
+        return {"path": "HCALL compose (generic hypercall)", "device_specific_lines": 0}
+    return {"path": "none", "device_specific_lines": 0}
 
 
 def _bar0_size(v) -> int:

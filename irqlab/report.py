@@ -56,6 +56,11 @@ def render(report: dict, console: Console) -> None:
         for gdev, phys in vm.get("assigned", {}).items():
             pasid = pasids.get(gdev)
             line = f"  {name}: {gdev} = {phys}" + (f", PASID 0x{pasid:x}" if pasid is not None else "")
+            path = vm.get("paths", {}).get(gdev)
+            if path:
+                line += f"; {path['path']}"
+                if path["device_specific_lines"]:
+                    line += f" [{path['device_specific_lines']} lines of device-specific VMM code]"
             binds = [b for b in vm.get("irte_bindings", []) if b["dev"] == gdev]
             for b in binds:
                 where = "checks PASID 0x%x" % b["pasid"] if b.get("pasid") is not None else "checks the RID only"
