@@ -63,6 +63,8 @@ async def test_row_3_adi_memory_ims_pasid_checked(start_lab):
     assert vms["g1"]["pasids"]["00:03.0"] != vms["g2"]["pasids"]["00:03.0"]
     views = await lab.call("g1", "views")
     assert "HCALL-IMS-MEM-0000:00:03.0" in views["domains"], views["domains"]
+    assert vms["g1"]["paths"]["00:03.0"] == {"path": "HCALL compose (generic hypercall)",
+                                             "device_specific_lines": 0}
     # the attack: g1 stores g2's handle in its own memory slot; the PASID check blocks it
     victim = await handle_of(lab, "g2")
     await lab.call("g1", "hostile", {"action": "ims-redirect", "handle": victim})
@@ -94,6 +96,7 @@ async def test_row_4_device_ims_trapped_with_fake_pairs(start_lab):
     vms = await lab.call("host", "vms")
     (b,) = vms["g1"]["irte_bindings"]
     assert b["kind"] == "fake" and b["pasid"] is None
+    assert vms["g1"]["paths"]["00:03.0"]["device_specific_lines"] > 5
     # the guest cannot write the real slot: a forged pair stays masked and is logged
     await lab.call("g1", "hostile", {"action": "mmio-outside-ept", "addr": 0xF000_0000})
     views = await lab.call("g1", "views")
@@ -149,3 +152,22 @@ async def test_row_mangle_guest_sees_no_ims_and_uses_emulated_msix(start_lab):
     assert "IMS" not in views["domains"] and "PCI-MSIX-0000:00:03.0" in views["domains"]
     vms = await lab.call("host", "vms")
     assert vms["g1"]["hypercalls"] == {}           # no compose: the VMM did it all, device-specifically
+    path = vms["g1"]["paths"]["00:03.0"]
+    assert path["path"].startswith("mangle") and path["device_specific_lines"] > 10, path
+
+
+async def test_reference_topology_four_vms_two_adis_each(start_lab):
+    """examples/siov.toml: a tagging memory-IMS device and a non-tagging device-IMS device,
+    4 VMs with one ADI of each (the done-when topology, with fewer interrupts)."""
+    import os
+    from irqlab.topology import load
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lab = await start_lab(load(os.path.join(root, "examples", "siov.toml")))
+    report = await lab.run_workload(per_function=1000, inflight=8)
+    adi_rows = [r for r in rows(report) if r["os"] != "host"]
+    assert len(adi_rows) == 8
+    assert {r["irq_mode"] for r in adi_rows} == {"ims", "ims-memory"}
+    for r in rows(report):
+        assert r["outcome"] == "delivered" and r["sent"] == r["interrupts"] == 1000 and r["lost"] == 0, r
+    assert all(o["breaches"] == 0 for o in report["oses"].values())
+    assert report["ok"]

@@ -6,9 +6,11 @@ import struct
 from typing import NamedTuple
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from device.ims import IMS_CTRL_PASID_ENABLE, IMS_CTRL_PASID_SHIFT, IMS_CTRL_VECTOR_MASKBIT
 from device.siov_device import SiovDevice
 from fabric.provenance import adi_origin, function_origin, is_adi, origin_adi, origin_rid
 from fabric.tlp import CplStatus, Tlp, TlpType
@@ -17,6 +19,12 @@ PF = 0x0100
 BAR0 = 0xFEB0_0000
 BAR2 = 0xC000_0000
 QCTX = 0x3000_0000
+PE = IMS_CTRL_PASID_ENABLE
+
+
+def _other_pasid(i: int) -> int:
+    """The ctrl PASID field the fixture puts in ADI i's device slot 0: another ADI's real PASID."""
+    return 0x100 + (i + 1) % 4
 
 
 def _w(dev: SiovDevice, addr: int, value: int, n: int = 4) -> None:
@@ -24,7 +32,8 @@ def _w(dev: SiovDevice, addr: int, value: int, n: int = 4) -> None:
 
 
 def _device(pasid_interrupts: bool) -> SiovDevice:
-    """PF with MSI-X + IMS, 4 ADIs: 0/2 device IMS, 1/3 memory IMS; everything enabled."""
+    """PF with MSI-X + IMS, 4 ADIs: 0/2 device IMS, 1/3 memory IMS; everything enabled.  Device
+    slot 0 of each ADI: ctrl PASID-enable with another ADI's PASID in its PASID field; slot 1: ctrl 0."""
     dev = SiovDevice(adis=4, adi_ims_slots=4, pf_ims_slots=2, pasid_interrupts=pasid_interrupts)
     for t in (Tlp.cfg_write(PF, 0x10, BAR0), Tlp.cfg_write(PF, 0x18, BAR2), Tlp.cfg_write(PF, 0x04, 0x6),
               Tlp.cfg_write(PF, 0x7C, 0x8000_0000, first_be=0xC), Tlp.cfg_write(PF, 0x104, 1 << 16, first_be=0xC)):
@@ -41,7 +50,8 @@ def _device(pasid_interrupts: bool) -> SiovDevice:
         _w(dev, p + 0x10, 8)
         for s in range(2):
             _w(dev, p + 0x1000 + 16 * s, 0xFEE0_0000 + 0x1000 * i, 8)
-            _w(dev, p + 0x1008 + 16 * s, 0x40 + s, 8)
+            ctrl = PE | _other_pasid(i) << IMS_CTRL_PASID_SHIFT if s == 0 else 0
+            _w(dev, p + 0x1008 + 16 * s, (0x40 + s) | ctrl << 32, 8)
         if i % 2:
             _w(dev, p + 0x38, QCTX + 0x1000 * i, 8)
             _w(dev, p + 0x28, 2)
@@ -82,9 +92,16 @@ class Control(NamedTuple):
 @st.composite
 def _ops(draw):
     kind = draw(st.sampled_from(["cfgrd", "cfgwr", "mwr", "mrd", "cpl", "respond", "respond", "respond",
-                                 "doorbell", "doorbell", "doorbell", "control"]))
+                                 "doorbell", "doorbell", "doorbell", "control", "imsctrl", "imsctrl", "vector"]))
     if kind == "doorbell":
         return Tlp.mem_write(draw(_windows) + 0x18, draw(st.binary(min_size=4, max_size=4)))
+    if kind == "imsctrl":
+        # an ADI's device slot ctrl: mask / unmask (replays), PASID-enable on/off, any PASID field
+        ctrl = draw(st.sampled_from([0, 1, PE, PE | 1])) | draw(st.sampled_from([0, 0x100, 0x103, 0xF_FFFF])) << 12
+        slot = BAR2 + 0x2000 * draw(st.integers(0, 3)) + 0x1000 + 16 * draw(st.integers(0, 3))
+        return Tlp.mem_write(slot + 0xC, ctrl.to_bytes(4, "little"))
+    if kind == "vector":
+        return Tlp.mem_write(BAR2 + 0x2000 * draw(st.integers(0, 3)) + 0x14, draw(st.integers(0, 4)).to_bytes(4, "little"))
     if kind == "cfgrd":
         return Tlp.cfg_read(draw(_targets), draw(_regs), first_be=draw(st.integers(0, 15)))
     if kind == "cfgwr":
@@ -95,8 +112,9 @@ def _ops(draw):
         return Control(op, draw(st.integers(-1, 5)) if op == "adi_reset" else draw(st.sampled_from([PF, PF + 1])))
     if kind == "respond":
         status = draw(st.sampled_from([CplStatus.SC] * 5 + [CplStatus.UR, CplStatus.CA]))
-        # ctrl DW: mostly unmasked, sometimes masked; the rest is whatever the owner wrote
-        ctrl = draw(st.sampled_from([0, 0, 1, 0xFFFF_FFFF]))
+        # ctrl DW: mostly unmasked, sometimes masked; the rest is whatever the owner wrote (PASID-enable
+        # and a PASID field included: a memory-kind slot's ctrl does not choose the tag)
+        ctrl = draw(st.sampled_from([0, 0, 1, 0xFFFF_FFFF, PE | 0x102 << 12, PE, 0xFFFF_FFFE]))
         slot = draw(st.binary(min_size=12, max_size=12)) + ctrl.to_bytes(4, "little")
         return Respond(draw(st.integers(0, 40)), status, slot, draw(st.booleans()) and draw(st.booleans()),
                        draw(st.sampled_from(["good"] * 6 + ["short", "lower_address", "duplicate"])))
@@ -132,12 +150,23 @@ def _answer(r: Respond, mrd: Tlp) -> list[Tlp]:
     return [cpl, cpl] if r.shape == "duplicate" else [cpl]
 
 
-def test_fixture_device_exercises_both_kinds() -> None:
-    dev = _device(True)
+@pytest.mark.parametrize("pasid_interrupts", [True, False])
+def test_fixture_device_exercises_both_kinds(pasid_interrupts: bool) -> None:
+    dev = _device(pasid_interrupts)
+    own = 0x100 if pasid_interrupts else None
+    # device kind, slot 0 (ctrl PE, PASID field = ADI 1's): tagged with ADI 0's own PASID
     dma, irq = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x18, b"\1\0\0\0"))
-    assert irq.origin == adi_origin(PF, 0) and irq.tlp.pasid == 0x100
-    dma, mrd = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x2018, b"\1\0\0\0"))
-    assert mrd.tlp.type == TlpType.MEM_READ and mrd.tlp.address == QCTX + 0x1010 and mrd.tlp.pasid == 0x101
+    assert irq.origin == adi_origin(PF, 0) and irq.tlp.pasid == own and _other_pasid(0) == 0x101
+    # device kind, slot 1 (ctrl PE clear): untagged
+    dev.handle_tlp(Tlp.mem_write(BAR2 + 0x14, b"\1\0\0\0"))
+    dma, irq = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x18, b"\1\0\0\0"))
+    assert irq.origin == adi_origin(PF, 0) and irq.tlp.pasid is None and irq.tlp.data == b"\x41\0\0\0"
+    # memory kind: tagged per the knob, whatever the fetched ctrl says
+    for ctrl in (0, PE | 0x103 << IMS_CTRL_PASID_SHIFT):
+        dma, mrd = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x2018, b"\1\0\0\0"))
+        assert mrd.tlp.type == TlpType.MEM_READ and mrd.tlp.address == QCTX + 0x1010 and mrd.tlp.pasid == 0x101
+        (irq,) = dev.handle_tlp(Tlp.completion(mrd.tlp, 0, CplStatus.SC, struct.pack("<IIII", 0xFEE0_0000, 0, 0x77, ctrl)))
+        assert irq.origin == adi_origin(PF, 1) and irq.tlp.pasid == (0x101 if pasid_interrupts else None)
     dma, irq = dev.handle_tlp(Tlp.mem_write(BAR0 + 0x18, b"\1\0\0\0"))
     assert irq.origin == function_origin(PF)
 
@@ -166,8 +195,11 @@ def _check(dev: SiovDevice, tlp: Tlp, out: list, pasid_interrupts: bool, outstan
         assert out[0].tlp.tag == tlp.tag and out[0].tlp.requester_id == tlp.requester_id
         assert out[0].tlp.completer_id == dev.rid
     elif tlp.is_completion():
-        assert len(out) <= 1 and all(e.origin is not None for e in out), "a CplD yields at most the interrupt"
-        if out:
+        # a CplD yields at most the interrupt, then the slot reads that were waiting for a free tag
+        irqs = [e for e in out if e.origin is not None]
+        assert len(irqs) <= 1 and out[:len(irqs)] == irqs, "a CplD yields at most one interrupt, first"
+        assert all(e.tlp.type in (TlpType.MEM_READ, TlpType.MEM_READ_64) for e in out[len(irqs):])
+        if irqs:
             lo, hi, data = struct.unpack_from("<III", tlp.data)
             assert out[0].tlp.address == (hi << 32 | lo) & ~3 and out[0].tlp.data == tlp.data[8:12]
     for e in out:
@@ -181,10 +213,32 @@ def _check(dev: SiovDevice, tlp: Tlp, out: list, pasid_interrupts: bool, outstan
             assert t.is_posted() and t.length == 1 and origin_rid(e.origin) == t.requester_id
             if is_adi(e.origin):
                 adi = dev.adis()[origin_adi(e.origin)]
-                assert t.pasid == adi.irq_pasid
+                assert t.pasid in _expected_irq_pasids(adi, tlp, t)
                 assert pasid_interrupts or t.pasid is None
             else:
                 assert e.origin == function_origin(dev.rid) and t.pasid is None
         elif t.type in (TlpType.MEM_READ, TlpType.MEM_READ_64):
             assert t.length == 4 and t.address & 0xF == 0 and t.tag < 32
             outstanding.append(t)
+
+
+def _expected_irq_pasids(adi, cause: Tlp, t: Tlp) -> set[int | None]:
+    """The PASID prefix an ADI's interrupt MWr may carry (None = untagged): one value unless two
+    slots hold the very same message (then the sender is either).
+
+    Memory kind (sent on the slot read's CplD): the ADI's ``irq_pasid`` -- knob, PF PASID Enable
+    and ADI PE -- whatever the fetched ctrl says.  Device kind (a doorbell or an unmasking ctrl
+    write): the same only if the sending slot's ctrl has PASID-enable; the value is the ADI's own
+    PASID, never the slot's PASID field.  The sending slot is the unmasked one holding exactly the
+    message sent; its ctrl cannot change later in the same TLP (the ctrl is a slot's last DW), so
+    the state after the TLP shows it.
+    """
+    if cause.is_completion():
+        return {adi.irq_pasid}
+    ims = adi.ims
+    assert ims is not None
+    data = int.from_bytes(t.data, "little")
+    ctrls = {ims.read(16 * s + 0xC) for s in range(ims.nslots)
+             if ims.message(s) == (t.address, data) and not ims.read(16 * s + 0xC) & IMS_CTRL_VECTOR_MASKBIT}
+    assert ctrls, "a device-kind interrupt is the message of one of the ADI's unmasked slots"
+    return {adi.irq_pasid if c & IMS_CTRL_PASID_ENABLE else None for c in ctrls}
