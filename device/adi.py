@@ -57,10 +57,12 @@ request (completion-record MWr, memory-IMS slot MRd) carries a PASID prefix
 with ADI_PASID iff ADI_CTRL.PE and the PF's PASID Enable are set.  An
 interrupt MWr carries it only if, in addition, the device-level knob
 ``pasid_interrupts`` is set: the thread's case 3 (tagged) versus case 4 ("This
-SIOV device cannot tag interrupts with PASID").  The PASID comes from
-ADI_PASID, which only the host programs, never from the slot's ctrl PASID
-field: on a device-kind slot ctrl PE/PASID are stored and read back (IDXD
-layout) but do not choose the tag, and a memory-kind slot is guest RAM.
+SIOV device cannot tag interrupts with PASID").  A memory-kind slot's message is
+always tagged then; a device-kind slot's only when its ctrl PASID-enable (bit 3)
+is set: the slot's writer (the owner's kernel, or the VMM when the page is
+trapped) decides.  The PASID itself always comes from ADI_PASID, which only the
+host programs, never from the slot's ctrl PASID field (stored and read back,
+IDXD layout) nor from a memory slot (guest RAM).
 
 *Doorbell.*  A full-DW write to DOORBELL completes one work item if the gate
 (PF BME and ADI EN) is open and the ring is programmed, else it is dropped
@@ -83,8 +85,10 @@ layout) but do not choose the tag, and a memory-kind slot is guest RAM.
 *Fetch tags.*  The ADIs share the PF's RID, so they share its tag space: one
 ``FetchTable`` per device, 32 tags (5-bit tags: the PF does not set Extended
 Tag Field Supported).  With every tag in flight a memory-IMS doorbell still
-writes its record but cannot fetch (``ims_mem_fetch_failed`` and
-``ims_mem_no_tag``).  An ADI reset *orphans* its in-flight fetches: the tag
+writes its record and its slot read waits in a FIFO for the next free tag
+(``ims_mem_no_tag`` counts them).  The FIFO holds at most ``FETCH_WAIT_MAX``
+reads; beyond that (a flood of doorbells) the read is abandoned
+(``ims_mem_fetch_failed``).  An ADI reset drops its queued reads and *orphans* its in-flight fetches: the tag
 stays taken until the completion arrives and is then dropped, so a late
 completion can never be credited to another ADI that reused the tag.  A PF FLR
 frees every tag (the FLR is the recovery of last resort; a completion that
@@ -171,6 +175,10 @@ class AdiHost(Protocol):
 
 
 # ---- the device's shared tag space for memory-IMS slot reads -------------------------------------
+
+
+#: slot reads that may wait for a tag before the fetch engine abandons new ones
+FETCH_WAIT_MAX = 1024
 
 
 class FetchTable:
@@ -473,6 +481,9 @@ class Adi:
             if tag is None:
                 # every tag in flight (or others already waiting): queue behind them
                 self.ims_mem_no_tag += 1
+                if len(fetches.waiting) >= FETCH_WAIT_MAX:
+                    self.ims_mem_fetch_failed += 1     # a hostile flood: the fetch engine gives up
+                    return out
                 fetches.waiting.append((self.index, vector, slot_addr))
                 return out
             self.ims_mem_fetches += 1

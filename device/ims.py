@@ -86,15 +86,21 @@ IMS_CTRL_WRITABLE = IMS_CTRL_PASID_MASK | IMS_CTRL_PASID_ENABLE | IMS_CTRL_VECTO
 _SLOT = struct.Struct("<IIII")
 
 
+def _always() -> bool:
+    return True
+
+
 class ImsStore:
     """The IMS slot array of one function, with mask/pending/replay semantics."""
 
     __slots__ = (
         "nslots", "slots", "pending", "bus_master", "requester_id", "pasid_interrupts",
-        "sent", "pended", "replayed", "blocked_no_bme", "invalid_slot",
+        "sent", "pended", "replayed", "blocked_no_bme", "invalid_slot", "pasid_enabled",
     )
 
     def __init__(self, slots: int, *, requester_id: int = 0, pasid_interrupts: bool = True) -> None:
+        #: the owning function's PASID Enable (a function without the capability: always on)
+        self.pasid_enabled = _always
         if slots < 1:
             raise ValueError(f"IMS with {slots} slots: at least 1 (a function without IMS has no store)")
         self.nslots = slots
@@ -160,7 +166,9 @@ class ImsStore:
         whose device identifies the sender differently (the SIOV ADI's store,
         ``device.adi``) overrides this.
         """
-        pasid = ctrl >> IMS_CTRL_PASID_SHIFT if ctrl & IMS_CTRL_PASID_ENABLE and self.pasid_interrupts else None
+        # PCIe: no PASID prefix unless the function's PASID capability is enabled.
+        pasid = (ctrl >> IMS_CTRL_PASID_SHIFT
+                 if ctrl & IMS_CTRL_PASID_ENABLE and self.pasid_interrupts and self.pasid_enabled() else None)
         rid = self.requester_id
         return Emit(mem_write_dw(address, data.to_bytes(4, "little"), rid, pasid), rid)
 

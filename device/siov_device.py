@@ -172,6 +172,8 @@ class SiovDevice:
         pf.cfg.add_bar(BAR2_INDEX, self.bar2_size)
         self.pasid_cap = PasidCap(max_pasid_width=20)
         pf.cfg.add_ext_capability(self.pasid_cap, PASID_CAP_OFFSET)
+        if pf.ims is not None:
+            pf.ims.pasid_enabled = lambda: self.pasid_cap.enabled
         self.dvsec = IntelSiovDvsec(ims_supported=True)
         pf.cfg.add_ext_capability(self.dvsec, SIOV_DVSEC_OFFSET)
         pf.cfg.add_hook(PCI_COMMAND, 2, self._command_written)

@@ -513,8 +513,8 @@ def test_pf_engine_is_a_plain_function() -> None:
 
 
 @pytest.mark.parametrize("pasid_interrupts", [True, False])
-@pytest.mark.parametrize("fetched_ctrl", [0, IMS_CTRL_PASID_ENABLE | 0x777 << IMS_CTRL_PASID_SHIFT, 0x103 << IMS_CTRL_PASID_SHIFT,
-                                          0xFFFF_FFFE])
+@pytest.mark.parametrize("fetched_ctrl", [0, IMS_CTRL_PASID_ENABLE | 0x777 << IMS_CTRL_PASID_SHIFT,
+                                          0x103 << IMS_CTRL_PASID_SHIFT, 0xFFFF_FFFE])
 def test_memory_ims_fetch_then_send_exactly_what_was_fetched(pasid_interrupts: bool, fetched_ctrl: int) -> None:
     """Memory-kind: tagged with the ADI's PASID per the knob alone, whatever the fetched ctrl says."""
     dev, h = make(pasid_interrupts=pasid_interrupts)
@@ -625,11 +625,17 @@ def test_fetch_tags_are_shared_and_bounded() -> None:
         mrds.append(h.w32(portal(n % 2) + DOORBELL, n)[1].tlp)
     assert sorted(m.tag for m in mrds) == list(range(FETCH_TAGS)), "one tag space for all ADIs (one RID)"
     out = h.w32(portal(0) + DOORBELL, 99)
-    assert len(out) == 1, "record written, no tag left for the slot read"
+    assert len(out) == 1, "record written, no tag left: the slot read waits for one"
     assert dev.snapshot()["adis"][0]["ims_mem_no_tag"] == 1
-    assert dev.snapshot()["adis"][0]["ims_mem_fetch_failed"] == 1
-    (irq,) = dev.handle_tlp(cpl_for(mrds[5], slot_bytes(*handle(1))))
+    assert dev.snapshot()["adis"][0]["ims_mem_fetch_failed"] == 0, "queued, not dropped"
+    irq, queued = dev.handle_tlp(cpl_for(mrds[5], slot_bytes(*handle(1))))
     assert irq.origin == adi_origin(PF, 1)                            # mrds[5] was ADI 1's
+    # the freed tag goes at once to the waiting read (ADI 0's), after the interrupt
+    assert queued.origin is None and queued.tlp.type == TlpType.MEM_READ_64 and queued.tlp.tag == mrds[5].tag
+    assert (queued.tlp.address, queued.tlp.pasid, queued.tlp.requester_id) == (QCTX + 0x30, 0x100, PF)
+    assert dev.snapshot()["adis"][0]["ims_mem_fetches"] == FETCH_TAGS // 2 + 1
+    (irq,) = dev.handle_tlp(cpl_for(queued.tlp, slot_bytes(*handle(0))))
+    assert irq.origin == adi_origin(PF, 0), "nothing else waiting: only the interrupt"
     out = h.w32(portal(0) + DOORBELL, 100)
     assert out[1].tlp.tag == mrds[5].tag
 
@@ -686,8 +692,11 @@ def test_orphan_tag_is_not_reused_before_its_completion() -> None:
     memory_mode(h, 1)
     tags = {h.w32(portal(1) + DOORBELL, n)[1].tlp.tag for n in range(FETCH_TAGS - 1)}
     assert old.tlp.tag not in tags
-    assert len(h.w32(portal(1) + DOORBELL, 99)) == 1                  # pool exhausted incl. the orphan
-    assert dev.handle_tlp(cpl_for(old.tlp, slot_bytes(*handle(1)))) == [], "not credited to ADI 1"
+    assert len(h.w32(portal(1) + DOORBELL, 99)) == 1                  # pool exhausted incl. the orphan: waits
+    (queued,) = dev.handle_tlp(cpl_for(old.tlp, slot_bytes(*handle(1))))
+    assert queued.origin is None and queued.tlp.type == TlpType.MEM_READ_64, \
+        "not credited to ADI 1: no interrupt, only ADI 1's waiting read starts"
+    assert queued.tlp.tag == old.tlp.tag and dev.snapshot()["counters"]["cpl_orphaned"] == 1
 
 
 @pytest.mark.parametrize("via", ["devctl", "control"])

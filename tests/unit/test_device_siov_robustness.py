@@ -33,7 +33,8 @@ def _w(dev: SiovDevice, addr: int, value: int, n: int = 4) -> None:
 
 def _device(pasid_interrupts: bool) -> SiovDevice:
     """PF with MSI-X + IMS, 4 ADIs: 0/2 device IMS, 1/3 memory IMS; everything enabled.  Device
-    slot 0 of each ADI: ctrl PASID-enable with another ADI's PASID in its PASID field; slot 1: ctrl 0."""
+    slot 0 of each ADI: ctrl PASID-enable with another ADI's PASID in its PASID field; slot 1: ctrl 0
+    (untagged).  ADI 0 signals slot 0, ADI 2 slot 1, ADI i = 1/3 memory slot i."""
     dev = SiovDevice(adis=4, adi_ims_slots=4, pf_ims_slots=2, pasid_interrupts=pasid_interrupts)
     for t in (Tlp.cfg_write(PF, 0x10, BAR0), Tlp.cfg_write(PF, 0x18, BAR2), Tlp.cfg_write(PF, 0x04, 0x6),
               Tlp.cfg_write(PF, 0x7C, 0x8000_0000, first_be=0xC), Tlp.cfg_write(PF, 0x104, 1 << 16, first_be=0xC)):
@@ -56,6 +57,8 @@ def _device(pasid_interrupts: bool) -> SiovDevice:
             _w(dev, p + 0x38, QCTX + 0x1000 * i, 8)
             _w(dev, p + 0x28, 2)
             _w(dev, p + 0x14, i)
+        elif i:
+            _w(dev, p + 0x14, 1)
     return dev
 
 
@@ -92,7 +95,8 @@ class Control(NamedTuple):
 @st.composite
 def _ops(draw):
     kind = draw(st.sampled_from(["cfgrd", "cfgwr", "mwr", "mrd", "cpl", "respond", "respond", "respond",
-                                 "doorbell", "doorbell", "doorbell", "control", "imsctrl", "imsctrl", "vector"]))
+                                 "doorbell", "doorbell", "doorbell", "control", "imsctrl", "imsctrl", "vector",
+                                 "memirq"]))
     if kind == "doorbell":
         return Tlp.mem_write(draw(_windows) + 0x18, draw(st.binary(min_size=4, max_size=4)))
     if kind == "imsctrl":
@@ -100,8 +104,17 @@ def _ops(draw):
         ctrl = draw(st.sampled_from([0, 1, PE, PE | 1])) | draw(st.sampled_from([0, 0x100, 0x103, 0xF_FFFF])) << 12
         slot = BAR2 + 0x2000 * draw(st.integers(0, 3)) + 0x1000 + 16 * draw(st.integers(0, 3))
         return Tlp.mem_write(slot + 0xC, ctrl.to_bytes(4, "little"))
+    if kind == "memirq":
+        # a memory-kind ADI's doorbell, its slot read answered at once with an unmasked slot whose
+        # ctrl may say anything about PASIDs (a tuple: the test runs both ops in turn)
+        ctrl = draw(st.sampled_from([0, PE, PE | 0x102 << 12, 0xFFFF_FFFE, 0x100 << 12]))
+        addr, data = 0xFEE0_0000 + draw(st.integers(0, 0xFFF)) * 4, draw(st.integers(0, 0xFFFF_FFFF))
+        slot = struct.pack("<IIII", addr, 0, data, ctrl)
+        return (Tlp.mem_write(BAR2 + 0x2000 * draw(st.sampled_from([1, 3])) + 0x18, b"\1\0\0\0"),
+                Respond(-1, CplStatus.SC, slot, False, "good"))
     if kind == "vector":
-        return Tlp.mem_write(BAR2 + 0x2000 * draw(st.integers(0, 3)) + 0x14, draw(st.integers(0, 4)).to_bytes(4, "little"))
+        vector = draw(st.integers(0, 4))
+        return Tlp.mem_write(BAR2 + 0x2000 * draw(st.integers(0, 3)) + 0x14, vector.to_bytes(4, "little"))
     if kind == "cfgrd":
         return Tlp.cfg_read(draw(_targets), draw(_regs), first_be=draw(st.integers(0, 15)))
     if kind == "cfgwr":
@@ -158,14 +171,17 @@ def test_fixture_device_exercises_both_kinds(pasid_interrupts: bool) -> None:
     dma, irq = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x18, b"\1\0\0\0"))
     assert irq.origin == adi_origin(PF, 0) and irq.tlp.pasid == own and _other_pasid(0) == 0x101
     # device kind, slot 1 (ctrl PE clear): untagged
-    dev.handle_tlp(Tlp.mem_write(BAR2 + 0x14, b"\1\0\0\0"))
+    dma, irq = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x4018, b"\1\0\0\0"))
+    assert irq.origin == adi_origin(PF, 2) and irq.tlp.pasid is None and irq.tlp.data == b"\x41\0\0\0"
+    dev.handle_tlp(Tlp.mem_write(BAR2 + 0x14, b"\1\0\0\0"))          # ADI 0 -> slot 1 too
     dma, irq = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x18, b"\1\0\0\0"))
     assert irq.origin == adi_origin(PF, 0) and irq.tlp.pasid is None and irq.tlp.data == b"\x41\0\0\0"
     # memory kind: tagged per the knob, whatever the fetched ctrl says
     for ctrl in (0, PE | 0x103 << IMS_CTRL_PASID_SHIFT):
         dma, mrd = dev.handle_tlp(Tlp.mem_write(BAR2 + 0x2018, b"\1\0\0\0"))
         assert mrd.tlp.type == TlpType.MEM_READ and mrd.tlp.address == QCTX + 0x1010 and mrd.tlp.pasid == 0x101
-        (irq,) = dev.handle_tlp(Tlp.completion(mrd.tlp, 0, CplStatus.SC, struct.pack("<IIII", 0xFEE0_0000, 0, 0x77, ctrl)))
+        slot = struct.pack("<IIII", 0xFEE0_0000, 0, 0x77, ctrl)
+        (irq,) = dev.handle_tlp(Tlp.completion(mrd.tlp, 0, CplStatus.SC, slot))
         assert irq.origin == adi_origin(PF, 1) and irq.tlp.pasid == (0x101 if pasid_interrupts else None)
     dma, irq = dev.handle_tlp(Tlp.mem_write(BAR0 + 0x18, b"\1\0\0\0"))
     assert irq.origin == function_origin(PF)
@@ -176,7 +192,7 @@ def test_fixture_device_exercises_both_kinds(pasid_interrupts: bool) -> None:
 def test_random_traffic_never_raises_and_emits_valid_tlps(pasid_interrupts: bool, ops: list) -> None:
     dev = _device(pasid_interrupts)
     outstanding: list[Tlp] = []        # slot reads the device sent and nobody answered yet
-    for op in ops:
+    for op in [o for op in ops for o in (op if type(op) is tuple else (op,))]:
         if type(op) is Control:
             getattr(dev, op.op)(op.arg)
             continue
