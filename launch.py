@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-runtime", action="store_true",
                      help="keep the runtime directory (process logs, configs) and print its path")
     sub.add_parser("show-default", help="print the built-in default topology (TOML)")
+    mx = sub.add_parser("matrix", help="run every row of the DESIGN.md §5 matrix, quiet and with a hostile guest, "
+                                       "and compare observed with expected outcomes")
+    mx.add_argument("rows", nargs="*", help="row ids (default: all): 1 2 2-ims 2-oldkvm 2-hidden 2-legacy 3 "
+                                            "3-noplat 4 4-unsafe 4-noemul mangle")
+    mx.add_argument("--json", action="store_true", help="print the results as JSON")
+    mx.add_argument("--quiet-only", action="store_true", help="skip the hostile variants")
     views = sub.add_parser("views", help="print kernel-style views from a running topology ('run --hold')")
     views.add_argument("oses", nargs="*", help="host and/or guest names (default: all)")
     views.add_argument("--runtime", help="the running topology's runtime directory (default: the newest)")
@@ -80,6 +86,71 @@ def _print_views(console, name: str, views: dict, only: str | None = None) -> No
             continue
         console.print(f"[bold]== {name}: {title} ==[/]")
         console.print(views.get(field, "").rstrip() or "(empty)", markup=False, highlight=False)
+
+
+def _run_matrix(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from fabric.loop import run
+    from irqlab import matrix
+    from irqlab.lab import LabError
+
+    try:
+        rows = matrix.select(args.rows)
+    except ValueError as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    console = _console()
+    jobs = [(row, hostile) for row in rows for hostile in ((False,) if args.quiet_only else (False, True))]
+    results: list[dict] = []
+    rc = EXIT_OK
+
+    async def go():
+        nonlocal rc
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                      disable=args.json) as progress:
+            bar = progress.add_task("matrix", total=len(jobs))
+            for row, hostile in jobs:
+                progress.update(bar, description=f"row {row.id}{' + hostile guest' if hostile else ''}")
+                try:
+                    results.append(await matrix.run_row(row, hostile))
+                except LabError as exc:
+                    results.append({"row": row.id, "title": row.title, "hostile": hostile,
+                                    "expected": row.expected_hostile if hostile else row.expected,
+                                    "observed": "lab failed", "why": str(exc).splitlines()[0], "ok": False,
+                                    "breaches": 0, "faults": {}, "refused": {}, "attacks": [], "seconds": 0})
+                progress.advance(bar)
+
+    from rich.console import Console
+    try:
+        run(go())
+    except asyncio.CancelledError:
+        print("launch.py: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        json.dump(matrix.to_json(results), sys.stdout, indent=2, default=str)
+        print()
+    else:
+        t = Table(title="irqlab matrix (DESIGN.md §5): expected vs observed, real processes", title_justify="left")
+        for col in ("row", "what", "guest", "expected", "observed", "", "how"):
+            t.add_column(col, overflow="fold")
+        for r in results:
+            mark = "[green]✓[/]" if r["ok"] else "[bold red]✗[/]"
+            how = matrix.explain(r) if r["hostile"] else r["why"]
+            t.add_row(r["row"], r["title"], "hostile" if r["hostile"] else "quiet", r["expected"],
+                      r["observed"], mark, how)
+        console.print(t)
+        bad = [r for r in results if not r["ok"]]
+        console.print(f"{len(results) - len(bad)}/{len(results)} as expected"
+                      + ("" if not bad else "; mismatches: " + ", ".join(
+                          f"{r['row']}{' (hostile)' if r['hostile'] else ''}" for r in bad)))
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_LOST
 
 
 def _console():
@@ -216,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd in ("views", "ctl"):
         return _remote(args)
+    if args.cmd == "matrix":
+        return _run_matrix(args)
     if args.cmd == "show-default":
         import importlib.resources
         sys.stdout.write(importlib.resources.files("irqlab").joinpath("default_topology.toml").read_text())

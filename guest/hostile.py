@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from fabric import hypercall as hc
-from guest.drivers.engine import CMPL_BASE_HI, CMPL_BASE_LO, CMPL_RING_ENTRIES, DOORBELL
+from guest.drivers.engine import CMPL_BASE_HI, CMPL_BASE_LO, CMPL_RING_ENTRIES, DOORBELL, IMS_OFFSET
 
 
 async def mmio_outside_ept(shell, args: dict) -> dict:
@@ -49,6 +49,51 @@ async def compose_foreign(shell, args: dict) -> dict:
         return {"ret": 0, "values": v}
     except hc.HypercallError as exc:
         return {"ret": exc.ret, "error": str(exc)}
+
+
+async def dma_into_interrupt_range(shell, args: dict) -> dict:
+    """Make the assigned device DMA its completion record into 0xFEE0_0000-0xFEEF_FFFF.
+
+    The record is 16 bytes of the guest's choosing-ish (cookie, status, seq): on the bus it is
+    a MemWr to the interrupt range from the device's RID, i.e. a forged interrupt request.
+    """
+    inst = _engine(shell)
+    target = int(args.get("addr", 0xFEE0_0000)) & ~0xF
+    w = shell.hw.mmio_write
+    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", target & 0xFFFF_FFFF))
+    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", 0))
+    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
+    w(inst.bar0 + DOORBELL, struct.pack("<I", int(args.get("cookie", 0x21))))
+    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", inst.ring & 0xFFFF_FFFF))
+    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", inst.ring >> 32))
+    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", inst.entries))
+    inst.completed += 1
+    return {"dma_target": target}
+
+
+async def ims_steal_device(shell, args: dict) -> dict:
+    """Write IRTE ``handle`` (someone else's) into this VM's device-kind IMS slot, ring the doorbell.
+
+    Where the slot page is passed through (a VF's IMS), the device sends it with the VF's
+    RID: the IRTE's source-id check must catch it.  Where it is trapped (case 4), the VMM
+    sees a pair it did not compose and keeps the real slot masked.
+    """
+    from fabric.ir import compose_remappable
+    inst = _engine(shell)
+    if inst.irq_mode != "ims":
+        raise RuntimeError(f"{inst.name} does not use device IMS (it uses {inst.irq_mode})")
+    slot = shell.kernel.irq.irq_get_irq_data(inst.irq).hwirq
+    addr = inst.bar0 + IMS_OFFSET + slot * 16
+    lo, hi, data = compose_remappable(int(args["handle"]), 0, shv=True)
+    shell.hw.mmio_write(addr, struct.pack("<III", lo, hi, data))
+    shell.hw.mmio_write(inst.bar0 + DOORBELL, struct.pack("<I", 0x57EA1))
+    inst.completed += 1
+    # put our own message back (the device raised the doorbell's interrupt before this store)
+    own = shell.kernel.irq.irq_get_irq_data(inst.irq).chip_data
+    if own.msg is not None:
+        shell.hw.mmio_write(addr, struct.pack("<III", own.msg.address_lo, own.msg.address_hi, own.msg.data))
+        shell.hw.mmio_write(addr + 12, struct.pack("<I", own.ctrl))
+    return {"slot": slot, "handle": int(args["handle"])}
 
 
 async def ims_redirect(shell, args: dict) -> dict:
@@ -97,4 +142,7 @@ ACTIONS = {
     "compose-foreign": ("hypercall: compose an interrupt for a device the VM does not own", compose_foreign),
     "hypercall-raw": ("issue a hypercall with arbitrary number and arguments", hypercall_raw),
     "ims-redirect": ("point the memory IMS slot at another IRTE handle and ring a doorbell", ims_redirect),
+    "ims-steal-device": ("store another IRTE handle in the device IMS slot and ring a doorbell", ims_steal_device),
+    "dma-into-interrupt-range": ("make the assigned device DMA into 0xFEEx_xxxx (a forged interrupt)",
+                                 dma_into_interrupt_range),
 }
