@@ -119,6 +119,14 @@ def _stamp_completer(raw: bytes, cid: int) -> bytes:
     return bytes(out)
 
 
+def _ur_for_tag(tag: int) -> bytes:
+    """An Unsupported Request completion from the root complex for a CPU request with ``tag``
+    (requester 00:00.0), used when the device it went to disappeared."""
+    cpl = T.Tlp(T.TlpType.CPL, requester_id=ROOT_COMPLEX_RID, tag=tag, completer_id=ROOT_COMPLEX_RID,
+                status=T.CplStatus.UR, byte_count=4)
+    return cpl.pack()
+
+
 def _request_bytes(raw: bytes, off: int) -> int:
     """Bytes a read request asks for (Length DWs; 0 encodes 1024)."""
     n = ((raw[off + 2] & 0x3) << 8 | raw[off + 3]) or 1024
@@ -245,6 +253,7 @@ class Fabric:
         self.shutdown_requested = False
         self._faults_seen = 0
         self._trap_seq = itertools.count(1)
+        self.gone_identities: list[bytes] = []   # the shell drops their queued frames
 
         self._by_role = {
             "device": {wire.TLP: self._device_tlp, wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep},
@@ -268,6 +277,7 @@ class Fabric:
             "iommu.pasid": self._reg_iommu_pasid,
             "ept.map": self._reg_ept_map,
             "ept.unmap": self._reg_ept_unmap,
+            "ept.destroy": self._reg_ept_destroy,
             "irte.write": self._reg_irte_write,
             "irte.clear": self._reg_irte_clear,
             "ir.table": self._reg_ir_table,
@@ -786,6 +796,10 @@ class Fabric:
         ept = self.epts.setdefault(str(a["vm"]), Ept())
         ept.map(int(a["gpa"]), int(a["size"]), kind, int(a["hpa"]) if a.get("hpa") is not None else None)
 
+    def _reg_ept_destroy(self, peer: Peer, a: dict) -> bool:
+        """The VM is gone: its whole EPT with it."""
+        return self.epts.pop(str(a["vm"]), None) is not None
+
     def _reg_ept_unmap(self, peer: Peer, a: dict) -> None:
         ept = self.epts.get(str(a["vm"]))
         if ept is not None:
@@ -900,7 +914,54 @@ class Fabric:
         if op == "shutdown":
             self.shutdown_requested = True
             return True
+        if op == "peer.gone":
+            return self.peer_gone(str(args["name"]))
         raise KeyError(f"unknown op {op!r}")
+
+    def peer_gone(self, name: str) -> dict:
+        """A process died (its supervisor says so): forget its port, and complete with
+        Unsupported Request every request that was waiting for it, so nothing hangs (a
+        surprise removal, as a root port reports one).  Returns what was cleaned up."""
+        peer = self.by_name.pop(name, None)
+        if peer is None:
+            return {"known": False}
+        self.peers.pop(peer.identity, None)
+        self.gone_identities.append(peer.identity)
+        buses = [b for b in range(256) if self.bus_owner[b] is peer]
+        for b in buses:
+            self.bus_owner[b] = None
+        for apic in [a for a, p in self.apic_owner.items() if p is peer]:
+            del self.apic_owner[apic]
+        if peer in self.controls:
+            self.controls.remove(peer)
+        if self.host is peer:
+            self.host = None
+        windows = [i for i, (_, _, p) in enumerate(self._win) if p is peer]
+        for i in reversed(windows):
+            del self._win_base[i]
+            del self._win[i]
+        completed = 0
+        for tag, entry in enumerate(self._rc_tags):
+            if entry is None:
+                continue
+            requester, orig_tag, dest = entry
+            if dest is peer or requester is peer:
+                self._rc_tags[tag] = None
+                self._rc_free.append(tag)
+                if dest is peer and requester is not peer:
+                    # answer the requester: the device is gone (UR, as a master abort)
+                    self.send(requester.identity, wire.tlp(_ur_for_tag(orig_tag)))
+                    completed += 1
+        for key in [k for k in self._guest_reads if k[0] == peer.identity]:
+            del self._guest_reads[key]
+        for rid in [r for r, (_, _, p) in self._ctl_routes.items() if p is peer]:
+            ctl_peer, req_id, _ = self._ctl_routes.pop(rid)
+            self.send(ctl_peer.identity, wire.ctl_rep(req_id, False, f"{name} is gone"))
+        peer.backlog = None
+        peer.stalled = 0
+        self.counters["peers_gone"] += 1
+        self._broadcast_event("fabric", "gone", {"peer": name, "role": peer.role})
+        return {"known": True, "role": peer.role, "buses": buses, "requests_completed": completed}
 
     def fault_lines(self) -> list[str]:
         return [rec.line() for rec in self.fault_log.pending()]

@@ -78,6 +78,10 @@ async def serve(endpoint: str, specs: dict[str, PeerSpec], platform: Platform) -
 
     def on_message(parts: list[bytes]) -> None:
         fabric.on_multipart(parts)
+        if fabric.gone_identities:
+            for ident in fabric.gone_identities:
+                sender.drop(ident)
+            fabric.gone_identities.clear()
         if fabric.shutdown_requested and not done.done():
             done.set_result("shutdown requested")
 

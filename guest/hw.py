@@ -33,6 +33,7 @@ class GuestHardware:
         self._reads: dict[int, asyncio.Future] = {}
         self.exits = 0
         self.unexpected = 0
+        self.on_event = None          # platform notifications (surprise removal)
 
     # -- VM exits --------------------------------------------------------------
 
@@ -52,6 +53,11 @@ class GuestHardware:
 
     def on_vmentry(self, msg: list) -> None:
         _, _vm, seq, ok, result = msg
+        if seq == 0:
+            # unsolicited: a notification from the virtual platform (hot-unplug)
+            if self.on_event is not None and isinstance(result, dict):
+                self.on_event(result)
+            return
         fut = self._exits.get(seq)
         if fut is None or fut.done():
             self.unexpected += 1

@@ -133,6 +133,7 @@ class Kernel:
         self.bound: dict[int, Any] = {}         # rid -> driver instance
         self.claimed: set[int] = set()          # functions vfio-pci holds for VMs (no host driver)
         self.probe_failures: dict[int, str] = {}  # rid -> why the driver could not bind
+        self.removed: set[int] = set()            # functions surprise-removed (their device died)
         self.pasid_ir = False                   # the platform's IRTEs can check PASIDs
         self._next_pasid = 1
         self.irq_owner: dict[int, int] = {}     # virq -> RID that may raise it
@@ -285,6 +286,23 @@ class Kernel:
                 prepare = getattr(level.domain, "prepare", None)
                 if prepare is not None:
                     await prepare(level)
+
+    def surprise_removal(self, rids: list[int]) -> list[str]:
+        """``pci_dev_set_disconnected`` + the driver's ``.remove``: the functions are gone.
+
+        Every driver instance on them (a function, or ADIs of a PF) is told; it stops and
+        reports the error instead of waiting for interrupts that cannot come.
+        """
+        names = []
+        gone = set(rids)
+        self.removed |= gone
+        for inst in list(self.bound.values()):
+            dev = getattr(inst, "dev", None)
+            if dev is not None and dev.rid in gone and hasattr(inst, "remove"):
+                inst.remove("surprise removal: the device is gone")
+                names.append(inst.name)
+        self.log.append(f"pci: surprise removal of {sorted(rid_str(r) for r in gone)}")
+        return names
 
     def alloc_pasid(self) -> int:
         """``ioasid_alloc``: a fresh PASID (20 bits; 0 is reserved for requests without one)."""

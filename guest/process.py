@@ -41,7 +41,12 @@ class Guest(OsShell):
         kernel.drivers.append(EngineDriver(cfg.get("irq_mode", "msix"),
                                            {int(r): k for r, k in cfg.get("ims_kinds", {}).items()}))
         self.msg_handlers[wire.VMENTRY] = hw.on_vmentry
+        hw.on_event = self.on_platform_event
         self.ctl_ops["hostile"] = self.op_hostile
+
+    def on_platform_event(self, ev: dict) -> None:
+        if ev.get("event") == "surprise-removal" and type(ev.get("rid")) is int:
+            self.kernel.surprise_removal([ev["rid"]])
 
     async def op_hostile(self, args: dict) -> dict:
         """Commit one misbehaviour by name (``guest.hostile.ACTIONS``)."""

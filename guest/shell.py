@@ -38,6 +38,7 @@ class OsShell:
         self.ctl_ops = {
             "status": self.op_status,
             "workload.run": self.op_workload_run,
+            "workload.stop": self.op_workload_stop,
             "stats": self.op_stats,
             "views": self.op_views,
             "shutdown": self.op_shutdown,
@@ -126,7 +127,7 @@ class OsShell:
         if self.workload is not None and not self.workload.finished:
             raise RuntimeError("a workload is already running")
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
+        done = self._workload_done = loop.create_future()
         t0 = time.monotonic()
         self.workload = wl = Workload.start(self.engines(), per_function, inflight,
                                             on_finished=lambda: done.done() or done.set_result(True),
@@ -156,6 +157,7 @@ class OsShell:
         if pacer is not None:
             pacer.cancel()
         wl.detach()
+        wl.finished = True        # ended: done, stopped, stalled or timed out
         return {"timed_out": timed_out, "stalled": stalled, "elapsed_s": time.monotonic() - t0,
                 "functions": wl.report(), "failed": self.probe_failures(), "os": self.counters()}
 
@@ -163,6 +165,14 @@ class OsShell:
         k = self.kernel
         return {rid_str(rid): {"rid": rid, "origin": k.provenance.get(rid, rid), "error": err}
                 for rid, err in k.probe_failures.items()}
+
+    async def op_workload_stop(self, args: dict) -> bool:
+        """End the running workload now (its run reports what it got so far)."""
+        done = getattr(self, "_workload_done", None)
+        if done is None or done.done():
+            return False
+        done.set_result("stopped")
+        return True
 
     @staticmethod
     async def _pace(wl: Workload, done: asyncio.Future) -> None:

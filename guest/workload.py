@@ -75,6 +75,7 @@ class Workload:
             wl.runs.append(run)
             inst.on_complete = wl._completion_cb(run)
             inst.on_irq = wl._irq_cb(run)
+            inst.on_remove = lambda inst, wl=wl: wl._check_finished()
         if wl.interval_ns:
             for run in wl.runs:
                 run.next_due = wl.t_start
@@ -90,7 +91,7 @@ class Workload:
         """Paced runs: ring every doorbell due by ``now``; returns when the next one is due."""
         nxt = now + self.interval_ns
         for run in self.runs:
-            while (run.issued < run.target and run.next_due <= now
+            while (not run.inst.removed and run.issued < run.target and run.next_due <= now
                    and run.issued - run.done < run.inflight):
                 self._issue(run)
                 run.next_due += self.interval_ns
@@ -127,7 +128,8 @@ class Workload:
     def _check_finished(self) -> None:
         # Finished when every record is consumed AND every interrupt announcing one has
         # arrived (records can be consumed by an earlier interrupt, ahead of their own).
-        if not self.finished and all(r.done >= r.target and self._arrived(r) >= r.target for r in self.runs):
+        if not self.finished and all(r.inst.removed or (r.done >= r.target and self._arrived(r) >= r.target)
+                                     for r in self.runs):
             self.finished = True
             if self.on_finished:
                 self.on_finished()
@@ -139,6 +141,7 @@ class Workload:
         for r in self.runs:
             r.inst.on_complete = None
             r.inst.on_irq = None
+            r.inst.on_remove = None
 
     def report(self) -> dict:
         """Per function: doorbells, interrupts, completions, ordering check, latency."""
@@ -160,6 +163,7 @@ class Workload:
                 "interrupts": inst.kernel.arrivals.get(inst.irq, 0) - r.arrivals_start,
                 "handled": inst.interrupts - r.interrupts_start,
                 "record_missing": inst.record_missing,
+                "removed": inst.removed,
                 "breaches": inst.kernel.breach_irqs.get(inst.irq, 0),
                 "rate_per_s": r.done / span if span > 0 else None,
                 "latency": latency_summary(h),

@@ -58,6 +58,8 @@ class Host(OsShell):
         self.vmm = Vmm(self)
         self.msg_handlers[wire.VMEXIT] = self.vmm.on_exit
         self.ctl_ops["vms"] = self.op_vms
+        self.ctl_ops["vm.died"] = self.op_vm_died
+        self.ctl_ops["device.removed"] = self.op_device_removed
 
     async def boot(self) -> dict:
         k = self.kernel
@@ -89,6 +91,20 @@ class Host(OsShell):
 
     async def op_vms(self, args: dict) -> dict:
         return self.vmm.snapshot()
+
+    async def op_vm_died(self, args: dict) -> dict:
+        return await self.vmm.destroy_vm(str(args["name"]))
+
+    async def op_device_removed(self, args: dict) -> dict:
+        """A device process died: its functions are surprise-removed from the host and the VMs."""
+        buses = [int(b) for b in args.get("buses", [])]
+        k = self.kernel
+        gone = [rid for rid in k.pci.devices if rid >> 8 in buses]
+        for rid in gone:
+            k.removed.add(rid)
+        removed_here = k.surprise_removal(gone)
+        told = await self.vmm.device_removed(buses)
+        return {"functions": [rid_str(r) for r in gone], "host_drivers": removed_here, **told}
 
     async def op_views(self, args: dict) -> dict:
         views = await super().op_views(args)

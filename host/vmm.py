@@ -34,6 +34,7 @@ from guest.irq.domain import (IrqAllocInfo, IrqError, irq_chip_compose_msi_msg, 
                               irq_domain_free_irqs)
 from guest.pci import regs as R
 from guest.pci.core import PciDev
+from guest.pci.msi import pci_free_irq_vectors
 from fabric.ir import compose_remappable
 from fabric.provenance import adi_origin, describe
 from host import emul_siov
@@ -93,6 +94,8 @@ class Vm:
     refused: list[str] = field(default_factory=list)
     injected: int = 0
     pending_forward: int = 0
+    state: str = "running"          # "running" | "dead" (its process died; everything reclaimed)
+    reclaimed: dict = field(default_factory=dict)
 
     @property
     def apic_ids(self) -> list[int]:
@@ -445,9 +448,88 @@ class Vmm:
         self.port.send(wire.inject(vm.name, apic, vector, origin, t_ns))
 
     # ------------------------------------------------------------------
+    # a VM died: take back everything it had
+
+    async def destroy_vm(self, name: str) -> dict:
+        """The VM's process is gone (SIGKILL, crash): free its IRTEs, PASIDs, EPT, IOMMU domain and
+        RAM window, reset its VFs (FLR clears their MSI-X tables) and ADIs.  Other VMs are not
+        touched.  Idempotent."""
+        vm = self.vms.get(name)
+        if vm is None or vm.state == "dead":
+            return {"known": vm is not None}
+        vm.state = "dead"
+        k = self.kernel
+        reg = self.port.reg
+        out = {"irtes": 0, "vfs_reset": [], "adis_reset": [], "pasids": []}
+        for c in list(vm.composes.values()):
+            self._release(c.virq)
+            out["irtes"] += 1
+        vm.composes.clear()
+        for virq in [v for v, (owner, _, _) in self.by_irq.items() if owner is vm]:
+            del self.by_irq[virq]
+            k.irq.free_irq(virq)
+        for dev in list(vm.vfs.values()):
+            if isinstance(dev, VirtualAdi):
+                backing = getattr(dev, "backing_virq", None)
+                if backing is not None:
+                    self._release(backing)
+                    out["irtes"] += 1
+                pf = self.host.siov.pfs.get(dev.pf_rid)
+                if pf is not None:
+                    pf.reset_adi(dev.adi)
+                    pf.owner[dev.adi] = "free"
+                await self.host.hw.iommu_pasid(dev.pf_rid, dev.pasid, None)
+                out["adis_reset"].append(_phys(dev))
+                out["pasids"].append(dev.pasid)
+            else:
+                phys = k.pci.devices.get(dev.host_rid)
+                if phys is not None and dev.host_rid not in k.removed:
+                    if phys.msix_enabled:
+                        out["irtes"] += len(phys.msi_irqs)
+                        await pci_free_irq_vectors(k.pci, phys)
+                    await k.pci.function_reset(phys)
+                await reg("context.set", {"rid": dev.host_rid, "mode": "block"})
+                out["vfs_reset"].append(rid_str(dev.host_rid))
+        await reg("ept.destroy", {"vm": name})
+        await reg("iommu.domain", {"domain": vm.domain, "op": "destroy"})
+        await reg("mem.unmap", {"owner": name})
+        vm.reclaimed = out
+        self.log.append(f"vm {name}: died; reclaimed {out['irtes']} IRTEs, PASIDs {out['pasids']}, "
+                        f"reset {out['vfs_reset'] + out['adis_reset']}")
+        return out
+
+    def _release(self, virq: int) -> None:
+        k = self.kernel
+        k.irq.free_irq(virq)
+        irq_domain_free_irqs(k.ir, virq, 1)
+        k.irq_owner.pop(virq, None)
+
+    async def device_removed(self, buses: list[int]) -> dict:
+        """Surprise removal of the device behind ``buses``: every VM using one of its functions
+        is told (its driver gets a clear error), and the host stops forwarding for them."""
+        told = []
+        for vm in self.vms.values():
+            if vm.state == "dead":
+                continue
+            for guest_rid, dev in vm.vfs.items():
+                rid = dev.pf_rid if isinstance(dev, VirtualAdi) else dev.host_rid
+                if rid >> 8 not in buses:
+                    continue
+                for c in [c for c in vm.composes.values() if c.vf is dev]:
+                    self._release(c.virq)
+                    del vm.composes[c.handle]
+                for virq in [v for v, (o, d, _) in self.by_irq.items() if d is dev]:
+                    del self.by_irq[virq]
+                    self.kernel.irq.free_irq(virq)
+                # an unsolicited VM entry: the hot-unplug notification of the virtual bus
+                self.port.send(wire.vmentry(vm.name, 0, True, {"event": "surprise-removal", "rid": guest_rid}))
+                told.append(f"{vm.name}:{rid_str(guest_rid)}")
+        return {"told": told}
+
+    # ------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        return {vm.name: {"exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
+        return {vm.name: {"state": vm.state, "reclaimed": vm.reclaimed, "exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
                           "pending_forward": vm.pending_forward, "composes": len(vm.composes),
                           "refused": vm.refused[-20:], "refused_total": len(vm.refused),
                           "assigned": {rid_str(g): _phys(v) for g, v in vm.vfs.items()},

@@ -113,6 +113,7 @@ class Lab:
         self.shutdown_status: ShutdownStatus | None = None
         self.boot_info: dict = {}
         self.guest_info: dict[str, dict] = {}
+        self.deaths: list[dict] = []
         self.provenance: dict[str, dict[int, int]] = {}
         self._stopped = False
 
@@ -222,9 +223,33 @@ class Lab:
         return child
 
     async def _watch(self, child: Child) -> None:
-        rc = await child.proc.wait()
-        if not child.expected_exit and self._died is not None and not self._died.done():
-            self._died.set_result(child)
+        """Supervise one child.  A guest or device that dies is survivable (like a VM process
+        or a surprise-removed card): the fabric forgets its port and completes what waited on
+        it, the host reclaims what it had.  The death of the fabric or the host is not."""
+        await child.proc.wait()
+        if child.expected_exit or self._stopped:
+            self._notify()
+            return
+        survivable = child.role in ("guest", "device") and self.port is not None and self.boot_info
+        if not survivable:
+            if self._died is not None and not self._died.done():
+                self._died.set_result(child)
+            self._notify()
+            return
+        rc = child.proc.returncode
+        how = signal.Signals(-rc).name if rc is not None and rc < 0 else f"status {rc}"
+        record = {"name": child.name, "role": child.role, "how": how, "log": child.tail(5)}
+        self.deaths.append(record)
+        self.events.append(Event(child.name, "died", record))
+        self._notify()
+        try:
+            record["fabric"] = await self.call("fabric", "peer.gone", {"name": child.name})
+            op = "vm.died" if child.role == "guest" else "device.removed"
+            record["host"] = await self.call("host", op, {"name": child.name,
+                                                         "buses": record["fabric"].get("buses", [])})
+        except LabError as exc:
+            record["error"] = str(exc)
+        self.events.append(Event(child.name, "reclaimed", record))
         self._notify()
 
     def _death_error(self, child: Child) -> LabError:
@@ -265,8 +290,10 @@ class Lab:
             self.on_progress(f"starting guest {g.name} (cpuid {g.cpuid}, kernel {g.kernel}, irq {g.irq})")
             await self._spawn(g.name, "guest", "guest", tokens[g.name])
         for g in self.topology.guests:
-            ev = await self.wait_event(lambda e, n=g.name: e.name == n and e.kind in ("ready", "failed"),
+            ev = await self.wait_event(lambda e, n=g.name: e.name == n and e.kind in ("ready", "failed", "died"),
                                        f"guest {g.name} to boot")
+            if ev.kind == "died":
+                raise self._death_error(self.children[g.name])
             if ev.kind == "failed":
                 raise LabError(f"guest {g.name} failed to boot: {ev.data.get('error')}\n"
                                f"{self.children[g.name].tail()}")
@@ -358,17 +385,50 @@ class Lab:
                 "inflight": wl.inflight if inflight is None else inflight,
                 "timeout_s": wl.timeout_s if timeout_s is None else timeout_s,
                 "stall_s": stall_s, "rate": wl.rate if rate is None else rate}
-        before = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
+        devices = [d.name for d in self.topology.devices if self.children.get(d.name)
+                   and self.children[d.name].proc.returncode is None]
+        before = {d: await self.call(d, "stats") for d in devices}
         if oses is None:
-            oses = ["host"] + [g.name for g in self.topology.guests if g.name in self.children]
-        results = await asyncio.gather(*(self.call(name, "workload.run", args, timeout=args["timeout_s"] + 30)
-                                         for name in oses))
-        after = {d.name: await self.call(d.name, "stats") for d in self.topology.devices}
+            oses = ["host"] + [g.name for g in self.topology.guests if g.name in self.children
+                               and self.children[g.name].proc.returncode is None]
+        calls = [asyncio.ensure_future(self.call(name, "workload.run", args, timeout=args["timeout_s"] + 30))
+                 for name in oses]
+        try:
+            got = await asyncio.gather(*calls, return_exceptions=True)
+        except asyncio.CancelledError:
+            # the caller gave up: stop the OSes' runs too, so the next run can start
+            for c in calls:
+                c.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            for name in oses:
+                try:
+                    await self.call(name, "workload.stop", {}, timeout=10)
+                except LabError:
+                    pass
+            raise
+        results = []
+        for name, res in zip(oses, got):
+            if isinstance(res, BaseException):
+                dead = self.children.get(name)
+                if name == "host" or dead is None or dead.proc.returncode is None:
+                    raise res          # the host, or a live guest, failed: not survivable
+                res = {"functions": {}, "os": {}, "died": True}   # the guest died mid-run
+            results.append(res)
+        after = {}
+        for d in devices:
+            if self.children[d].proc.returncode is None:
+                try:
+                    after[d] = await self.call(d, "stats")
+                except LabError:
+                    if self.children[d].proc.returncode is None:
+                        raise
         fabric = await self.call("fabric", "counters")
         faults = await self.call("fabric", "faults")
         vms = await self.call("host", "vms")
-        return build_report(self.topology, dict(zip(oses, results)), before, after, fabric, faults,
-                            self.provenance, vms)
+        report = build_report(self.topology, dict(zip(oses, results)), before, after, fabric, faults,
+                              self.provenance, vms)
+        report["deaths"] = list(self.deaths)
+        return report
 
     # ------------------------------------------------------------------
     # stop
@@ -499,6 +559,8 @@ def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
         why = f"IMS refused: {row['ims_error']}; the driver used {fallback} instead"
     if row["breaches"]:
         return "breach", f"{row['breaches']} interrupts reached a vector their emitter does not own"
+    if row.get("removed"):
+        return "clean error", f"{row['removed']} ({row['interrupts']}/{row['target']} delivered before)"
     if row["record_missing"]:
         return "ordering violated", f"{row['record_missing']} interrupts overtook their completion record"
     if target and got >= target and sent == got:
@@ -538,7 +600,8 @@ def build_report(topo: Topology, results: dict, before: dict, after: dict, fabri
                    "target": f["target"], "lost": max(sent - f["interrupts"], 0),
                    "record_missing": f["record_missing"], "rate_per_s": f["rate_per_s"],
                    "latency": f["latency"], "hist": f["hist"], "irq_mode": f.get("irq_mode", "msix"),
-                   "ims_error": f.get("ims_error", ""), "breaches": f.get("breaches", 0)}
+                   "ims_error": f.get("ims_error", ""), "breaches": f.get("breaches", 0),
+                   "removed": f.get("removed", "")}
             row["outcome"], row["why"] = _outcome(row, by_source)
             rows.append(row)
         for fname, f in res.get("failed", {}).items():
@@ -550,7 +613,7 @@ def build_report(topo: Topology, results: dict, before: dict, after: dict, fabri
                                      "max_us": None},
                          "hist": "", "irq_mode": "none", "ims_error": f["error"], "breaches": 0,
                          "outcome": "clean error", "why": f"the driver could not bind: {f['error']}"})
-    oses = {name: {**res.get("os", {}), "timed_out": res.get("timed_out", False),
+    oses = {name: {**res.get("os", {}), "died": res.get("died", False), "timed_out": res.get("timed_out", False),
                    "stalled": res.get("stalled", False), "elapsed_s": res.get("elapsed_s")}
             for name, res in results.items()}
     total_sent = sum(r["sent"] for r in rows)

@@ -70,6 +70,9 @@ def render(report: dict, console: Console) -> None:
         if vm.get("refused_total"):
             console.print(f"  {name}: the host refused {vm['refused_total']} requests, e.g. "
                           f"{vm['refused'][0]}", markup=False, highlight=False)
+    for d in report.get("deaths", []):
+        console.print(f"  [bold red]died[/]: {d['role']} {d['name']} ({d['how']}); "
+                      f"host: {d.get('host', d.get('error', '?'))}", highlight=False)
     if report["timed_out"]:
         console.print("[bold red]the workload timed out before every interrupt arrived[/]")
     console.print("[bold green]PASS[/]: every outcome as it should be" if report["ok"] else "[bold red]FAIL[/]")

@@ -131,6 +131,8 @@ class EngineInstance:
         self.latencies_ns: list[int] = []
         self.on_complete: Callable[["EngineInstance", int], None] | None = None
         self.on_irq: Callable[["EngineInstance"], None] | None = None
+        self.on_remove: Callable[["EngineInstance"], None] | None = None
+        self.removed = ""             # why the function went away (surprise removal)
         self._ram = kernel.ram
 
     @property
@@ -217,7 +219,15 @@ class EngineInstance:
         k.log.append(f"{EngineDriver.name} {self.name}: IMS unavailable: {self.ims_error}")
         return 0, IRQ_MODE_MSIX
 
+    def remove(self, why: str) -> None:
+        """The device is gone: stop (no more doorbells) and let whoever waits know why."""
+        self.removed = why
+        if self.on_remove is not None:
+            self.on_remove(self)
+
     def ring_doorbell(self, cookie: int) -> None:
+        if self.removed:
+            return
         self.doorbells += 1
         self.kernel.hw.mmio_write(self.bar0 + DOORBELL, _U32.pack(cookie & 0xFFFF_FFFF))
 

@@ -111,12 +111,16 @@ async def test_sigint_stops_everything():
         assert not _alive(pid), pid
 
 
-async def test_a_dying_device_is_named(start_lab):
+async def test_a_dying_device_is_named_in_the_report(start_lab):
     lab = await start_lab()
     dev = lab.children["d0"]
     os.kill(dev.proc.pid, signal.SIGKILL)
-    with pytest.raises(LabError, match=r"device 'd0' was killed by SIGKILL"):
-        await lab.run_workload(per_function=100000, inflight=8, timeout_s=60)
+    await lab.wait_event(lambda e: e.name == "d0" and e.kind == "reclaimed", "d0's removal to be handled")
+    report = await lab.run_workload(per_function=100, inflight=8, stall_s=2.0)
+    assert [(d["name"], d["role"], d["how"]) for d in report["deaths"]] == [("d0", "device", "SIGKILL")]
+    # every function of the default topology lives on d0: all report the surprise removal
+    assert report["functions"] and all(r["outcome"] == "clean error" and "surprise removal" in r["why"]
+                                       for r in report["functions"]), report["functions"]
 
 
 async def wait_exit(pid: int, timeout: float) -> None:
