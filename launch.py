@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-runtime", action="store_true",
                      help="keep the runtime directory (process logs, configs) and print its path")
     sub.add_parser("show-default", help="print the built-in default topology (TOML)")
+    sub.add_parser("behaviours", help="list the misbehaviours a guest can commit (topology guest.behaviours, "
+                                      "or 'ctl GUEST hostile {\"action\": NAME}')")
     mx = sub.add_parser("matrix", help="run every row of the DESIGN.md §5 matrix, quiet and with a hostile guest, "
                                        "and compare observed with expected outcomes")
     mx.add_argument("rows", nargs="*", help="row ids (default: all): 1 2 2-ims 2-oldkvm 2-hidden 2-legacy 3 "
@@ -289,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         return _remote(args)
     if args.cmd == "matrix":
         return _run_matrix(args)
+    if args.cmd == "behaviours":
+        from guest.hostile import ACTIONS
+        width = max(map(len, ACTIONS))
+        for name, (help_line, _) in sorted(ACTIONS.items()):
+            print(f"{name:<{width}}  {help_line}")
+        return EXIT_OK
     if args.cmd == "show-default":
         import importlib.resources
         sys.stdout.write(importlib.resources.files("irqlab").joinpath("default_topology.toml").read_text())

@@ -10,6 +10,7 @@ requests.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from typing import Any, Callable
 
@@ -62,6 +63,8 @@ class Port:
         self.info: dict = {}
         self.malformed = 0
         self.dropped_notices: dict[str, int] = {}
+        #: the last frames sent, when a misbehaving guest wants to replay them (off by default)
+        self.recent: collections.deque | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -96,6 +99,8 @@ class Port:
         """Send one frame; never blocks, never loses it (queued on back-pressure)."""
         self._sender.send(None, frame)
         self._reader.kick()
+        if self.recent is not None:
+            self.recent.append(frame)
 
     def backlog(self) -> int:
         return self._sender.backlog() if self._sender else 0

@@ -84,7 +84,8 @@ async def ims_steal_device(shell, args: dict) -> dict:
         raise RuntimeError(f"{inst.name} does not use device IMS (it uses {inst.irq_mode})")
     slot = shell.kernel.irq.irq_get_irq_data(inst.irq).hwirq
     addr = inst.bar0 + IMS_OFFSET + slot * 16
-    lo, hi, data = compose_remappable(int(args["handle"]), 0, shv=True)
+    handle = _target_handle(shell, inst, args)
+    lo, hi, data = compose_remappable(handle, 0, shv=True)
     shell.hw.mmio_write(addr, struct.pack("<III", lo, hi, data))
     shell.hw.mmio_write(inst.bar0 + DOORBELL, struct.pack("<I", 0x57EA1))
     inst.completed += 1
@@ -93,7 +94,7 @@ async def ims_steal_device(shell, args: dict) -> dict:
     if own.msg is not None:
         shell.hw.mmio_write(addr, struct.pack("<III", own.msg.address_lo, own.msg.address_hi, own.msg.data))
         shell.hw.mmio_write(addr + 12, struct.pack("<I", own.ctrl))
-    return {"slot": slot, "handle": int(args["handle"])}
+    return {"slot": slot, "handle": handle}
 
 
 async def ims_redirect(shell, args: dict) -> dict:
@@ -110,7 +111,8 @@ async def ims_redirect(shell, args: dict) -> dict:
     slot = shell.kernel.irq.irq_get_irq_data(inst.irq).hwirq
     addr = inst.qctx + slot * 16
     saved = shell.kernel.ram.read(addr, 16)
-    lo, hi, data = compose_remappable(int(args["handle"]), 0, shv=True)
+    handle = _target_handle(shell, inst, args)
+    lo, hi, data = compose_remappable(handle, 0, shv=True)
     shell.kernel.ram.write(addr, struct.pack("<IIII", lo, hi, data, 0))
     shell.hw.mmio_write(inst.bar0 + DOORBELL, struct.pack("<I", 0x57EA1))
     inst.completed += 1          # that work item's interrupt is meant to go elsewhere
@@ -120,13 +122,92 @@ async def ims_redirect(shell, args: dict) -> dict:
         # read-back of our own register page keep the order (posted writes, then a read)
         await shell.hw.mmio_read(inst.bar0, 4)
         shell.kernel.ram.write(addr, saved)
-    return {"slot": slot, "handle": int(args["handle"]), "restored": bool(restore)}
+    return {"slot": slot, "handle": handle, "restored": bool(restore)}
 
 
 async def hypercall_raw(shell, args: dict) -> dict:
     """Issue a hypercall exactly as given (any number, any arguments, even malformed ones)."""
     result = await shell.hw.vmexit("hypercall", {"nr": args.get("nr"), "a": args.get("a", [])})
     return result if isinstance(result, dict) else {"result": result}
+
+
+async def malformed_frames(shell, args: dict) -> dict:
+    """Put junk on the socket: not msgpack, wrong shapes, unknown types, oversized, multipart."""
+    import msgpack
+    import zmq
+    n = int(args.get("count", 8))
+    frames = [b"\xc1" * 7, msgpack.packb({"not": "an array"}), msgpack.packb([999, 1, 2]),
+              msgpack.packb([10]), msgpack.packb([10, "not bytes", None, 0]), b"\x00" * 9000,
+              msgpack.packb([10, b"\x60\x00", None, 0]), msgpack.packb([50, "g2", "x", "cpuid", {}])]
+    sent = 0
+    for i in range(n):
+        shell.port.send(frames[i % len(frames)])
+        sent += 1
+    try:
+        shell.port.sock.send_multipart([b"part one", b"part two"], zmq.NOBLOCK)
+        sent += 1
+    except zmq.ZMQError:
+        pass
+    return {"sent": sent}
+
+
+async def spoof_identity(shell, args: dict) -> dict:
+    """Claim to be someone else: another VM's name, another device's RID, the host's messages."""
+    from fabric import wire
+    from fabric.tlp import Tlp
+    sent = []
+    # a second HELLO with a made-up token, as "g2"
+    shell.port.send(wire.hello("0" * 32, "g2")); sent.append("hello-as-g2")
+    # a VM exit that says it comes from g2 (the fabric stamps the real name)
+    shell.port.send(wire.vmexit("g2", 0, "hypercall", {"nr": 0, "a": []})); sent.append("vmexit-as-g2")
+    # an interrupt request with another device's RID (CPU TLPs are stamped 00:00.0)
+    lo = 0xFEE0_0018
+    shell.port.send(wire.tlp(Tlp.mem_write(lo, b"\0\0\0\0", requester_id=0x0102).pack(), 0x0102, 1))
+    sent.append("msi-with-rid-01:00.2")
+    # host-only messages: injection into another VM, privileged register writes, VM entries
+    shell.port.send(wire.inject("g2", 0, 0x41, None, 0)); sent.append("inject-into-g2")
+    shell.port.send(wire.reg(1, "irte.write", {"index": 0, "lo": 0, "hi": 0})); sent.append("reg-irte-write")
+    shell.port.send(wire.vmentry("g2", 1, True, None)); sent.append("vmentry-to-g2")
+    shell.port.send(wire.ctl(1, "host", "shutdown", {})); sent.append("ctl-host-shutdown")
+    # a config request straight to a device
+    shell.port.send(wire.tlp(Tlp.cfg_read(0x0100, 0).pack())); sent.append("cfg-read-01:00.0")
+    return {"sent": sent}
+
+
+async def replay_frames(shell, args: dict) -> dict:
+    """Send again the last frames this guest sent (old VM exits, doorbells, table writes)."""
+    frames = list(getattr(shell.port, "recent", []))[-int(args.get("count", 16)):]
+    for f in frames:
+        shell.port.send(f)
+    return {"replayed": len(frames)}
+
+
+async def storm(shell, args: dict) -> dict:
+    """An interrupt storm: ring the assigned function's doorbell as fast as possible for a while."""
+    import asyncio
+    import time
+    inst = _engine(shell)
+    seconds = float(args.get("seconds", 2.0))
+    batch = int(args.get("batch", 64))
+    end = time.monotonic() + seconds
+    rung = 0
+    w = shell.hw.mmio_write
+    bell = inst.bar0 + DOORBELL
+    while time.monotonic() < end:
+        for _ in range(batch):
+            w(bell, struct.pack("<I", rung & 0xFFFF_FFFF))
+            rung += 1
+        await asyncio.sleep(0)       # let the interrupts in between
+    return {"doorbells": rung, "seconds": seconds}
+
+
+def _target_handle(shell, inst, args: dict) -> int:
+    """The IRTE handle to steal: as given, else the neighbour of our own (someone's, likely)."""
+    if "handle" in args:
+        return int(args["handle"])
+    msg = shell.kernel.irq.irq_get_irq_data(inst.irq).chip_data.msg
+    own = (msg.address_lo >> 5) & 0x7FFF if msg is not None else 0
+    return own + 1
 
 
 def _engine(shell):
@@ -145,4 +226,10 @@ ACTIONS = {
     "ims-steal-device": ("store another IRTE handle in the device IMS slot and ring a doorbell", ims_steal_device),
     "dma-into-interrupt-range": ("make the assigned device DMA into 0xFEEx_xxxx (a forged interrupt)",
                                  dma_into_interrupt_range),
+    "malformed-frames": ("send junk frames on the socket (bad msgpack, shapes, types, sizes, multipart)",
+                         malformed_frames),
+    "spoof-identity": ("claim other identities: another VM's name, another device's RID, host-only messages",
+                       spoof_identity),
+    "replay-frames": ("send the guest's last frames again (old exits, doorbells, table writes)", replay_frames),
+    "storm": ("ring the assigned function's doorbell as fast as possible (an interrupt storm)", storm),
 }

@@ -42,7 +42,29 @@ class Guest(OsShell):
                                            {int(r): k for r, k in cfg.get("ims_kinds", {}).items()}))
         self.msg_handlers[wire.VMENTRY] = hw.on_vmentry
         hw.on_event = self.on_platform_event
+        self.behaviours = list(cfg.get("behaviours", []))
+        import collections
+        port.recent = collections.deque(maxlen=64)   # for a replay-frames misbehaviour
         self.ctl_ops["hostile"] = self.op_hostile
+
+    async def before_workload(self, args: dict):
+        """Topology ``behaviours``: committed at the start of every workload run; a storm runs
+        alongside it.  Returns a task to await after the run (or None)."""
+        from guest.hostile import ACTIONS
+        background = None
+        self.behaviour_results = []
+        for name in self.behaviours:
+            if name not in ACTIONS:
+                self.behaviour_results.append({"action": name, "error": "unknown behaviour"})
+                continue
+            if name == "storm":
+                background = asyncio.get_running_loop().create_task(ACTIONS[name][1](self, {"seconds": 1.0}))
+                continue
+            try:
+                self.behaviour_results.append({"action": name, "result": await ACTIONS[name][1](self, {})})
+            except Exception as exc:  # a misbehaviour that cannot apply here is reported, not fatal
+                self.behaviour_results.append({"action": name, "error": f"{type(exc).__name__}: {exc}"})
+        return background
 
     def on_platform_event(self, ev: dict) -> None:
         if ev.get("event") == "surprise-removal" and type(ev.get("rid")) is int:

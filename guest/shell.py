@@ -127,6 +127,7 @@ class OsShell:
         if self.workload is not None and not self.workload.finished:
             raise RuntimeError("a workload is already running")
         loop = asyncio.get_running_loop()
+        background = await self.before_workload(args)
         done = self._workload_done = loop.create_future()
         t0 = time.monotonic()
         self.workload = wl = Workload.start(self.engines(), per_function, inflight,
@@ -158,13 +159,23 @@ class OsShell:
             pacer.cancel()
         wl.detach()
         wl.finished = True        # ended: done, stopped, stalled or timed out
+        if background is not None:
+            try:
+                await background
+            except Exception:
+                pass
         return {"timed_out": timed_out, "stalled": stalled, "elapsed_s": time.monotonic() - t0,
-                "functions": wl.report(), "failed": self.probe_failures(), "os": self.counters()}
+                "functions": wl.report(), "failed": self.probe_failures(), "os": self.counters(),
+                "behaviours": getattr(self, "behaviour_results", [])}
 
     def probe_failures(self) -> dict:
         k = self.kernel
         return {rid_str(rid): {"rid": rid, "origin": k.provenance.get(rid, rid), "error": err}
                 for rid, err in k.probe_failures.items()}
+
+    async def before_workload(self, args: dict):
+        """Hook: what an OS does before a run (misbehaving guests); may return a task."""
+        return None
 
     async def op_workload_stop(self, args: dict) -> bool:
         """End the running workload now (its run reports what it got so far)."""

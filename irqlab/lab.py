@@ -192,7 +192,8 @@ class Lab:
             kinds = {str((3 + i) << 3): topo.device(t.partition(".")[0]).ims for i, t in enumerate(targets)}
             self._write(f"{g.name}.json", {"endpoint": self.endpoint, "name": g.name, "cpus": g.cpus,
                                            "memory_mib": g.memory_mib, "kernel": g.kernel, "irq_mode": g.irq,
-                                           "ims_kinds": kinds, "provenance": prov})
+                                           "ims_kinds": kinds, "provenance": prov,
+                                           "behaviours": list(g.behaviours)})
         self._write("host.json", {"endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
                                   "memory_mib": plat.memory_mib, "ir": plat.ir, "ir_entries": plat.ir_entries,
                                   "vmm_unsafe_ims": plat.vmm_unsafe_ims,

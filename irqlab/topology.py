@@ -627,6 +627,7 @@ def _build(d: Any, source: str) -> Topology:
     _check_unique_names(devices, guests)
     devices = _assign_buses(devices)
     _check_assignments(devices, guests)
+    _check_behaviours(guests)
     return Topology(name=name, source=source, transport=transport, platform=platform,
                     devices=tuple(devices), guests=tuple(guests), workload=workload)
 
@@ -715,6 +716,15 @@ def _range(first: int, last: int) -> str:
 
 
 _ASSIGN_RE = re.compile(r"^(?P<dev>[^.]+)\.(?P<kind>vf|adi)(?P<idx>0|[1-9][0-9]*)$")
+
+
+def _check_behaviours(guests: Sequence[Guest]) -> None:
+    from guest.hostile import ACTIONS       # the misbehaviours a guest process knows
+    for gi, g in enumerate(guests):
+        for bi, name in enumerate(g.behaviours):
+            if name not in ACTIONS:
+                hint = _suggest(name, sorted(ACTIONS)) or f" (known: {', '.join(sorted(ACTIONS))})"
+                raise _Problem(f"guest[{gi}].behaviours[{bi}]", f"unknown behaviour {_show(name)}{hint}")
 
 
 def _check_assignments(devices: Sequence[Device], guests: Sequence[Guest]) -> None:

@@ -135,7 +135,7 @@ cpus = 2
 assign = ["nic.vf0", "dsa.adi3"]
 cpuid = "oldkvm"
 kernel = "legacy2020"
-behaviours = ["ims-garbage", "storm"]
+behaviours = ["ims-redirect", "storm"]
 [[guest]]
 name = "g2"
 assign = ["nic.vf2"]
@@ -152,7 +152,7 @@ def test_full_file() -> None:
     assert [(d.name, d.bus) for d in t.devices] == [("nic", 5), ("dsa", 1)]
     assert t.guests[0] == Guest(name="g1", cpus=2, memory_mib=16, cpuid="oldkvm",
                                 assign=("nic.vf0", "dsa.adi3"), kernel="legacy2020",
-                                behaviours=("ims-garbage", "storm"))
+                                behaviours=("ims-redirect", "storm"))
     assert t.workload.rate == 1000.0 and isinstance(t.workload.rate, float)
 
 
@@ -226,7 +226,7 @@ def topologies(draw: st.DrawFn) -> dict[str, Any]:
             "cpuid": draw(st.sampled_from(["kvm", "oldkvm", "hidden"])),
             "kernel": draw(st.sampled_from(["modern", "legacy2020"])),
             "assign": chosen[gi::len(names) - ndev],
-            "behaviours": draw(st.lists(st.sampled_from(["storm", "garbage", "die"]),
+            "behaviours": draw(st.lists(st.sampled_from(["storm", "malformed-frames", "spoof-identity"]),
                                         unique=True)),
         })
     ir = draw(st.booleans())
@@ -317,6 +317,8 @@ BAD: list[tuple[str, str]] = [
      "guest[0].behaviours[1]: '' must be a non-empty single line"),
     (D0 + '[[guest]]\nname = "g1"\nbehaviours = ["storm", "storm"]\n',
      "guest[0].behaviours[1]: 'storm' is listed twice (also guest[0].behaviours[0])"),
+    (D0 + '[[guest]]\nname = "g1"\nbehaviours = ["strom"]\n',
+     "guest[0].behaviours[0]: unknown behaviour 'strom' (did you mean 'storm'?)"),
     # choices
     ('transport = "icp"\n' + D0, "transport: 'icp' is not one of 'ipc', 'tcp' (did you mean 'ipc'?)"),
     (D0 + 'kind = "pci"\n', "device[0].kind: 'pci' is not one of 'sriov', 'siov'"),
