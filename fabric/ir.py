@@ -503,9 +503,11 @@ class InterruptRemapper:
     pasid_check:
         Lab platform capability ``pasid_ir`` (real VT-d lacks it).  When set, an IRTE written
         with ``write_irte(..., pasid=P)`` accepts only requests carrying PASID P; any other
-        (or none) faults 0x26 with detail ``"pasid"``.  Entries written without a PASID
-        ignore the request's PASID.  The expected PASID lives in a side table, not in the
-        128-bit IRTE (AVAIL has only 4 bits).
+        (or none) faults 0x26 with detail ``"pasid"``.  An entry written without a PASID
+        accepts only requests *without* one: otherwise an ADI, which shares its PF's RID,
+        could name the PF's own entries (or any RID-only entry of that RID) from a message
+        its guest stored in memory — found by ``bench/campaign.py``.  The expected PASID
+        lives in a side table, not in the 128-bit IRTE (AVAIL has only 4 bits).
     ext_dest_id:
         For ``Passthrough`` only: honour the 15-bit extended destination ID in addr[11:5]
         (what a KVM/Hyper-V platform advertising MSI_EXT_DEST_ID does).
@@ -733,7 +735,7 @@ class InterruptRemapper:
             if not a <= sid >> 8 <= b:
                 return self._fault(_R_SID_ERR, sid, index, addr, data, pasid, do_fault, fpd,
                                    "bus")
-        if epasid is not None and self.pasid_check and pasid != epasid:
+        if self.pasid_check and pasid != epasid:
             return self._fault(_R_SID_ERR, sid, index, addr, data, pasid, do_fault, fpd,
                                "pasid")
         return result

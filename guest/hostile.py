@@ -201,6 +201,94 @@ async def storm(shell, args: dict) -> dict:
     return {"doorbells": rung, "seconds": seconds}
 
 
+async def campaign(shell, args: dict) -> dict:
+    """``count`` random misbehaviours in a row, fast (no waiting between them), for the bench.
+
+    Kinds: forged messages in its IMS storage (random handles and data), DMA into the
+    interrupt range and outside its memory, stores outside its EPT, malformed and spoofed
+    frames, and every ``hypercall_every``-th action a random hypercall (those wait for
+    their answer).  Returns how many of each it tried.  Legitimate work of the same guest
+    is not expected to survive it; everyone else's is.
+    """
+    import asyncio
+    import random
+
+    from fabric import wire
+    from fabric.ir import compose_remappable
+    from fabric.tlp import Tlp
+    rng = random.Random(int(args.get("seed", 1)))
+    count = int(args.get("count", 1000))
+    max_handle = int(args.get("max_handle", 64))
+    hc_every = int(args.get("hypercall_every", 200))
+    inst = _engine(shell)
+    w = shell.hw.mmio_write
+    k = shell.kernel
+    tried: dict[str, int] = {}
+    slot = k.irq.irq_get_irq_data(inst.irq).hwirq if inst.irq >= 0 else 0
+    kinds = ["dma-irq-range", "dma-outside", "mmio-outside", "frame-junk", "frame-spoof"]
+    if inst.irq_mode == "ims-memory":
+        kinds += ["ims-memory"] * 4
+    elif inst.irq_mode == "ims":
+        kinds += ["ims-device"] * 2
+    for i in range(count):
+        if hc_every and i % hc_every == hc_every - 1:
+            kind = "hypercall"
+            nr = rng.choice([0, 1, 2, rng.randrange(1 << 16)])
+            a = [rng.choice([0x18, 0x20, 0x100, rng.randrange(1 << 16)]), rng.randrange(256), rng.randrange(8),
+                 rng.randrange(1 << 17)][:rng.randrange(5)]
+            try:
+                await shell.hw.vmexit("hypercall", {"nr": nr, "a": a})
+            except Exception:
+                pass
+        else:
+            kind = rng.choice(kinds)
+            if kind == "ims-memory":
+                lo, hi, data = compose_remappable(rng.randrange(max_handle), rng.randrange(4), shv=rng.random() < 0.8)
+                k.ram.write(inst.qctx + slot * 16, struct.pack("<IIII", lo, hi, data, 0))
+                w(inst.bar0 + DOORBELL, struct.pack("<I", i))
+                # a read of our own portal returns after the device's slot fetch has been
+                # answered from RAM (same path, in order): the forged value is what it read
+                await shell.hw.mmio_read(inst.bar0, 4)
+            elif kind == "ims-device":
+                lo, hi, data = compose_remappable(rng.randrange(max_handle), 0, shv=True)
+                w(inst.bar0 + IMS_OFFSET + slot * 16, struct.pack("<III", lo, hi, data))
+                w(inst.bar0 + DOORBELL, struct.pack("<I", i))
+            elif kind == "dma-irq-range":
+                target = 0xFEE0_0000 | rng.randrange(1 << 20) & ~0xF
+                w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", target))
+                w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
+                w(inst.bar0 + DOORBELL, struct.pack("<I", i))
+            elif kind == "dma-outside":
+                w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", (k.ram.size + rng.randrange(1 << 24)) & ~0xF))
+                w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
+                w(inst.bar0 + DOORBELL, struct.pack("<I", i))
+            elif kind == "mmio-outside":
+                w(0xF000_0000 + rng.randrange(1 << 20) * 4, struct.pack("<I", rng.randrange(1 << 32)))
+            elif kind == "frame-junk":
+                shell.port.send(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))))
+            else:  # frame-spoof
+                shell.port.send(rng.choice([
+                    wire.inject("g2", 0, rng.randrange(256), None, 0),
+                    wire.reg(i, "irte.write", {"index": rng.randrange(64), "lo": 0, "hi": 0}),
+                    wire.tlp(Tlp.cfg_read(rng.randrange(1 << 16), 0).pack()),
+                    wire.vmentry("g2", rng.randrange(1, 1000), True, None)]))
+        tried[kind] = tried.get(kind, 0) + 1
+        if i % 256 == 255:
+            await asyncio.sleep(0)        # let the answers in
+    # restore the ring and our own slot so the guest itself can go on
+    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", inst.ring & 0xFFFF_FFFF))
+    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", inst.ring >> 32))
+    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", inst.entries))
+    own = k.irq.irq_get_irq_data(inst.irq).chip_data if inst.irq >= 0 else None
+    if own is not None and getattr(own, "msg", None) is not None:
+        m = own.msg
+        if inst.irq_mode == "ims-memory":
+            k.ram.write(inst.qctx + slot * 16, struct.pack("<IIII", m.address_lo, m.address_hi, m.data, 0))
+        elif inst.irq_mode == "ims":
+            w(inst.bar0 + IMS_OFFSET + slot * 16, struct.pack("<III", m.address_lo, m.address_hi, m.data))
+    return {"tried": tried, "total": count}
+
+
 def _target_handle(shell, inst, args: dict) -> int:
     """The IRTE handle to steal: as given, else the neighbour of our own (someone's, likely)."""
     if "handle" in args:
@@ -232,4 +320,5 @@ ACTIONS = {
                        spoof_identity),
     "replay-frames": ("send the guest's last frames again (old exits, doorbells, table writes)", replay_frames),
     "storm": ("ring the assigned function's doorbell as fast as possible (an interrupt storm)", storm),
+    "campaign": ("many random misbehaviours in a row (bench/campaign.py)", campaign),
 }

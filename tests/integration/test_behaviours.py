@@ -9,7 +9,7 @@ from guest.hostile import ACTIONS
 
 ALL_TESTED = {"ims-redirect", "ims-steal-device", "compose-foreign", "hypercall-raw", "mmio-outside-ept",
               "dma-outside-memory", "dma-into-interrupt-range", "malformed-frames", "spoof-identity",
-              "replay-frames", "storm"}
+              "replay-frames", "storm", "campaign"}
 
 
 def test_every_behaviour_has_a_help_line_and_a_test():
@@ -89,3 +89,17 @@ async def test_topology_behaviours_run_with_each_workload(start_lab):
     vms = await lab.call("host", "vms")
     assert any("not assigned to g1" in x for x in vms["g1"]["refused"])
     assert any("EPT violation" in x for x in vms["g1"]["refused"])
+
+
+async def test_campaign_of_random_misbehaviours_hurts_nobody_else(start_lab):
+    lab = await start_lab({"device": [{"name": "d0", "total_vfs": 4, "vfs": 2, "vf_ims_slots": 8}],
+                           "guest": [{"name": "g1", "assign": ["d0.vf0"], "irq": "ims"},
+                                     {"name": "g2", "assign": ["d0.vf1"], "irq": "ims"}]})
+    res = await hostile(lab, "campaign", count=2000, seed=7, hypercall_every=100)
+    assert res["total"] == 2000 and res["tried"]["hypercall"] == 20 and len(res["tried"]) >= 6, res
+    report = await lab.run_workload(per_function=300, inflight=8, oses=["host", "g2"])
+    for r in report["functions"]:
+        assert r["outcome"] == "delivered" and r["lost"] == 0, r
+    assert all(o["breaches"] == 0 for o in report["oses"].values())
+    assert report["deaths"] == []
+    assert report["faults"]["by_source"]["01:00.1"], report["faults"]     # the IR unit saw the forgeries

@@ -507,8 +507,11 @@ def test_pasid_check_hook() -> None:
     for bad in (0x7, None):
         r = ir.remap(DEV, *_msg(5), pasid=bad)
         assert isinstance(r, IrFault) and r.reason == 0x26 and r.detail == "pasid"
-    # an entry without an expected PASID accepts any request (RID-only)
-    assert isinstance(ir.remap(DEV, *_msg(6), pasid=0x7), Remapped)
+    # an entry without an expected PASID accepts only requests without one: a PASID-tagged
+    # request (an ADI sharing the RID) may not use the RID-only entries of that RID
+    assert isinstance(ir.remap(DEV, *_msg(6)), Remapped)
+    r = ir.remap(DEV, *_msg(6), pasid=0x7)
+    assert isinstance(r, IrFault) and r.reason == 0x26 and r.detail == "pasid"
     # rewriting the entry without a PASID drops the side-table value
     ir.write_irte(5, Irte.remapped(0x41, 3, DEV))
     assert ir.expected_pasid(5) is None
