@@ -95,6 +95,7 @@ class Vm:
     injected: int = 0
     pending_forward: int = 0
     state: str = "running"          # "running" | "dead" (its process died; everything reclaimed)
+    refused_total: int = 0
     reclaimed: dict = field(default_factory=dict)
 
     @property
@@ -102,6 +103,7 @@ class Vm:
         return list(range(self.vcpus))
 
     def refuse(self, what: str) -> None:
+        self.refused_total += 1
         if len(self.refused) < 200:
             self.refused.append(what)
 
@@ -531,7 +533,7 @@ class Vmm:
     def snapshot(self) -> dict:
         return {vm.name: {"state": vm.state, "reclaimed": vm.reclaimed, "exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
                           "pending_forward": vm.pending_forward, "composes": len(vm.composes),
-                          "refused": vm.refused[-20:], "refused_total": len(vm.refused),
+                          "refused": vm.refused[-20:], "refused_total": vm.refused_total,
                           "assigned": {rid_str(g): _phys(v) for g, v in vm.vfs.items()},
                           "pasids": {rid_str(g): v.pasid for g, v in vm.vfs.items() if isinstance(v, VirtualAdi)},
                           "irte_bindings": [{"handle": c.handle, "dev": rid_str(c.vf.guest_rid), "kind": c.kind,
