@@ -63,12 +63,21 @@ class Breach:
     irq: int | None
     owner: int | None
     origin: int | None
+    handle: int = -1             # the IRTE the message named (-2: injected by the hypervisor)
+    receiver: str = ""           # the handler that ran it (e.g. "vfio-ims:g2": injected into g2)
 
     def __str__(self) -> str:
         own = describe(self.owner) if self.owner is not None else "nobody"
         org = describe(self.origin) if self.origin is not None else "unknown"
+        path = ""
+        if self.handle >= 0:
+            path = f"; its message named IRTE {self.handle}"
+        elif self.handle == -2:
+            path = "; injected by the hypervisor"
+        if self.receiver:
+            path += f"; handled by {self.receiver}"
         return (f"CPU{self.cpu} vector 0x{self.vector:02x} (irq {self.irq}) belongs to {own} "
-                f"but was raised by {org}")
+                f"but was raised by {org}{path}")
 
 
 @dataclass
@@ -317,7 +326,8 @@ class Kernel:
 
     # -- interrupt entry (hot path) ----------------------------------------
 
-    def deliver(self, apic_id: int, vector: int, origin: int | None = None, t_ns: int = 0) -> None:
+    def deliver(self, apic_id: int, vector: int, origin: int | None = None, t_ns: int = 0,
+                handle: int = -1) -> None:
         """An interrupt message reached local APIC ``apic_id``: accept it and run what is pending."""
         cpu = self._cpu_of_apic.get(apic_id)
         if cpu is None:
@@ -334,7 +344,7 @@ class Kernel:
         else:
             owner = None
         if origin is not None and owner != origin:
-            self._breach(cpu, vector, irq, owner, origin)
+            self._breach(cpu, vector, irq, owner, origin, handle)
         if not apic.accept(vector):
             return   # illegal vector, or merged with the same vector already pending (edge)
         while True:
@@ -349,12 +359,15 @@ class Kernel:
                 self.irq.handle_irq(pending_irq, cpu)
             apic.eoi()
 
-    def _breach(self, cpu: int, vector: int, irq: int | None, owner: int | None, origin: int) -> None:
+    def _breach(self, cpu: int, vector: int, irq: int | None, owner: int | None, origin: int,
+                handle: int = -1) -> None:
         self.breach_count += 1
         if irq is not None:
             self.breach_irqs[irq] = self.breach_irqs.get(irq, 0) + 1
         if len(self.breaches) < 100:
-            self.breaches.append(Breach(cpu, vector, irq, owner, origin))
+            desc = self.irq.irq_to_desc(irq) if irq is not None else None
+            receiver = ", ".join(a.name for a in desc.actions) if desc is not None else ""
+            self.breaches.append(Breach(cpu, vector, irq, owner, origin, handle, receiver))
 
     # -- views ---------------------------------------------------------------
 

@@ -56,8 +56,8 @@ class OsShell:
             handler(msg)
 
     def on_irq(self, msg: list) -> None:
-        _, apic, vector, origin, t_ns, _handle = msg
-        self.kernel.deliver(apic, vector, origin, t_ns)
+        _, apic, vector, origin, t_ns, handle = msg
+        self.kernel.deliver(apic, vector, origin, t_ns, handle)
 
     def on_tlp_msg(self, msg: list) -> None:
         self.on_tlp(msg[1])

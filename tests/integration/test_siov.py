@@ -115,7 +115,12 @@ async def test_row_4_unsafe_breach_is_proven(start_lab):
     r = only(report, "g2")
     assert r["outcome"] == "breach" and r["breaches"] == 1, r
     samples = report["oses"]["g2"]["breach_samples"]
-    assert samples == ["CPU0 vector 0x21 (irq 24) belongs to 01:00.0 ADI 1 but was raised by 01:00.0 ADI 0"], samples
+    assert samples == ["CPU0 vector 0x21 (irq 24) belongs to 01:00.0 ADI 1 but was raised by 01:00.0 ADI 0; "
+                       "injected by the hypervisor; handled by irqlab-engine:00:03.0"], samples
+    # the host saw it first, with the IRTE the forged message named and where it went
+    (host_sample,) = report["oses"]["host"]["breach_samples"]
+    assert (f"belongs to 01:00.0 ADI 1 but was raised by 01:00.0 ADI 0; its message named IRTE {victim}; "
+            "handled by vfio-ims:g2") in host_sample, host_sample
     assert report["faults"]["by_source"] == {}          # nothing on the platform noticed
     assert not report["ok"]
 

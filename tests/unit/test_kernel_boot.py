@@ -282,9 +282,10 @@ def test_deliver_from_another_origin_is_a_breach():
     irq, vector = bound_irq(k, 0, seen=seen)
     k.deliver(0, vector, origin=OTHER, t_ns=5)
     assert k.breach_count == 1
-    assert k.breaches == [Breach(cpu=0, vector=vector, irq=irq, owner=OWNER, origin=OTHER)]
+    assert k.breaches == [Breach(cpu=0, vector=vector, irq=irq, owner=OWNER, origin=OTHER,
+                                 receiver=f"test{irq}")]
     assert str(k.breaches[0]) == (f"CPU0 vector 0x{vector:02x} (irq {irq}) belongs to 01:00.1 "
-                                  "but was raised by 02:00.2")
+                                  f"but was raised by 02:00.2; handled by test{irq}")
     assert k.arrivals == {irq: 1} and len(seen) == 1     # still delivered: the oracle only observes
 
 
