@@ -129,6 +129,7 @@ class OsShell:
         loop = asyncio.get_running_loop()
         background = await self.before_workload(args)
         done = self._workload_done = loop.create_future()
+        ended = self._workload_ended = asyncio.Event()
         t0 = time.monotonic()
         self.workload = wl = Workload.start(self.engines(), per_function, inflight,
                                             on_finished=lambda: done.done() or done.set_result(True),
@@ -157,8 +158,19 @@ class OsShell:
                     break
         if pacer is not None:
             pacer.cancel()
+        wl.stopping = True
+        if not stalled and not wl.quiesced():
+            # stopped, stalled or timed out with work in flight: let it land (bounded) so that
+            # the next run does not count this one's stragglers
+            quiet = loop.create_future()
+            wl.on_quiet = lambda: quiet.done() or quiet.set_result(True)
+            try:
+                await asyncio.wait_for(quiet, timeout=min(stall_s or 5.0, 5.0))
+            except TimeoutError:
+                pass
         wl.detach()
         wl.finished = True        # ended: done, stopped, stalled or timed out
+        ended.set()
         if background is not None:
             try:
                 await background
@@ -183,6 +195,7 @@ class OsShell:
         if done is None or done.done():
             return False
         done.set_result("stopped")
+        await self._workload_ended.wait()      # the run has landed its stragglers and ended
         return True
 
     @staticmethod

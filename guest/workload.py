@@ -62,6 +62,8 @@ class Workload:
     on_finished: object = None
     finished: bool = False
     interval_ns: int = 0     # 0: closed loop; else one doorbell per interval per function
+    on_quiet: object = None
+    stopping: bool = False   # ring no more doorbells (the run is being stopped)
 
     @classmethod
     def start(cls, instances: list[EngineInstance], per_function: int, inflight: int,
@@ -91,7 +93,7 @@ class Workload:
         """Paced runs: ring every doorbell due by ``now``; returns when the next one is due."""
         nxt = now + self.interval_ns
         for run in self.runs:
-            while (not run.inst.removed and run.issued < run.target and run.next_due <= now
+            while (not self.stopping and not run.inst.removed and run.issued < run.target and run.next_due <= now
                    and run.issued - run.done < run.inflight):
                 self._issue(run)
                 run.next_due += self.interval_ns
@@ -103,7 +105,7 @@ class Workload:
         def on_complete(inst: EngineInstance, cookie: int) -> None:
             run.done += 1
             run.t_last = time.monotonic_ns()
-            if run.issued < run.target and not self.interval_ns:
+            if run.issued < run.target and not self.interval_ns and not self.stopping:
                 self._issue(run)
             elif run.done >= run.target:
                 self._check_finished()
@@ -113,7 +115,15 @@ class Workload:
         def on_irq(inst: EngineInstance) -> None:
             if run.done >= run.target:
                 self._check_finished()
+            if self.on_quiet is not None and self.quiesced():
+                self.on_quiet()
         return on_irq
+
+    def quiesced(self) -> bool:
+        """Nothing of this run is in flight: every doorbell rung has completed and interrupted
+        (or its function is gone).  A stopped run waits for this so that the next run does not
+        count its stragglers."""
+        return all(r.inst.removed or (r.done >= r.issued and self._arrived(r) >= r.issued) for r in self.runs)
 
     @staticmethod
     def _arrived(run: FunctionRun) -> int:

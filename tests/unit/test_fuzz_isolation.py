@@ -31,7 +31,7 @@ import struct
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import HealthCheck, find, note, settings
+from hypothesis import HealthCheck, event, find, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -80,7 +80,7 @@ SIOV_PF, SIOV_PF2 = 0x0200, 0x0300
 ADIS = [(SIOV_PF, 0, "g1"), (SIOV_PF, 1, "g2"), (SIOV_PF, 2, "g3"), (SIOV_PF2, 0, "g1")]
 HOST_ADI = (SIOV_PF, 3)
 HOST_ADI_PASID = 0x40
-GUEST_DEV_SLOTS = 4
+GUEST_DEV_SLOTS = 2
 FIRST_GUEST_RID = 3 << 3
 
 
@@ -173,10 +173,9 @@ class FakeSiovPf:
 
     def reset_adi(self, adi: int) -> None:
         base = portal(self.rid, adi) + IMS_PAGE
-        for i in range(16 * 256):
-            self.lab.hw.mem.pop(base + i, None)
-        for s in range(256):                 # reset: every slot masked
-            self.lab.hw.mem[base + 16 * s + 0xC] = 1
+        for s in range(GUEST_DEV_SLOTS):     # reset: every slot zero and masked
+            for i in range(16):
+                self.lab.hw.mem[base + 16 * s + i] = int(i == 0xC)
 
 
 class Lab:
@@ -198,9 +197,12 @@ class Lab:
         self.port = FakePort()
         self.siov = SimpleNamespace(pfs={SIOV_PF: FakeSiovPf(self, SIOV_PF), SIOV_PF2: FakeSiovPf(self, SIOV_PF2)})
         self.vmm = Vmm(self)
+        for pf in self.siov.pfs.values():
+            for adi in range(4):
+                pf.reset_adi(adi)                              # power-on: every real slot masked
         # host-allocated IRTEs: virq -> owner ("host", or a guest for its VF's MSI-X forwarders)
         self.host_irqs: dict[int, str] = {}
-        self.memslot: dict[tuple[str, int], tuple[int, int]] = {}   # (vm, adi id) -> (addr, data)
+        self.host_meta: dict[int, tuple[int, int | None, int | None]] = {}  # virq -> (sid, bind, tag)
         self.freed_fake: dict[tuple[str, int], set] = {}             # (vm, id(vadi)) -> real pairs
         self.next_pasid = itertools.count(0x11)
         for i, name in enumerate(guests):
@@ -285,3 +287,373 @@ class Lab:
         return r
 
 
+    # --- host-owned interrupts (the host's own drivers, and vfio's MSI-X forwarders) ----------
+
+    def host_alloc(self, owner: str, sid: int, bind: int | None = None, emit_pasid: int | None = None):
+        """Allocate and activate one host interrupt in INTEL-IR (as Kernel.alloc_msix/alloc_ims)."""
+        extra = {"sid": sid}
+        if bind is not None:
+            extra["pasid"] = bind
+        try:
+            virq = irq_domain_alloc_irqs(self.kernel.ir, 1, IrqAllocInfo(extra=extra))
+        except IrqError:
+            return None
+        self.kernel.irq.request_irq(virq, lambda irq, cpu: None, f"fuzz:{owner}")
+        self.host_irqs[virq] = owner
+        self.host_meta[virq] = (sid, bind, emit_pasid)
+        return virq
+
+    def host_free(self, virq: int) -> None:
+        self.kernel.irq.free_irq(virq)
+        irq_domain_free_irqs(self.kernel.ir, virq, 1)
+        del self.host_irqs[virq], self.host_meta[virq]
+
+    def boot_host_drivers(self) -> None:
+        """What the host's own drivers hold at boot: PF MSI-X vectors, a host VF, its own ADI's
+        device- and memory-kind IMS (memory IRTEs bound to the PASID as guest/drivers/siov.py)."""
+        for sid in (SRIOV_PF, SIOV_PF, SIOV_PF2, HOST_VF):
+            self.host_alloc("host", sid)
+        self.host_alloc("host", SIOV_PF)                       # host ADI 3, device IMS: untagged
+        bind = HOST_ADI_PASID if self.tags and self.platform["pasid_ir"] else None
+        self.host_alloc("host", SIOV_PF, bind, HOST_ADI_PASID if self.tags else None)   # memory IMS
+
+
+IR_FAULTS = {FaultReason.IR_REQ_RSVD, FaultReason.IR_INDEX_OVER, FaultReason.IR_ENTRY_P,
+             FaultReason.IR_ROOT_INVAL, FaultReason.IR_IRTE_RSVD, FaultReason.IR_REQ_COMPAT,
+             FaultReason.IR_SID_ERR}
+
+
+def mostly(data, valid: st.SearchStrategy, invalid: st.SearchStrategy, label: str):
+    """Draw from ``valid`` seven times in eight, else from ``invalid`` (hostile arguments)."""
+    return data.draw(valid if data.draw(st.integers(0, 7), label=f"{label}?") else invalid, label=label)
+
+
+def attack_messages(lab: Lab) -> st.SearchStrategy[tuple[int, int]]:
+    """(addr, data) a hostile owner can put in untrapped storage: guessed or live handles (with
+    and without SHV / sub-handles), compatibility-format messages, anything at all."""
+    guessed = st.builds(lambda h, shv, sub: (compose_remappable(h, 0, shv)[0], sub),
+                        st.integers(0, IRT + 2), st.booleans(), st.integers(0, 4))
+    opts = [guessed,
+            st.tuples(st.integers(0xFEE0_0000, 0xFEEF_FFFF), st.integers(0, U32)),
+            st.builds(lambda d, v: compose_compat(d, v)[::2], st.integers(0, 0xFF), st.integers(0, 0xFF)),
+            st.tuples(st.integers(0, U64), st.integers(0, U32))]
+    live = sorted(lab.ir.table)
+    if live:
+        opts[:0] = [st.sampled_from(live).map(lambda i: (compose_remappable(i)[0], 0)),
+                    st.tuples(st.sampled_from(live), st.integers(0, 3)).map(
+                        lambda t: (compose_remappable(t[0] - min(t[0], t[1]))[0], min(t[0], t[1])))]
+    return st.one_of(opts)
+
+
+def expected_compose_ret(lab: Lab, vm: Vm, args: list[int]) -> int | str:
+    """What Vmm._compose must answer (docs/hypercalls.md "Errors"); 'ok?' = 0 unless the IRT is full."""
+    if len(args) < 3:
+        return -hc.KVM_EINVAL
+    dev, vector, dest = args[:3]
+    cookie = args[3] if len(args) > 3 else 0
+    vf = vm.vfs.get(dev)
+    if vf is None:
+        return -hc.KVM_EPERM
+    if not hc.FIRST_VECTOR <= vector <= hc.LAST_VECTOR or dest not in vm.apic_ids:
+        return -hc.KVM_EINVAL
+    if len(vm.composes) >= COMPOSE_QUOTA:
+        return -hc.KVM_ENOSPC
+    if isinstance(vf, VirtualAdi):
+        if cookie & hc.COOKIE_MEMORY:
+            if lab.vmm._memory_ims_refusal(vf):
+                return -hc.KVM_EOPNOTSUPP
+        elif not vf.emulate_ims or vf.mangle:
+            return -hc.KVM_EOPNOTSUPP
+    return -hc.KVM_ENOSPC if lab.kernel.ir.allocator.in_use >= IRT else 0
+
+
+class IsolationMachine(RuleBasedStateMachine):
+    """Host + guests g1..g3 composing, freeing, storing and emitting against the real VMM/IR."""
+
+    lab: Lab
+
+    @initialize(tags=st.booleans(), pasid_ir=st.booleans(), rc_tags=st.sampled_from([True, True, False]))
+    def boot(self, tags, pasid_ir, rc_tags):
+        self.lab = Lab(tags=tags, pasid_ir=pasid_ir, rc_tags=rc_tags)
+        self.lab.boot_host_drivers()
+        note(f"config: tags={tags} pasid_ir={pasid_ir} rc_tags={rc_tags}")
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _vm(self, data) -> Vm:
+        return data.draw(st.sampled_from(self.lab.live_vms()), label="vm")
+
+    def _judge(self, vm: Vm, path: str, dev, res, msg) -> None:
+        """The oracle: a Remapped result's IRTE belongs to the emitter's owner (or it is a breach)."""
+        lab = self.lab
+        if isinstance(res, str):
+            event(f"{path}: dropped")
+            return                                             # dropped before the IR unit
+        assert type(res) in (Remapped, IrFault), f"IR enabled, CFI clear: {res!r}"
+        if type(res) is IrFault:
+            assert res.reason in IR_FAULTS, res
+            event(f"{path}: fault 0x{int(res.reason):02x}")
+            return
+        owner = lab.owners().get(res.index)
+        assert owner is not None, f"IRTE {res.index} remapped but nobody composed it: {res!r}"
+        if owner == vm.name:
+            event(f"{path}: own IRTE")
+            return
+        hole = None
+        if path == "adi-mem" and lab.vmm._memory_ims_refusal(dev):
+            hole = "memory-ims-bypass"
+        elif path == "adi-dev":
+            live = {c.real for c in vm.composes.values() if c.vf is dev and c.kind == "fake"}
+            if msg[:3] not in live and msg[:3] in lab.freed_fake.get((vm.name, id(dev)), ()):
+                hole = "stale-device-slot"
+        if hole in KNOWN_HOLES:
+            event(f"{path}: known hole {hole}")
+            EXCUSED[hole] = EXCUSED.get(hole, 0) + 1
+            note(f"known hole {hole}: {vm.name} {path} -> IRTE {res.index} of {owner}")
+            return
+        raise AssertionError(f"ISOLATION BREACH: {vm.name}'s {path} ({dev!r:.60}) message {msg} "
+                             f"reached IRTE {res.index} owned by {owner}: {res!r}")
+
+    # --- guests: hypercalls -------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def compose(self, data):
+        lab = self.lab
+        vm = self._vm(data)
+        dev = mostly(data, st.sampled_from(sorted(vm.vfs)), st.integers(0, 0xFFFF), "dev")
+        vector = mostly(data, st.integers(hc.FIRST_VECTOR, hc.LAST_VECTOR), st.integers(-(1 << 63), U64), "vector")
+        dest = mostly(data, st.sampled_from(vm.apic_ids), st.integers(-(1 << 63), U64), "dest")
+        cookie = mostly(data, st.sampled_from([0, hc.COOKIE_MEMORY, 3, hc.COOKIE_MEMORY | 5]),
+                        st.integers(0, U64), "cookie")
+        args = [dev, vector, dest, cookie][:mostly(data, st.just(4), st.integers(0, 3), "nargs")]
+        want = expected_compose_ret(lab, vm, args)
+        before = dict(vm.composes)
+        r = lab.hypercall(vm, hc.HC_MSI_COMPOSE, args)
+        assert r["ret"] == want, (r, want, args)
+        event(f"compose: {hc.ERROR_NAMES.get(r['ret'], r['ret'])}")
+        if r["ret"]:
+            assert vm.composes == before and r["v"] == []
+            return
+        lo, hi, d, handle = r["v"]
+        assert handle not in before and handle in vm.composes
+        c = vm.composes[handle]
+        vf = vm.vfs[dev]
+        assert c.vf is vf and c.vector == vector and c.apic == dest
+        fake = isinstance(vf, VirtualAdi) and not (len(args) > 3 and cookie & hc.COOKIE_MEMORY)
+        assert c.kind == ("fake" if fake else "remapped")
+        assert (lo, hi, d) == (fake_pair(handle) if fake else c.real)
+        if fake:     # worthless to hardware: fault 0x20 from any requester
+            assert type(lab.ir.remap(vf.pf_rid, lo | hi << 32, d, None, do_fault=False)) is IrFault
+
+    @rule(data=st.data())
+    def free(self, data):
+        lab = self.lab
+        vm = self._vm(data)
+        own = sorted(vm.composes)
+        handle = mostly(data, st.sampled_from(own), st.integers(-3, 200), "handle") if own \
+            else data.draw(st.integers(-3, 200), label="handle")
+        c = vm.composes.get(handle)
+        dev = mostly(data, st.just(c.vf.guest_rid), st.integers(0, 0xFFFF), "dev") if c \
+            else data.draw(st.integers(0, 0xFFFF), label="dev")
+        idx = irte_index(c.real) if c else None
+        r = lab.free(vm, dev, handle)
+        if c is not None and c.vf.guest_rid == dev:
+            assert r == {"ret": 0, "v": []} and handle not in vm.composes
+            assert idx not in lab.ir.table, "HC_MSI_FREE left the IRTE present"
+        else:
+            assert r["ret"] == -hc.KVM_EPERM and vm.composes.get(handle) is c
+
+    @rule(data=st.data())
+    def hostile_hypercall(self, data):
+        vm = self._vm(data)
+        junk = st.one_of(st.integers(-(1 << 70), 1 << 70), st.none(), st.text(max_size=3), st.floats(),
+                         st.booleans(), st.lists(st.integers(), max_size=2))
+        nr = data.draw(st.one_of(st.integers(-3, 5), junk), label="nr")
+        args = data.draw(st.one_of(st.lists(st.one_of(st.integers(-(1 << 64), 1 << 65), junk), max_size=6),
+                                   junk), label="args")
+        req = data.draw(st.one_of(st.just({"nr": nr, "a": args}), st.just({"nr": nr}), junk), label="req")
+        r = run(self.lab.vmm.exit_hypercall(vm, req))
+        assert type(r) is dict and type(r["ret"]) is int and r["ret"] <= 0
+        assert all(type(v) is int for v in r["v"])
+
+    # --- guests: storage and emission ---------------------------------------------------------
+
+    @rule(data=st.data())
+    def store_device_slot(self, data):
+        """A guest writes its ADI's trapped IMS page; only pairs the VMM composed for that ADI
+        ever reach the real slot, otherwise it stays masked."""
+        lab = self.lab
+        vm = self._vm(data)
+        vadi = data.draw(st.sampled_from(lab.adis_of(vm)), label="adi")
+        idx = data.draw(st.integers(0, GUEST_DEV_SLOTS - 1), label="slot")
+        mine = {c.handle: c for c in vm.composes.values() if c.vf is vadi and c.kind == "fake"}
+        others = [fake_pair(c.handle) for v in lab.live_vms() for c in v.composes.values() if c.vf is not vadi]
+        others += [c.real for v in lab.live_vms() for c in v.composes.values()]
+        forged = [st.builds(fake_pair, st.integers(0, 0x1_0000)), st.tuples(*[st.integers(0, U32)] * 3)]
+        if others:
+            forged.insert(0, st.sampled_from(others))
+        if mine:
+            msg = mostly(data, st.sampled_from(sorted(mine)).map(fake_pair), st.one_of(forged), "msg")
+        else:
+            msg = data.draw(st.one_of(forged), label="msg")
+        ctrl = mostly(data, st.sampled_from([0, 0, 1]), st.integers(0, U32), "ctrl")
+        raw = struct.pack("<IIII", *msg, ctrl)
+        how = mostly(data, st.just("slot"), st.sampled_from(["dwords", "bytes"]), "how")
+        writes = []
+        if how == "slot":
+            writes += lab.store_device_slot(vm, vadi, idx, raw)
+        elif how == "dwords":
+            for f in data.draw(st.permutations(range(4)), label="order"):
+                writes += lab.store_device_slot(vm, vadi, idx, raw[4 * f:4 * f + 4], 4 * f)
+        else:
+            off = data.draw(st.integers(0, 15), label="off")
+            n = data.draw(st.integers(0, 24), label="len")
+            writes += lab.store_device_slot(vm, vadi, idx, (raw * 3)[off:off + n], off)
+        live = {c.real for c in vm.composes.values() if c.vf is vadi and c.kind == "fake"}
+        base = vadi.portal_hpa + IMS_PAGE
+        for addr, payload in writes:
+            assert base <= addr and addr + len(payload) <= base + 16 * len(vadi.slots), \
+                f"the VMM wrote outside {vm.name}'s ADI slots: 0x{addr:x}"
+            if len(payload) == 12:
+                assert struct.unpack("<III", payload) in live and addr % 16 == 0, payload
+            else:
+                assert len(payload) == 4 and addr % 16 == 0xC and payload in (b"\1\0\0\0", b"\0\0\0\0")
+        for s in range(len(vadi.slots)):
+            real = lab.real_slot(vadi, s)
+            assert real[3] & 1 or real[:3] in live or not any(real[:3]), \
+                f"real slot {s} of {vm.name}'s ADI unmasked with {real} (composed: {live})"
+        event(f"store: {'own fake pair' if msg in map(fake_pair, mine) else 'other'}")
+        if how == "slot" and msg in map(fake_pair, mine) and not ctrl & 1 and vadi.ims_page_kind == "trap":
+            event("store: own fake pair, unmasked")
+            c = next(c for c in mine.values() if fake_pair(c.handle) == msg)
+            real = lab.real_slot(vadi, idx)
+            assert real == (*c.real, 0), (real, c.real)
+            res = lab.interrupt(vadi.pf_rid, real[0] | real[1] << 32, real[2], None)
+            assert type(res) is Remapped and res.index == irte_index(c.real), f"case 4 not delivered: {res!r}"
+
+    @rule(data=st.data())
+    def emit(self, data):
+        """Any guest's device sends whatever its storage holds, with the hardware-stamped identity."""
+        lab = self.lab
+        vm = self._vm(data)
+        path = data.draw(st.sampled_from(["vf", "adi-mem", "adi-dev"]), label="path")
+        if path == "vf":
+            dev = lab.vf_of(vm)
+            addr, d = data.draw(attack_messages(lab), label="msg")
+            pasid = data.draw(st.one_of(st.none(), st.integers(0, 0xFFFFF)), label="pasid")  # its IMS ctrl
+            msg = (addr, d)
+            res = lab.interrupt(dev.host_rid, addr, d, pasid)
+        elif path == "adi-mem":
+            dev = data.draw(st.sampled_from(lab.adis_of(vm)), label="adi")
+            addr, d = data.draw(attack_messages(lab), label="msg")
+            msg = (addr, d)
+            res = lab.interrupt(dev.pf_rid, addr, d, dev.pasid if dev.tags_pasid else None)
+        else:
+            every = [(a, i) for a in lab.adis_of(vm) for i in range(len(a.slots))]
+            armed = [(a, i) for a, i in every if not lab.real_slot(a, i)[3] & 1]
+            dev, i = (mostly(data, st.sampled_from(armed), st.sampled_from(every), "slot") if armed
+                      else data.draw(st.sampled_from(every), label="slot"))
+            msg = lab.real_slot(dev, i)
+            if msg[3] & 1:
+                event("adi-dev: masked")
+                return                                         # masked: the device sends nothing
+            res = lab.interrupt(dev.pf_rid, msg[0] | msg[1] << 32, msg[2], None)   # VMM: PE clear
+        self._judge(vm, path, dev, res, msg)
+
+    @rule(data=st.data())
+    def legit_emit(self, data):
+        """Liveness: every live compose, emitted by its own device as intended, is delivered."""
+        lab = self.lab
+        cands = [(vm, c) for vm in lab.live_vms() for c in vm.composes.values() if c.kind == "remapped"]
+        cands += [(None, v) for v in lab.host_irqs]
+        if not cands:
+            return
+        vm, c = data.draw(st.sampled_from(cands), label="compose")
+        if vm is None:
+            sid, _, pasid = lab.host_meta[c]
+            msg = irq_chip_compose_msi_msg(lab.kernel.irq.irq_get_irq_data(c))
+            lo, hi, d, want = msg.address_lo, msg.address_hi, msg.data, lab.virq_index(c)
+        else:
+            lo, hi, d = c.real
+            want = irte_index(c.real)
+            if isinstance(c.vf, VirtualAdi):
+                sid, pasid = c.vf.pf_rid, (c.vf.pasid if c.vf.tags_pasid else None)
+            else:
+                sid, pasid = c.vf.host_rid, None
+        res = lab.interrupt(sid, lo | hi << 32, d, pasid)
+        if isinstance(res, str):
+            assert vm is None, "the VMM composed a memory-IMS message the root complex drops"
+            return
+        assert type(res) is Remapped and res.index == want, f"a legitimate message was not delivered: {res!r}"
+
+    # --- the host -----------------------------------------------------------------------------
+
+    @precondition(lambda self: len(self.lab.host_irqs) < 24)
+    @rule(data=st.data())
+    def host_alloc(self, data):
+        lab = self.lab
+        who = data.draw(st.sampled_from(["host", "host-adi-mem", "vf-msix"]), label="who")
+        if who == "host":
+            lab.host_alloc("host", data.draw(st.sampled_from([SRIOV_PF, SIOV_PF, SIOV_PF2, HOST_VF]), label="sid"))
+        elif who == "host-adi-mem":
+            bind = HOST_ADI_PASID if lab.tags and lab.platform["pasid_ir"] else None
+            lab.host_alloc("host", SIOV_PF, bind, HOST_ADI_PASID if lab.tags else None)
+        else:   # vfio enabling a guest VF's MSI-X: host vectors (sid = the VF) forwarding to that guest
+            vm = self._vm(data)
+            lab.host_alloc(vm.name, lab.vf_of(vm).host_rid)
+
+    @precondition(lambda self: self.lab.host_irqs)
+    @rule(data=st.data())
+    def host_free(self, data):
+        virq = data.draw(st.sampled_from(sorted(self.lab.host_irqs)), label="virq")
+        idx = self.lab.virq_index(virq)
+        self.lab.host_free(virq)
+        assert idx not in self.lab.ir.table
+
+    @precondition(lambda self: len(self.lab.live_vms()) >= 2)
+    @rule(data=st.data())
+    def kill_vm(self, data):
+        """SIGKILL a guest: destroy_vm reclaims its IRTEs and PASIDs and resets its ADIs."""
+        lab = self.lab
+        vm = self._vm(data)
+        idxs = {irte_index(c.real) for c in vm.composes.values()}
+        n = len(vm.composes)
+        out = run(lab.vmm.destroy_vm(vm.name))
+        assert vm.state == "dead" and not vm.composes and out["irtes"] == n
+        for virq in [v for v, o in lab.host_irqs.items() if o == vm.name]:
+            lab.host_free(virq)                            # pci_free_irq_vectors of its VF
+        assert not idxs & set(lab.ir.table)
+        for vadi in lab.adis_of(vm):
+            assert (vadi.pf_rid, vadi.pasid, None) in lab.hw.pasid_log
+            assert all(lab.real_slot(vadi, s)[3] & 1 for s in range(len(vadi.slots)))
+        assert run(lab.vmm.destroy_vm(vm.name)) == {"known": True}     # idempotent
+
+    # --- consistency --------------------------------------------------------------------------
+
+    @invariant()
+    def irt_matches_who_composed_what(self):
+        lab = self.lab
+        owners = lab.owners()
+        assert set(owners) == set(lab.ir.table), "IRT entries nobody owns, or owned entries missing"
+        assert lab.kernel.ir.allocator.in_use == len(owners)
+        for vm in lab.live_vms():
+            assert len(vm.composes) <= COMPOSE_QUOTA
+            for c in vm.composes.values():
+                idx = irte_index(c.real)
+                e = lab.ir.irte(idx)
+                adi = isinstance(c.vf, VirtualAdi)
+                assert e.present and e.mode == 0 and e.svt == SVT_SID and e.sq == 0
+                assert e.sid == (c.vf.pf_rid if adi else c.vf.host_rid)
+                bound = c.vf.pasid if (adi and c.kind == "remapped" and c.vf.tags_pasid
+                                       and lab.platform["pasid_ir"]) else None
+                assert lab.ir.expected_pasid(idx) == bound
+                assert lab.kernel.irq_owner[c.virq] == (adi_origin(c.vf.pf_rid, c.vf.adi) if adi
+                                                       else c.vf.host_rid)
+        for virq, (sid, bind, _) in lab.host_meta.items():
+            idx = lab.virq_index(virq)
+            assert lab.ir.irte(idx).sid == sid and lab.ir.expected_pasid(idx) == bind
+
+
+TestIsolation = IsolationMachine.TestCase
+TestIsolation.settings = settings(max_examples=200, stateful_step_count=60, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
