@@ -54,6 +54,7 @@ from fabric.dmar import FaultLog, FaultReason, FaultRecord
 from fabric.ept import Ept, EptHit
 from fabric.iommu import DmaFault, Iommu, MemoryMap, Translation
 from fabric.ir import Irte, InterruptRemapper, IrFault, Passthrough, Posted, Remapped
+from fabric.trace import Tracer, flow_id
 
 MSI_LO = 0xFEE0_0000
 MSI_HI = 0xFEEF_FFFF
@@ -68,6 +69,10 @@ _MWR32, _MWR64 = int(T.TlpType.MEM_WRITE), int(T.TlpType.MEM_WRITE_64)
 _MRD32, _MRD64 = int(T.TlpType.MEM_READ), int(T.TlpType.MEM_READ_64)
 _CFGRD, _CFGWR = int(T.TlpType.CFG_READ_0), int(T.TlpType.CFG_WRITE_0)
 _CPLT, _CPLD = int(T.TlpType.CPL), int(T.TlpType.CPL_DATA)
+
+#: trace names of the TLP kinds, as engineers write them
+_TLP_NAMES = {0x00: "MRd32", 0x20: "MRd64", 0x40: "MWr32", 0x60: "MWr64", 0x04: "CfgRd0", 0x44: "CfgWr0",
+              0x0A: "Cpl", 0x4A: "CplD"}
 
 ROOT_COMPLEX_RID = 0x0000
 RC_TAGS = 256
@@ -254,6 +259,7 @@ class Fabric:
         self._faults_seen = 0
         self._trap_seq = itertools.count(1)
         self.gone_identities: list[bytes] = []   # the shell drops their queued frames
+        self.tracer = Tracer("fabric")
 
         self._by_role = {
             "device": {wire.TLP: self._device_tlp, wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep},
@@ -404,6 +410,8 @@ class Fabric:
         if type(raw) is not bytes:
             raise wire.WireError("TLP payload is not bytes")
         ftype, off, rid, addr = T.peek(raw)
+        if self.tracer.on:
+            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, rid=rid_str(rid), key=f"0x{addr:x}")
         lo, hi = peer.spec.buses or (0, -1)
         # ACS Source Validation: a request's requester ID, a completion's completer ID.
         source = addr if (ftype == _CPLT or ftype == _CPLD) else rid
@@ -438,6 +446,9 @@ class Fabric:
                            "PASID-tagged interrupt request: this platform cannot receive them")
             return
         res = self.ir.remap(rid, addr, data, pasid)
+        tr = self.tracer
+        if tr.on:
+            self._trace_remap(tr, res, rid, addr, data, pasid, origin, t_ns)
         if type(res) is Remapped or type(res) is Passthrough:
             dest = self.apic_owner.get(res.dest_id)
             if dest is None:
@@ -453,6 +464,19 @@ class Fabric:
             self._announce(FaultRecord(res.reason, rid, "intr", index=res.index & 0xFFFF))
         else:  # Posted: not on this platform yet
             self.counters["irq:posted_unsupported"] += 1
+
+    def _trace_remap(self, tr: Tracer, res, rid: int, addr: int, data: int, pasid, origin, t_ns) -> None:
+        fid = flow_id(origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
+        args = {"sid": rid_str(rid), "addr": f"0x{addr:x}", "data": f"0x{data:x}"}
+        if pasid is not None:
+            args["pasid"] = f"0x{pasid:x}"
+        if type(res) is Remapped:
+            tr.flow("t", "IR remap", "ir", fid, irte=res.index, apic=res.dest_id, vector=f"0x{res.vector:02x}", **args)
+        elif type(res) is Passthrough:
+            tr.flow("t", "IR passthrough", "ir", fid, apic=res.dest_id, vector=f"0x{res.vector:02x}", **args)
+        elif type(res) is IrFault:
+            tr.flow("f", f"IR fault 0x{int(res.reason):02x}", "fault", fid, index=res.index,
+                    why=res.detail, **args)
 
     def _ir_fault(self, rid: int, reason: int, index: int, addr: int, data: int, pasid, detail: str) -> None:
         rec = FaultRecord(reason, rid, "intr", index=index, detail={"addr": addr, "data": data, "why": detail})
@@ -504,6 +528,8 @@ class Fabric:
             raise wire.WireError("TLP payload is not bytes")
         ftype, off, rid, addr = T.peek(raw)
         self.tlps += 1
+        if self.tracer.on:
+            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, key=f"0x{addr:x}")
         if ftype == _CFGRD or ftype == _CFGWR:
             target = addr >> 16
             dest = self.bus_owner[target >> 8]
@@ -674,6 +700,8 @@ class Fabric:
             self._drop(peer, "no_host")
             return
         self.counters["vmexit"] += 1
+        if self.tracer.on:
+            self.tracer.instant(f"VM exit: {reason}", "vmexit", vm=peer.name, seq=seq)
         self.send(self.host.identity, wire.vmexit(peer.name, seq, reason, args))
 
     def _vmentry(self, peer: Peer, msg: list) -> None:
@@ -699,6 +727,10 @@ class Fabric:
             self._drop(peer, "unknown_vm")
             return
         self.counters["injected"] += 1
+        if self.tracer.on:
+            self.tracer.flow("t", "INJECT", "irq", flow_id(origin if type(origin) is int else None,
+                                                          t_ns if type(t_ns) is int else 0),
+                             vm=vm, apic=apic, vector=f"0x{vector:02x}")
         self.send(guest.identity, wire.irq(apic, vector, origin if type(origin) is int else None,
                                            t_ns if type(t_ns) is int else 0, -2))
 
@@ -849,6 +881,8 @@ class Fabric:
 
     def _announce(self, rec: FaultRecord) -> None:
         """Tell the shell about a reported fault (not about FPD-suppressed ones)."""
+        if self.tracer.on:
+            self.tracer.instant("DMAR fault", "fault", line=rec.line())
         log = self.fault_log
         seen = log.recorded + log.overflow
         if seen != self._faults_seen:
@@ -916,6 +950,12 @@ class Fabric:
             return True
         if op == "peer.gone":
             return self.peer_gone(str(args["name"]))
+        if op == "trace.start":
+            self.tracer.on = True
+            return True
+        if op == "trace.dump":
+            self.tracer.on = False
+            return self.tracer.dump()
         raise KeyError(f"unknown op {op!r}")
 
     def peer_gone(self, name: str) -> dict:

@@ -359,6 +359,14 @@ class Kernel:
                 self.irq.handle_irq(pending_irq, cpu)
             apic.eoi()
 
+    def irq_forwards(self, apic_id: int, vector: int) -> bool:
+        """For traces: does this vector's handler pass the interrupt on (the host injecting it
+        into a guest)?  Then the interrupt's flow continues beyond this CPU."""
+        cpu = self._cpu_of_apic.get(apic_id)
+        irq = self.vector.vector_irq[cpu].get(vector) if cpu is not None else None
+        desc = self.irq.irq_to_desc(irq) if irq is not None else None
+        return bool(desc and any(a.name.startswith(("vfio", "vdcm")) for a in desc.actions))
+
     def _breach(self, cpu: int, vector: int, irq: int | None, owner: int | None, origin: int,
                 handle: int = -1) -> None:
         self.breach_count += 1

@@ -14,6 +14,7 @@ import time
 
 from fabric import wire
 from fabric.bdf import rid_str
+from fabric.trace import Tracer, flow_id
 from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
 from guest.drivers.engine import EngineInstance
 from guest.views import lspci
@@ -39,11 +40,15 @@ class OsShell:
             "status": self.op_status,
             "workload.run": self.op_workload_run,
             "workload.stop": self.op_workload_stop,
+            "trace.start": self.op_trace_start,
+            "trace.dump": self.op_trace_dump,
             "stats": self.op_stats,
             "views": self.op_views,
             "shutdown": self.op_shutdown,
         }
         self.msg_handlers = {wire.IRQ: self.on_irq, wire.TLP: self.on_tlp_msg, wire.CTL: self.on_ctl}
+        self.tracer = Tracer(port.name)
+        self.is_guest = getattr(port, "info", {}).get("role") == "guest"
 
     def engines(self) -> list[EngineInstance]:
         return [inst for inst in self.kernel.bound.values() if isinstance(inst, EngineInstance)]
@@ -57,6 +62,10 @@ class OsShell:
 
     def on_irq(self, msg: list) -> None:
         _, apic, vector, origin, t_ns, handle = msg
+        tr = self.tracer
+        if tr.on:
+            tr.flow("f" if self.is_guest or not self.kernel.irq_forwards(apic, vector) else "t",
+                    f"irq vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), apic=apic, handle=handle)
         self.kernel.deliver(apic, vector, origin, t_ns, handle)
 
     def on_tlp_msg(self, msg: list) -> None:
@@ -221,6 +230,14 @@ class OsShell:
         k = self.kernel
         return {"proc_interrupts": k.proc_interrupts(), "domains": k.domain_hierarchy(),
                 "lspci": await lspci(k.pci), "dmesg": "\n".join(k.log)}
+
+    async def op_trace_start(self, args: dict) -> bool:
+        self.tracer.on = True
+        return True
+
+    async def op_trace_dump(self, args: dict) -> dict:
+        self.tracer.on = False
+        return self.tracer.dump()
 
     async def op_shutdown(self, args: dict) -> bool:
         asyncio.get_running_loop().call_soon(lambda: self.stop.done() or self.stop.set_result("shutdown"))

@@ -30,6 +30,7 @@ from fabric import hypercall as hc
 from fabric import wire
 from fabric.bdf import rid_str
 from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
+from fabric.trace import flow_id
 from guest.irq.domain import (IrqAllocInfo, IrqError, irq_chip_compose_msi_msg, irq_domain_alloc_irqs,
                               irq_domain_free_irqs)
 from guest.pci import regs as R
@@ -190,6 +191,9 @@ class Vmm:
         if vm is None:
             return
         vm.exits[reason] = vm.exits.get(reason, 0) + 1
+        if self.host.tracer.on:
+            detail = {"nr": args.get("nr")} if reason == "hypercall" and isinstance(args, dict) else {}
+            self.host.tracer.instant(f"VM exit {vm_name}: {reason}", "vmexit", seq=seq, **detail)
         handler = self._exits.get(reason)
         if handler is None:
             vm.refuse(f"unknown VM exit reason {reason!r}")
@@ -447,6 +451,9 @@ class Vmm:
 
     def _inject(self, vm: Vm, apic: int, vector: int, origin: int | None, t_ns: int) -> None:
         vm.injected += 1
+        tr = self.host.tracer
+        if tr.on:
+            tr.flow("t", f"inject {vm.name} vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), vcpu=apic)
         self.port.send(wire.inject(vm.name, apic, vector, origin, t_ns))
 
     # ------------------------------------------------------------------
