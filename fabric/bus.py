@@ -195,12 +195,41 @@ class Peer:
 
 
 @dataclass
+class PostedDescriptor:
+    """A posted-interrupt descriptor (VT-d 9.12; Linux ``struct pi_desc``), one per vCPU::
+
+         255                                                0   PIR: one bit per vector
+         256 ON  outstanding notification
+         257 SN  suppress notification (the vCPU is not running)
+         279:272 NV   notification vector      319:288 NDST notification destination
+
+    The IR unit sets PIR[vector] and, if ON was clear and SN is clear (or the IRTE is
+    urgent), sets ON and notifies the vCPU.  Here the notification *is* the vCPU's
+    posted-interrupt processing: the fabric sends the PIR bits it sets (with each
+    vector's provenance) to the guest and clears ON, so a running vCPU gets every vector
+    without the host on the path.  With SN set the bits wait; clearing SN (the host
+    schedules the vCPU again) delivers what accumulated.
+    """
+
+    vm: str
+    vcpu: int
+    nv: int = 0xF2          # Linux's POSTED_INTR_VECTOR
+    pir: dict = field(default_factory=dict)   # vector -> (origin, t_ns) of its latest posting
+    on: bool = False
+    sn: bool = False
+    posted: int = 0
+    notified: int = 0
+    suppressed: int = 0
+
+
+@dataclass
 class Platform:
     """Platform capabilities (topology ``[platform]``)."""
 
     ir: bool = True                 # an interrupt-remapping unit exists
     ir_entries: int = 65536
     pasid_ir: bool = False          # IRTEs can also check the request's PASID (not in real VT-d)
+    posted: bool = False            # posted-format IRTEs are honoured (VT-d posted interrupts)
     pasid_interrupts: bool = True   # the root complex accepts PASID-tagged interrupt requests
     fault_records: int = 8
     max_bus: int = 32               # buses the host scans
@@ -238,6 +267,7 @@ class Fabric:
         self.memmap = MemoryMap()                         # HPA -> RAM owner (host, guests)
         self.iommu = Iommu(self.fault_log, memory=self.memmap)  # DMA remapping: contexts, domains
         self.epts: dict[str, Ept] = {}                    # guest name -> its EPT
+        self.pids: dict[int, PostedDescriptor] = {}       # descriptor address -> descriptor
         self.host: Peer | None = None
         # IRTA starts unprogrammed, as at reset: the host's IR driver programs it (``ir.table``).
         self.ir = InterruptRemapper(None, fault_log=self.fault_log, pasid_check=self.platform.pasid_ir)
@@ -284,6 +314,9 @@ class Fabric:
             "ept.map": self._reg_ept_map,
             "ept.unmap": self._reg_ept_unmap,
             "ept.destroy": self._reg_ept_destroy,
+            "pid.set": self._reg_pid_set,
+            "pid.clear": self._reg_pid_clear,
+            "pid.sn": self._reg_pid_sn,
             "irte.write": self._reg_irte_write,
             "irte.clear": self._reg_irte_clear,
             "ir.table": self._reg_ir_table,
@@ -385,6 +418,7 @@ class Fabric:
             info["ir"] = self.platform.ir
             info["ir_entries"] = self.platform.ir_entries
             info["pasid_ir"] = self.platform.pasid_ir
+            info["posted"] = self.platform.posted
             info["pasid_interrupts"] = self.platform.pasid_interrupts
         elif spec.role == "control":
             self.controls.append(peer)
@@ -462,8 +496,35 @@ class Fabric:
             self.counters[f"irq:fault:0x{int(res.reason):02x}"] += 1
             self.src_faults[(rid, int(res.reason))] += 1
             self._announce(FaultRecord(res.reason, rid, "intr", index=res.index & 0xFFFF))
-        else:  # Posted: not on this platform yet
-            self.counters["irq:posted_unsupported"] += 1
+        else:
+            self._post(res, origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
+
+    def _post(self, res: Posted, origin: int | None, t_ns: int) -> None:
+        """A posted-format IRTE hit: set PIR, notify the running vCPU (see PostedDescriptor)."""
+        pid = self.pids.get(res.pda)
+        if pid is None or not self.platform.posted:
+            self.counters["irq:posted_no_descriptor"] += 1
+            return
+        pid.pir[res.vector] = (origin, t_ns)
+        pid.posted += 1
+        self.counters["irq:posted"] += 1
+        if pid.on:
+            return
+        if pid.sn and not res.urgent:
+            pid.suppressed += 1
+            return
+        self._notify(pid)
+
+    def _notify(self, pid: PostedDescriptor) -> None:
+        guest = self.by_name.get(pid.vm)
+        if guest is None or guest.role != "guest":
+            return                       # PIR keeps the bits until the VM is back
+        entries = [[v, o, t] for v, (o, t) in sorted(pid.pir.items())]
+        pid.pir.clear()
+        pid.on = False                   # the vCPU's posted-interrupt processing ran
+        pid.notified += 1
+        self.irqs_delivered += len(entries)
+        self.send(guest.identity, wire.posted(pid.vcpu, entries))
 
     def _trace_remap(self, tr: Tracer, res, rid: int, addr: int, data: int, pasid, origin, t_ns) -> None:
         fid = flow_id(origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
@@ -477,6 +538,10 @@ class Fabric:
         elif type(res) is IrFault:
             tr.flow("f", f"IR fault 0x{int(res.reason):02x}", "fault", fid, index=res.index,
                     why=res.detail, **args)
+        elif type(res) is Posted:
+            pid = self.pids.get(res.pda)
+            tr.flow("t", "IR posted", "ir", fid, irte=res.index, vector=f"0x{res.vector:02x}",
+                    vm=pid.vm if pid else None, vcpu=pid.vcpu if pid else None, **args)
 
     def _ir_fault(self, rid: int, reason: int, index: int, addr: int, data: int, pasid, detail: str) -> None:
         rec = FaultRecord(reason, rid, "intr", index=index, detail={"addr": addr, "data": data, "why": detail})
@@ -828,6 +893,28 @@ class Fabric:
         ept = self.epts.setdefault(str(a["vm"]), Ept())
         ept.map(int(a["gpa"]), int(a["size"]), kind, int(a["hpa"]) if a.get("hpa") is not None else None)
 
+    def _reg_pid_set(self, peer: Peer, a: dict) -> None:
+        """A posted-interrupt descriptor at ``pda`` (64-byte aligned) for vCPU ``vcpu`` of ``vm``."""
+        pda = int(a["pda"])
+        if pda & 0x3F or not 0 < pda < 1 << 64:
+            raise ValueError(f"descriptor address 0x{pda:x} is not 64-byte aligned")
+        if not self.platform.posted:
+            raise ValueError("this platform has no posted interrupts")
+        self.pids[pda] = PostedDescriptor(str(a["vm"]), int(a["vcpu"]), int(a.get("nv", 0xF2)))
+
+    def _reg_pid_clear(self, peer: Peer, a: dict) -> None:
+        self.pids.pop(int(a["pda"]), None)
+
+    def _reg_pid_sn(self, peer: Peer, a: dict) -> dict:
+        """Set or clear SN (the host deschedules / schedules the vCPU); clearing it delivers
+        what PIR accumulated meanwhile."""
+        pid = self.pids[int(a["pda"])]
+        pid.sn = bool(a["on"])
+        pending = len(pid.pir)
+        if not pid.sn and pid.pir and not pid.on:
+            self._notify(pid)
+        return {"pending": pending}
+
     def _reg_ept_destroy(self, peer: Peer, a: dict) -> bool:
         """The VM is gone: its whole EPT with it."""
         return self.epts.pop(str(a["vm"]), None) is not None
@@ -943,6 +1030,10 @@ class Fabric:
                     "overflow": self.fault_log.overflow, "by_source": by_source}
         if op == "irt":
             return self.irt_dump()
+        if op == "pids":
+            return {f"0x{pda:x}": {"vm": d.vm, "vcpu": d.vcpu, "on": d.on, "sn": d.sn, "pir": sorted(d.pir),
+                                   "posted": d.posted, "notified": d.notified, "suppressed": d.suppressed}
+                    for pda, d in sorted(self.pids.items())}
         if op == "peers":
             return {p.name: {"role": p.role, "rx": p.rx, "drops": dict(p.drops)} for p in self.peers.values()}
         if op == "shutdown":

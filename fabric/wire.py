@@ -37,6 +37,10 @@ Frame layouts (msgpack arrays)::
     VMENTRY   [51, vm:str, seq:int, ok:bool, result:any]   host -> fabric -> guest ``vm``
     INJECT    [52, vm:str, apic_id:int, vector:int, origin:int|nil, t_ns:int]
                                                             host -> fabric; reaches the guest as IRQ
+    POSTED    [53, apic_id:int, entries:[[vector, origin, t_ns], ...]]
+                                                            fabric (IR unit) -> guest: a posted-
+                                                            interrupt notification carrying the
+                                                            PIR bits it transfers to the vCPU
     DROPPED   [40, reason:str, count:int]                  the fabric tells a sender it dropped
                                                             one of its frames
 """
@@ -63,16 +67,17 @@ DROPPED = 40
 VMEXIT = 50
 VMENTRY = 51
 INJECT = 52
+POSTED = 53
 
 MESSAGE_NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", REFUSED: "REFUSED", TLP: "TLP", IRQ: "IRQ",
     REG: "REG", REG_ACK: "REG_ACK", CTL: "CTL", CTL_REP: "CTL_REP", EVENT: "EVENT",
-    DROPPED: "DROPPED", VMEXIT: "VMEXIT", VMENTRY: "VMENTRY", INJECT: "INJECT",
+    DROPPED: "DROPPED", VMEXIT: "VMEXIT", VMENTRY: "VMENTRY", INJECT: "INJECT", POSTED: "POSTED",
 }
 
 # Arity of each message (number of array elements including the type).
 _ARITY = {HELLO: 4, WELCOME: 4, REFUSED: 2, TLP: 4, IRQ: 6, REG: 4, REG_ACK: 4,
-          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3, VMEXIT: 5, VMENTRY: 5, INJECT: 6}
+          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3, VMEXIT: 5, VMENTRY: 5, INJECT: 6, POSTED: 3}
 
 #: Frames larger than this are dropped unread by the fabric (a TLP is at most
 #: 4 KiB payload + 20 bytes of header and prefix; control replies are larger).
@@ -165,6 +170,10 @@ def vmentry(vm: str, seq: int, ok: bool, result: Any) -> bytes:
 
 def inject(vm: str, apic_id: int, vector: int, origin: int | None, t_ns: int) -> bytes:
     return _packb([INJECT, vm, apic_id, vector, origin, t_ns])
+
+
+def posted(apic_id: int, entries: list) -> bytes:
+    return _packb([POSTED, apic_id, entries])
 
 
 # ---------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class Breach:
     irq: int | None
     owner: int | None
     origin: int | None
-    handle: int = -1             # the IRTE the message named (-2: injected by the hypervisor)
+    handle: int = -1             # the IRTE the message named (-2: injected by the hypervisor, -3: posted)
     receiver: str = ""           # the handler that ran it (e.g. "vfio-ims:g2": injected into g2)
 
     def __str__(self) -> str:
@@ -74,6 +74,8 @@ class Breach:
             path = f"; its message named IRTE {self.handle}"
         elif self.handle == -2:
             path = "; injected by the hypervisor"
+        elif self.handle == -3:
+            path = "; posted by the IR unit"
         if self.receiver:
             path += f"; handled by {self.receiver}"
         return (f"CPU{self.cpu} vector 0x{self.vector:02x} (irq {self.irq}) belongs to {own} "

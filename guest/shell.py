@@ -46,7 +46,8 @@ class OsShell:
             "views": self.op_views,
             "shutdown": self.op_shutdown,
         }
-        self.msg_handlers = {wire.IRQ: self.on_irq, wire.TLP: self.on_tlp_msg, wire.CTL: self.on_ctl}
+        self.msg_handlers = {wire.IRQ: self.on_irq, wire.TLP: self.on_tlp_msg, wire.CTL: self.on_ctl,
+                             wire.POSTED: self.on_posted}
         self.tracer = Tracer(port.name)
         self.is_guest = getattr(port, "info", {}).get("role") == "guest"
 
@@ -67,6 +68,16 @@ class OsShell:
             tr.flow("f" if self.is_guest or not self.kernel.irq_forwards(apic, vector) else "t",
                     f"irq vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), apic=apic, handle=handle)
         self.kernel.deliver(apic, vector, origin, t_ns, handle)
+
+    def on_posted(self, msg: list) -> None:
+        """A posted-interrupt notification: the vCPU syncs the PIR bits into its APIC."""
+        _, apic, entries = msg
+        deliver = self.kernel.deliver
+        tr = self.tracer
+        for vector, origin, t_ns in entries:
+            if tr.on:
+                tr.flow("f", f"posted vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), apic=apic)
+            deliver(apic, vector, origin, t_ns, -3)
 
     def on_tlp_msg(self, msg: list) -> None:
         self.on_tlp(msg[1])

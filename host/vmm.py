@@ -50,6 +50,8 @@ GUEST_HPA_STRIDE = 1 << 36
 FIRST_GUEST_SLOT = 3
 #: per-VM quota of hypercall-composed interrupts (an IRTE each)
 COMPOSE_QUOTA = 64
+#: where the model's posted-interrupt descriptors "live" (64 bytes per vCPU, host memory)
+PID_BASE = 0x7F00_0000
 
 
 @dataclass
@@ -96,6 +98,8 @@ class Vm:
     injected: int = 0
     pending_forward: int = 0
     state: str = "running"          # "running" | "dead" (its process died; everything reclaimed)
+    pids: dict[int, int] = field(default_factory=dict)      # vCPU APIC ID -> descriptor address
+    posted_irqs: int = 0
     refused_total: int = 0
     reclaimed: dict = field(default_factory=dict)
 
@@ -117,6 +121,9 @@ class Vmm:
         self.vms: dict[str, Vm] = {}
         self.by_irq: dict[int, tuple[Vm, VirtualFunction, int]] = {}   # host virq -> (vm, vf, entry)
         self.log: list[str] = []
+        #: posted interrupts: the platform has them and the topology did not ask for injection
+        self.posted = bool(host.platform.get("posted")) and host.cfg.get("delivery", "posted") == "posted"
+        self._posted_state: dict[int, tuple[int, int] | None] = {}        # host virq -> (pda, vector)
 
     # ------------------------------------------------------------------
     # setup
@@ -127,6 +134,11 @@ class Vmm:
                 spec.get("cpuid", "kvm"), spec.get("kernel", "modern"),
                 GUEST_HPA_BASE + index * GUEST_HPA_STRIDE, domain=index + 1)
         reg = self.port.reg
+        if self.posted:
+            # one posted-interrupt descriptor per vCPU (Linux: pi_desc in struct vcpu_vmx)
+            for vcpu in vm.apic_ids:
+                vm.pids[vcpu] = PID_BASE + (index * 64 + vcpu) * 64
+                await reg("pid.set", {"pda": vm.pids[vcpu], "vm": name, "vcpu": vcpu})
         await reg("mem.map", {"owner": name, "hpa": vm.hpa, "size": vm.mem_size, "local": 0})
         await reg("iommu.domain", {"domain": vm.domain, "op": "create"})
         await reg("iommu.map", {"domain": vm.domain, "iova": 0, "hpa": vm.hpa, "size": vm.mem_size,
@@ -334,6 +346,9 @@ class Vmm:
         msg = irq_chip_compose_msi_msg(self.kernel.irq.irq_get_irq_data(virq))
         real = (msg.address_lo, msg.address_hi, msg.data)
         vm.composes[handle] = Compose(handle, vf, virq, dest, vector, "fake" if fake else "remapped", real)
+        if self.posted and dest in vm.pids:
+            # posted: the IR unit sets the guest vector in the vCPU's descriptor itself
+            self._set_posted(virq, (vm.pids[dest], vector))
         lo, hi, data = fake_pair(handle) if fake else real
         return hc.reply(0, lo, hi, data, handle)
 
@@ -383,6 +398,32 @@ class Vmm:
         if isinstance(vf, VirtualAdi):
             await self._act_adi(vm, vf, action)
             return
+        await self._act_vf(vm, vf, action)
+        if self.posted:
+            self._sync_posted(vm, vf)
+
+    def _set_posted(self, virq: int, target: tuple[int, int] | None) -> None:
+        """Post this host interrupt to (descriptor, guest vector), or back to remapped (None)."""
+        if self._posted_state.get(virq) == target:
+            return
+        self._posted_state[virq] = target
+        self.kernel.irq.irq_set_vcpu_affinity(virq, None if target is None else
+                                              {"pda": target[0], "vector": target[1]})
+
+    def _sync_posted(self, vm: Vm, vf: VirtualFunction) -> None:
+        """vfio + posted interrupts: an entry the guest made deliverable is posted straight to its
+        vCPU; a masked or disabled one goes back to remapped, so the host sees it and keeps it
+        pending (the guest's mask is honoured)."""
+        for virq, (owner, dev, idx) in self.by_irq.items():
+            if dev is not vf:
+                continue
+            target = vf.deliverable(idx)
+            pda = vm.pids.get(target[0]) if target else None
+            self._set_posted(virq, (pda, target[1]) if pda is not None else None)
+        vm.posted_irqs = sum(1 for v, t in self._posted_state.items() if t is not None
+                             and self.by_irq.get(v, (None,))[0] is vm)
+
+    async def _act_vf(self, vm: Vm, vf, action: tuple) -> None:
         kind = action[0]
         if kind == "bar0":
             _, old, new = action
@@ -456,6 +497,15 @@ class Vmm:
             tr.flow("t", f"inject {vm.name} vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), vcpu=apic)
         self.port.send(wire.inject(vm.name, apic, vector, origin, t_ns))
 
+    async def set_vcpu_running(self, name: str, vcpu: int, running: bool) -> dict:
+        """Schedule / deschedule a vCPU: its descriptor's SN bit (posted interrupts wait in PIR
+        while it is out, and arrive together when it runs again)."""
+        vm = self.vms[name]
+        pda = vm.pids.get(vcpu)
+        if pda is None:
+            raise ValueError(f"{name} has no posted-interrupt descriptor for vCPU {vcpu}")
+        return await self.port.reg("pid.sn", {"pda": pda, "on": not running})
+
     # ------------------------------------------------------------------
     # a VM died: take back everything it had
 
@@ -476,6 +526,7 @@ class Vmm:
         vm.composes.clear()
         for virq in [v for v, (owner, _, _) in self.by_irq.items() if owner is vm]:
             del self.by_irq[virq]
+            self._posted_state.pop(virq, None)
             k.irq.free_irq(virq)
         for dev in list(vm.vfs.values()):
             if isinstance(dev, VirtualAdi):
@@ -499,6 +550,8 @@ class Vmm:
                     await k.pci.function_reset(phys)
                 await reg("context.set", {"rid": dev.host_rid, "mode": "block"})
                 out["vfs_reset"].append(rid_str(dev.host_rid))
+        for pda in vm.pids.values():
+            await reg("pid.clear", {"pda": pda})
         await reg("ept.destroy", {"vm": name})
         await reg("iommu.domain", {"domain": vm.domain, "op": "destroy"})
         await reg("mem.unmap", {"owner": name})
@@ -509,6 +562,7 @@ class Vmm:
 
     def _release(self, virq: int) -> None:
         k = self.kernel
+        self._posted_state.pop(virq, None)
         k.irq.free_irq(virq)
         irq_domain_free_irqs(k.ir, virq, 1)
         k.irq_owner.pop(virq, None)
@@ -538,7 +592,8 @@ class Vmm:
     # ------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        return {vm.name: {"state": vm.state, "reclaimed": vm.reclaimed, "exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
+        return {vm.name: {"state": vm.state, "delivery": "posted" if self.posted else "injection",
+                          "posted_descriptors": {str(c): f"0x{p:x}" for c, p in vm.pids.items()}, "reclaimed": vm.reclaimed, "exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
                           "pending_forward": vm.pending_forward, "composes": len(vm.composes),
                           "refused": vm.refused[-20:], "refused_total": vm.refused_total,
                           "assigned": {rid_str(g): _phys(v) for g, v in vm.vfs.items()},

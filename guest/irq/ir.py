@@ -47,6 +47,7 @@ class IrteRef:
     msg: MsiMsg
     irte: Irte | None = None
     pasid: int | None = None
+    posted: tuple[int, int] | None = None    # (descriptor address, guest vector) when posted
 
 
 class IrteAllocator:
@@ -92,6 +93,19 @@ class IntelIrChip(IrqChip):
 
     def irq_ack(self, irq_data: IrqData) -> None:
         """apic_ack_irq: the CPU shell EOIs the local APIC."""
+
+    def irq_set_vcpu_affinity(self, irq_data: IrqData, vcpu_info) -> None:
+        """``intel_ir_set_vcpu_affinity``: switch the IRTE to posted format (``vcpu_info`` =
+        ``{"pda": descriptor address, "vector": guest vector}``) or back to remapped (None).
+        The device's message (the handle) does not change either way."""
+        domain: IrDomain = irq_data.domain
+        ref: IrteRef = irq_data.chip_data
+        if vcpu_info is None:
+            ref.posted = None
+            domain.write_irte(irq_data)
+            return
+        ref.posted = (int(vcpu_info["pda"]), int(vcpu_info["vector"]))
+        domain.write_irte(irq_data)
 
 
 class IrDomainOps(IrqDomainOps):
@@ -156,9 +170,13 @@ class IrDomain(IrqDomain):
     def write_irte(self, irq_data: IrqData) -> None:
         """``modify_irte``: program the entry from the vector level's (vector, APIC id)."""
         ref: IrteRef = irq_data.chip_data
-        cfg = irqd_cfg(irq_data)
-        # Linux set_msi_sid: SVT=1 (verify SID), SQ=0 (all 16 bits), SID = the requester.
-        irte = Irte.remapped(cfg.vector, cfg.dest_apicid, ref.sid, svt=1 if self.sid_check else 0)
+        if ref.posted is not None:
+            pda, vector = ref.posted
+            irte = Irte.posted(vector, pda, ref.sid, svt=1 if self.sid_check else 0)
+        else:
+            cfg = irqd_cfg(irq_data)
+            # Linux set_msi_sid: SVT=1 (verify SID), SQ=0 (all 16 bits), SID = the requester.
+            irte = Irte.remapped(cfg.vector, cfg.dest_apicid, ref.sid, svt=1 if self.sid_check else 0)
         ref.irte = irte
         if ref.pasid is None:
             self.hw.irte_write(ref.index, irte.pack())

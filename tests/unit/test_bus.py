@@ -184,11 +184,12 @@ def test_host_welcome_carries_platform_info() -> None:
     b.frame(HOST, wire.hello(TOKEN["host"], "host"))
     assert b.one(HOST) == [wire.WELCOME, 1, "host", {"role": "host", "name": "host", "max_bus": 8,
                                                        "ir": False, "ir_entries": 256, "pasid_ir": False,
-                                                       "pasid_interrupts": False}]
+                                                       "posted": False, "pasid_interrupts": False}]
     b = Bench(register=())
     b.frame(HOST, wire.hello(TOKEN["host"], "host"))
     assert b.one(HOST)[3] == {"role": "host", "name": "host", "max_bus": 32, "ir": True,
-                              "ir_entries": 65536, "pasid_ir": False, "pasid_interrupts": True}
+                              "ir_entries": 65536, "pasid_ir": False, "posted": False,
+                              "pasid_interrupts": True}
 
 
 def test_guest_and_control_welcome() -> None:
@@ -1144,13 +1145,43 @@ def test_ir_fault_reasons(case: str) -> None:
     assert b.reg_ok("faults.drain", {}) == [] and b.f.fault_lines() == []
 
 
-def test_posted_irte_is_not_delivered_on_this_platform() -> None:
+def test_posted_irte_is_not_delivered_on_a_platform_without_posting() -> None:
     b = Bench()
     b.program_ir()
     b.write_irte(5, Irte.posted(0x41, 0x1000_0040, D0_RID))
     b.tlp(D0, msi(D0_RID, 5))
-    assert b.take() == [] and b.c["irq:posted_unsupported"] == 1
+    assert b.take() == [] and b.c["irq:posted_no_descriptor"] == 1
     assert b.f.irqs_delivered == 0 and b.faults == [] and b.f.fault_lines() == []
+    with pytest.raises(ValueError, match="no posted interrupts"):
+        b.f._reg_pid_set(None, {"pda": 0x1000_0040, "vm": "g1", "vcpu": 0})
+
+
+def test_posted_interrupt_reaches_the_vcpu_without_the_host() -> None:
+    b = Bench(Platform(posted=True))
+    b.program_ir()
+    pda = 0x1000_0040
+    b.reg_ok("pid.set", {"pda": pda, "vm": "g1", "vcpu": 1})
+    b.write_irte(5, Irte.posted(0x41, pda, D0_RID))
+    b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=77)
+    out = b.take()
+    assert out == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 77]]])], out     # straight to g1: no host hop
+    assert b.f.irqs_delivered == 1
+    # SN set (vCPU descheduled): PIR accumulates, no notification; clearing SN delivers it
+    assert b.reg_ok("pid.sn", {"pda": pda, "on": True}) == {"pending": 0}
+    b.write_irte(6, Irte.posted(0x42, pda, D0_RID))
+    b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=78)
+    b.tlp(D0, msi(D0_RID, 6), origin=D0_RID, t_ns=79)
+    b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=80)        # merges with the pending 0x41
+    assert b.take() == []
+    pids = b.f.control("pids", {})[f"0x{pda:x}"]
+    assert pids["pir"] == [0x41, 0x42] and pids["suppressed"] == 3 and pids["sn"] is True
+    b.frame(HOST, wire.reg(9, "pid.sn", {"pda": pda, "on": False}))
+    assert b.take() == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 80], [0x42, D0_RID, 79]]]),
+                        (HOST, [wire.REG_ACK, 9, True, {"pending": 2}])]
+    # a descriptor of a VM that is gone keeps its bits
+    b.reg_ok("pid.clear", {"pda": pda})
+    b.tlp(D0, msi(D0_RID, 5))
+    assert b.take() == [] and b.c["irq:posted_no_descriptor"] == 1
 
 
 def test_fpd_suppresses_the_report_but_still_blocks() -> None:

@@ -17,7 +17,7 @@ def test_message_numbers_and_arity_are_stable() -> None:
     # The numbers are the protocol: changing one breaks every peer still running the old code.
     assert (wire.HELLO, wire.WELCOME, wire.REFUSED, wire.TLP, wire.IRQ, wire.REG, wire.REG_ACK,
             wire.CTL, wire.CTL_REP, wire.EVENT, wire.DROPPED, wire.VMEXIT, wire.VMENTRY,
-            wire.INJECT) == (1, 2, 3, 10, 11, 20, 21, 30, 31, 32, 40, 50, 51, 52)
+            wire.INJECT, wire.POSTED) == (1, 2, 3, 10, 11, 20, 21, 30, 31, 32, 40, 50, 51, 52, 53)
     assert set(wire.MESSAGE_NAMES) == set(wire._ARITY)
     assert wire.PROTOCOL_VERSION == 1
     assert wire.MAX_DATA_FRAME < wire.MAX_CONTROL_FRAME
@@ -45,6 +45,7 @@ ENCODED = [
     (wire.vmexit("", 3, "cpuid", {"leaf": 1}), [wire.VMEXIT, "", 3, "cpuid", {"leaf": 1}]),
     (wire.vmentry("g1", 3, True, [1, 2, 3, 4]), [wire.VMENTRY, "g1", 3, True, [1, 2, 3, 4]]),
     (wire.inject("g1", 0, 0x41, 0x101, 5), [wire.INJECT, "g1", 0, 0x41, 0x101, 5]),
+    (wire.posted(1, [[0x41, 0x101, 5]]), [wire.POSTED, 1, [[0x41, 0x101, 5]]]),
 ]
 
 
