@@ -1,14 +1,23 @@
-"""Fixtures shared by the integration tests: topologies of real processes that are always reaped."""
+"""Fixtures shared by the integration tests: topologies of real processes that are always reaped.
+
+The lab fixture is irqlab's own pytest plugin (``irqlab/pytest_plugin.py``, registered by the
+``pytest11`` entry point, see ``docs/testing.md``); ``start_lab`` is its historical name here.
+"""
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from hypothesis import HealthCheck, settings
 
-from irqlab.lab import Lab
-from irqlab.topology import Topology, load
+from irqlab.pytest_plugin import _alive, irqlab_topology  # noqa: F401  (_alive: test_launch.py)
+from irqlab.topology import Topology
 
+# Two shared cores and process-level tests next door: Hypothesis's per-example deadline and
+# its "too slow" health check would measure the machine's load, not the code.  Property
+# tests here assert behaviour only (speed is bench/'s business).
+settings.register_profile("irqlab", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("irqlab")
 
 #: Case 1 only: no guests, so the host drives the PF and both VFs itself.
 CASE1 = {"guest": []}
@@ -16,51 +25,12 @@ CASE1 = {"guest": []}
 
 def topology(overrides: dict | None = None) -> Topology:
     """The built-in default topology with ``overrides`` merged in (section by section)."""
-    d = load(None).to_dict()
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(d.get(key), dict):
-            d[key] = {**d[key], **value}
-        else:
-            d[key] = value
-    return Topology.from_dict(d, source="<test>")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes (its parent reaps it).
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    return irqlab_topology(overrides)
 
 
 @pytest.fixture
-async def start_lab():
-    """Factory: ``lab = await start_lab(topology_or_overrides, **Lab kwargs)``.
-
-    Records every lab it starts and, after the test (pass, fail or timeout),
-    stops them all and asserts that none of their processes is still alive.
-    """
-    labs: list[Lab] = []
-
-    async def start(topo: Topology | dict | None = None, **kwargs) -> Lab:
-        if not isinstance(topo, Topology):
-            topo = topology(topo)
-        lab = Lab(topo, **kwargs)
-        labs.append(lab)
-        await lab.start()
-        return lab
-
-    try:
-        yield start
-    finally:
-        pids = []
-        for lab in labs:
-            pids += lab.pids()
-            await lab.stop()
-        left = [p for p in pids if _alive(p)]
-        assert not left, f"processes left behind: {left}"
+def start_lab(irqlab):
+    """Factory: ``lab = await start_lab(topology_or_overrides, **Lab kwargs)`` -- the plugin's
+    ``irqlab`` fixture: every lab it starts is stopped after the test (pass, fail or timeout)
+    and none of its processes may be left alive."""
+    return irqlab
