@@ -39,13 +39,18 @@ bit 0 = mask).  The owner writes it with plain stores: nobody can trap them.
 Management registers (the ADI's row of the table in PF BAR0 page 0; only the
 PF's owner, the host, reaches BAR0)::
 
-    ADI_CTRL   31 30                         2   1     0
-              +---+---------------------------+-----+-----+
-              |RST|          reserved         | PE  | EN  |
-              +---+---------------------------+-----+-----+
+    ADI_CTRL   31 30                   3   2     1     0
+              +---+---------------------+-----+-----+-----+
+              |RST|      reserved       | MIE | PE  | EN  |
+              +---+---------------------+-----+-----+-----+
        EN  Enable: the ADI may start TLPs (also needs the PF's Bus Master Enable)
        PE  PASID Enable: tag the ADI's TLPs with ADI_PASID (also needs the PF's
            PASID capability Enable)
+       MIE Memory-IMS Enable: IRQ_MODE 2 (a message fetched from the owner's memory) is
+           honoured only when the PF's owner set this bit.  A VMM sets it only where a
+           message stored in guest memory is safe (tagged interrupts, PASID-checking
+           IRTEs): the portal is the guest's, so without this gate a guest could select
+           memory IMS on its own and send whatever it stored there (found by fuzzing)
        RST write 1 = reset the ADI (engine, IMS slots, pending fetches), then the
            write's EN/PE land; reads 0
     ADI_PASID  bits 19:0 RW: the PASID this ADI's TLPs carry; bits 31:20 read 0
@@ -132,6 +137,7 @@ __all__ = [
     "ADI_CTRL_ENABLE",
     "ADI_CTRL_PASID_ENABLE",
     "ADI_CTRL_RESET",
+    "ADI_CTRL_MEM_IMS_ENABLE",
     "ADI_PASID_MASK",
     "FETCH_TAGS",
 ]
@@ -152,7 +158,8 @@ DEFAULT_IMS_MEM_SLOTS = 16
 ADI_CTRL_ENABLE = 0x1
 ADI_CTRL_PASID_ENABLE = 0x2
 ADI_CTRL_RESET = 0x8000_0000
-ADI_CTRL_RW = ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE
+ADI_CTRL_MEM_IMS_ENABLE = 0x4
+ADI_CTRL_RW = ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE | ADI_CTRL_MEM_IMS_ENABLE
 ADI_PASID_MASK = 0xF_FFFF
 
 FETCH_TAGS = 32
@@ -472,8 +479,8 @@ class Adi:
         out = [Emit(mem_write_dw(address, record, rid, dma_pasid), None)]
         vector = engine.irq_vector
         if engine.irq_mode == IRQ_MODE_IMS_MEMORY:
-            if vector >= engine.ims_mem_slots:
-                self.ims_invalid += 1
+            if vector >= engine.ims_mem_slots or not self.ctrl & ADI_CTRL_MEM_IMS_ENABLE:
+                self.ims_invalid += 1       # no such slot, or memory IMS not allowed by the host
                 return out
             slot_addr = engine.slot_address(vector)
             fetches = self.host.fetches
@@ -540,6 +547,7 @@ class Adi:
             "origin": self.origin,
             "enabled": self.enabled,
             "pasid_enable": bool(self.ctrl & ADI_CTRL_PASID_ENABLE),
+            "mem_ims_enable": bool(self.ctrl & ADI_CTRL_MEM_IMS_ENABLE),
             "pasid": self.pasid,
             "dma_pasid": self.dma_pasid,
             "irq_pasid": self.irq_pasid,

@@ -23,6 +23,7 @@ registers in page 0 above the engine's::
     |         |                         ``pasid_interrupts`` knob), 30:16 = 0     |
     | 0x0200  |         ADI table, 8 bytes per ADI i at 0x200 + 8 * i:            |
     |         |           +0 ADI_CTRL  bit0 EN, bit1 PE (PASID Enable),           |
+    |         |                        bit2 MIE (memory IMS allowed),             |
     |         |                        bit31 write 1 = ADI reset (reads 0)        |
     |         |           +4 ADI_PASID bits 19:0 RW                               |
     | 0x1000  | page 1: PF IMS slots (pf_ims_slots, may be 0: reads 0)            |

@@ -37,14 +37,16 @@ def translate_slot(vmm, vm, vadi, idx: int) -> None:
     Only a fake pair this VMM composed for this ADI becomes a real message; anything else
     leaves the real slot masked (and is logged).  The guest never writes real hardware.
     """
-    from host.vmm import FAKE_ADDR_HI
+    from host.vmm import FAKE_ADDR_HI, fake_pair
     slot = vadi.slots[idx]
     w = vmm.kernel.hw.mmio_write
     real = None
     if slot.addr_hi == FAKE_ADDR_HI and slot.addr_lo >> 20 == 0xFEE:
-        handle = (slot.addr_lo >> 5) & 0x7FFF
-        c = vm.composes.get(handle)
-        if c is not None and c.vf is vadi and c.kind == "fake":
+        # exactly a pair handed out for this ADI: the handle field is 16 bits (addr[2] = bit 15)
+        stored = (slot.addr_lo, slot.addr_hi, slot.data)
+        c = next((c for c in vm.composes.values()
+                  if c.vf is vadi and c.kind == "fake" and fake_pair(c.handle) == stored), None)
+        if c is not None:
             real = c.real
     masked = bool(slot.ctrl & 1)
     if real is None:
@@ -52,9 +54,27 @@ def translate_slot(vmm, vm, vadi, idx: int) -> None:
             vm.refuse(f"IMS slot {idx} of {rid_str(vadi.guest_rid)}: a pair the VMM did not compose "
                       f"(0x{slot.addr_hi:x}_{slot.addr_lo:08x}/0x{slot.data:x}); the real slot stays masked")
         w(_slot_hpa(vadi, idx) + 0xC, _U32.pack(1))
+        vadi.real_handles.pop(idx, None)
         return
     w(_slot_hpa(vadi, idx), _MSG.pack(*real))
     w(_slot_hpa(vadi, idx) + 0xC, _U32.pack(1 if masked else 0))
+    vadi.real_handles[idx] = c.handle
+
+
+def retire_handle(vmm, vadi, handle: int) -> int:
+    """The guest freed fake pair ``handle``: mask and clear every real slot we filled from it.
+
+    Its IRTE is about to be freed and reused (by another VM, or the host); a real slot still
+    holding the old pair would let this ADI's doorbell reach the new owner.  Returns the
+    number of slots retired."""
+    w = vmm.kernel.hw.mmio_write
+    n = 0
+    for idx in [i for i, h in vadi.real_handles.items() if h == handle]:
+        w(_slot_hpa(vadi, idx) + 0xC, _U32.pack(1))        # mask first, then clear the message
+        w(_slot_hpa(vadi, idx), _MSG.pack(0, 0, 0))
+        del vadi.real_handles[idx]
+        n += 1
+    return n
 
 
 def mangle_update(vmm, vm, vadi) -> None:
@@ -117,5 +137,5 @@ def _code_lines(fn) -> int:
 
 
 #: device-specific VMM code per path, in lines (the report prints them beside the rows)
-DEVICE_SPECIFIC_LINES = {"case 4 (IMS emulation)": _code_lines(translate_slot),
+DEVICE_SPECIFIC_LINES = {"case 4 (IMS emulation)": _code_lines(translate_slot) + _code_lines(retire_handle),
                          "mangle (capability hidden, MSI-X emulated on IMS)": _code_lines(mangle_update)}

@@ -70,6 +70,7 @@ class VirtualAdi:
     slots: list[VSlot] = field(default_factory=list)
     table: list[VEntry] = field(default_factory=list)
     pending: dict[int, tuple[int | None, int]] = field(default_factory=dict)
+    real_handles: dict[int, int] = field(default_factory=dict)   # real slot -> the fake handle it holds
     _sizing: bool = False
     config: bytearray = field(default_factory=lambda: bytearray(4096))
 

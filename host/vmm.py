@@ -326,6 +326,8 @@ class Vmm:
                 if why:
                     vm.refuse(f"compose for {rid_str(dev)} memory IMS: {why}")
                     return hc.reply(-hc.KVM_EOPNOTSUPP)
+                # only now may the ADI send messages fetched from the guest's memory
+                self.host.siov.pfs[vf.pf_rid].set_mem_ims(vf.adi, True)
             if not memory:
                 if not vf.emulate_ims or vf.mangle:
                     vm.refuse(f"compose for {rid_str(dev)} device IMS: the VMM has no IMS emulation "
@@ -379,6 +381,8 @@ class Vmm:
             vm.refuse(f"free of handle {args[1]} it does not own")
             return hc.reply(-hc.KVM_EPERM)
         del vm.composes[c.handle]
+        if c.kind == "fake":        # case 4: no real slot may keep the pair of a freed IRTE
+            emul_siov.retire_handle(self, c.vf, c.handle)
         self.kernel.irq.free_irq(c.virq)
         irq_domain_free_irqs(self.kernel.ir, c.virq, 1)
         self.kernel.irq_owner.pop(c.virq, None)

@@ -8,7 +8,8 @@ keeps it for the VMM, which gives it to a guest (cases 3 and 4).
 The driver's own copy of the management registers (BAR0, PF only)::
 
     0x100  ADI_CAP    RO  bits 15:0 number of ADIs; bit 31: interrupt messages carry the ADI's PASID
-    0x200 + 8*i       ADI_CTRL   bit0 Enable, bit1 PASID Enable, bit31 (write 1) ADI reset
+    0x200 + 8*i       ADI_CTRL   bit0 Enable, bit1 PASID Enable, bit2 memory-IMS enable,
+                                 bit31 (write 1) ADI reset
     0x204 + 8*i       ADI_PASID  bits 19:0
 
 ADI ``i``'s portal is BAR2 + i * 0x2000: page 0 the work-engine registers (the
@@ -31,6 +32,7 @@ ADI_CAP_PASID_INTERRUPTS = 1 << 31
 ADI_TABLE = 0x200
 ADI_CTRL_ENABLE = 1 << 0
 ADI_CTRL_PASID_ENABLE = 1 << 1
+ADI_CTRL_MEM_IMS_ENABLE = 1 << 2
 ADI_CTRL_RESET = 1 << 31
 ADI_PORTAL_STRIDE = 0x2000
 
@@ -48,23 +50,35 @@ class SiovPf:
         self.count = adis
         self.pasid_interrupts = pasid_interrupts
         self.pasids: dict[int, int] = {}          # ADI -> PASID
+        self.mem_ims: dict[int, bool] = {}        # ADI -> memory IMS allowed
         self.owner: dict[int, str] = {}           # ADI -> "host" or a VM name
         self.engines: dict[int, EngineInstance] = {}
 
     def portal(self, adi: int) -> int:
         return self.bar2 + adi * ADI_PORTAL_STRIDE
 
-    def enable_adi(self, adi: int, pasid: int) -> None:
-        """Program the ADI table: its PASID, then Enable | PASID Enable."""
+    def enable_adi(self, adi: int, pasid: int, mem_ims: bool = False) -> None:
+        """Program the ADI table: its PASID, then Enable | PASID Enable (| memory-IMS enable)."""
         w = self.kernel.hw.mmio_write
         base = self.bar0 + ADI_TABLE + 8 * adi
         w(base + 4, _U32.pack(pasid & 0xF_FFFF))
-        w(base, _U32.pack(ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE))
+        w(base, _U32.pack(ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE | (ADI_CTRL_MEM_IMS_ENABLE if mem_ims else 0)))
         self.pasids[adi] = pasid
+        self.mem_ims[adi] = mem_ims
+
+    def set_mem_ims(self, adi: int, on: bool) -> None:
+        """Allow (or forbid) the ADI to send messages fetched from its owner's memory."""
+        if self.mem_ims.get(adi) == on:
+            return
+        self.mem_ims[adi] = on
+        self.kernel.hw.mmio_write(self.bar0 + ADI_TABLE + 8 * adi, _U32.pack(
+            ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE | (ADI_CTRL_MEM_IMS_ENABLE if on else 0)))
 
     def reset_adi(self, adi: int) -> None:
+        """ADI reset; the write's other bits are 0, so EN, PE and MIE land cleared."""
         self.kernel.hw.mmio_write(self.bar0 + ADI_TABLE + 8 * adi, _U32.pack(ADI_CTRL_RESET))
         self.pasids.pop(adi, None)
+        self.mem_ims.pop(adi, None)
 
 
 class SiovPfDriver:
@@ -101,7 +115,7 @@ class SiovPfDriver:
                 pf.owner[adi] = "vmm"
                 continue
             pasid = kernel.alloc_pasid()
-            pf.enable_adi(adi, pasid)
+            pf.enable_adi(adi, pasid, mem_ims=True)     # the host's own: it trusts itself
             pf.owner[adi] = "host"
             if self.host_domain is not None:
                 await kernel.hw.iommu_pasid(dev.rid, pasid, self.host_domain)

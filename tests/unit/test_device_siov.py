@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from device.adi import (
     ADI_CTRL_ENABLE,
+    ADI_CTRL_MEM_IMS_ENABLE,
     ADI_CTRL_PASID_ENABLE,
     ADI_CTRL_RESET,
     FETCH_TAGS,
@@ -109,9 +110,11 @@ def ring(i: int) -> int:
     return 0x10_0000 * (i + 1)
 
 
-def make(*, pasid_interrupts: bool = True, pasid_enable: bool = True, adis: int = 4, **kw) -> tuple[SiovDevice, Host]:
+def make(*, pasid_interrupts: bool = True, pasid_enable: bool = True, adis: int = 4, mem_ims: bool = True,
+         **kw) -> tuple[SiovDevice, Host]:
     """A device as the host driver leaves it: BARs, MSE+BME, PASID on, every ADI enabled with
-    PASID 0x100+i, its ring at ring(i) with 8 entries and device IMS slots 0-1 unmasked."""
+    PASID 0x100+i (and memory IMS allowed unless ``mem_ims`` is false), its ring at ring(i)
+    with 8 entries and device IMS slots 0-1 unmasked."""
     dev = SiovDevice(adis=adis, pasid_interrupts=pasid_interrupts, **kw)
     h = Host(dev)
     h.wr(0x10, BAR0)
@@ -121,7 +124,7 @@ def make(*, pasid_interrupts: bool = True, pasid_enable: bool = True, adis: int 
         h.wr(PASID_CAP + 4, 1 << 16, be=0xC)
     for i in range(adis):
         h.w32(adi_pasid(i), 0x100 + i)
-        h.w32(adi_ctrl(i), ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE)
+        h.w32(adi_ctrl(i), ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE | (ADI_CTRL_MEM_IMS_ENABLE if mem_ims else 0))
         h.w64(portal(i) + CMPL_BASE_LO, ring(i))
         h.w32(portal(i) + CMPL_RING_ENTRIES, 8)
         for s in range(min(2, dev.adis()[i].ims.nslots if dev.adis()[i].ims else 0)):
@@ -324,7 +327,7 @@ def test_adi_table_programming() -> None:
     h.w32(adi_pasid(2), 0xFFFF_FFFF)
     assert h.r32(adi_pasid(2)) == 0xF_FFFF
     h.w32(adi_ctrl(2), 0xFFFF_FFFF & ~ADI_CTRL_RESET)
-    assert h.r32(adi_ctrl(2)) == 0x3, "only EN and PE are stored"
+    assert h.r32(adi_ctrl(2)) == 0x7, "only EN, PE and MIE are stored"
     adi = dev.adis()[2]
     assert adi.enabled and adi.pasid == 0xF_FFFF
     # byte-enabled write to ADI_PASID's low byte only
@@ -591,6 +594,19 @@ def test_memory_ims_gate_closed_while_in_flight() -> None:
     assert dev.snapshot()["adis"][0]["ims_mem_blocked"] == 1
 
 
+def test_memory_ims_needs_the_owners_mem_ims_enable() -> None:
+    """The portal is the guest's: without ADI_CTRL.MIE (set by the PF's owner) it cannot select
+    memory IMS on its own and send whatever it stored in its memory."""
+    dev, h = make(mem_ims=False)
+    memory_mode(h, 0)
+    out = h.w32(portal(0) + DOORBELL, 1)
+    assert len(out) == 1 and out[0].tlp.address == ring(0), "the record only: no slot fetch"
+    assert dev.snapshot()["adis"][0]["ims_invalid"] == 1
+    h.w32(adi_ctrl(0), ADI_CTRL_ENABLE | ADI_CTRL_PASID_ENABLE | ADI_CTRL_MEM_IMS_ENABLE)
+    _, mrd = h.w32(portal(0) + DOORBELL, 1)
+    assert mrd.tlp.type == TlpType.MEM_READ_64, "with MIE set the slot is fetched"
+
+
 def test_memory_ims_vector_beyond_queue_context_is_invalid() -> None:
     dev, h = make()
     memory_mode(h, 0, vector=16)
@@ -679,7 +695,7 @@ def test_adi_reset_by_control_interface() -> None:
     dev, h = make()
     h.w32(portal(2) + DOORBELL, 1)
     assert dev.adi_reset(2) and not dev.adi_reset(4) and not dev.adi_reset(-1)
-    assert h.r32(portal(2) + COMPLETED) == 0 and h.r32(adi_ctrl(2)) == 3
+    assert h.r32(portal(2) + COMPLETED) == 0 and h.r32(adi_ctrl(2)) == 7, "management registers kept"
     assert h.w32(portal(2) + DOORBELL, 1) == [], "ring cleared: the ADI driver must reprogram"
 
 

@@ -46,7 +46,7 @@ def _device(pasid_interrupts: bool) -> SiovDevice:
     for i in range(4):
         p = BAR2 + 0x2000 * i
         _w(dev, BAR0 + 0x204 + 8 * i, 0x100 + i)
-        _w(dev, BAR0 + 0x200 + 8 * i, 3)
+        _w(dev, BAR0 + 0x200 + 8 * i, 7)             # EN | PE | MIE (memory IMS allowed)
         _w(dev, p + 0x08, 0x10_0000 * (i + 1), 8)
         _w(dev, p + 0x10, 8)
         for s in range(2):
