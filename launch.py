@@ -8,6 +8,8 @@
     python launch.py run --hold            # keep the topology running after the report, then:
     python launch.py views [--runtime DIR] [g1 ...]   # kernel-style views of a running OS
     python launch.py ctl [--runtime DIR] PEER OP [JSON]   # any control request
+    python launch.py commands topo.toml --listen 10.0.0.1:5555   # per-machine commands for a
+                                           # tcp topology split across hosts (docs/multihost.md)
 
 Exit status: 0 when every interrupt sent was delivered (and nothing broke
 isolation or ordering), 1 when the run completed but something was lost, 2 for
@@ -66,7 +68,74 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("op", help="operation, e.g. counters, stats, views, vms, hostile")
     ctl.add_argument("args", nargs="?", default="{}", help="JSON object of arguments")
     ctl.add_argument("--runtime", help="the running topology's runtime directory (default: the newest)")
+    cmds = sub.add_parser("commands", help="split a tcp topology across machines: write its runtime directory "
+                                           "(tokens, CURVE keys) and print, per process, the files to copy and "
+                                           "the command to run (docs/multihost.md)")
+    cmds.add_argument("topology", help="TOML topology file with transport = \"tcp\"")
+    cmds.add_argument("--listen", required=True, metavar="HOST:PORT",
+                      help="where the fabric binds and every process connects: an IPv4 address of the "
+                           "fabric's machine and a port")
+    cmds.add_argument("--python", default="python", metavar="CMD",
+                      help="the Python command on the other machines (default: python)")
+    cmds.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
+
+
+def _listen_address(text: str) -> str:
+    """Validate ``HOST:PORT`` for ``commands --listen``; ValueError with a one-line reason."""
+    import ipaddress
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError(f"--listen: expected HOST:PORT, e.g. 10.0.0.1:5555; got {text!r}")
+    try:
+        addr = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"--listen: HOST must be an IPv4 address of the fabric's machine "
+                         f"(ZeroMQ binds addresses, not names); got {host!r}") from None
+    if addr.is_unspecified:
+        raise ValueError("--listen: every process connects to this address too, so it cannot be 0.0.0.0; "
+                         "give the fabric machine's own address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--listen: PORT must be 1..65535; got {port!r}")
+    return f"{addr}:{int(port)}"
+
+
+def _commands(args) -> int:
+    import shlex
+    from irqlab.lab import Lab, LabError
+    from irqlab.topology import TopologyError, load
+    try:
+        listen = _listen_address(args.listen)
+        topo = load(args.topology)
+        lab = Lab(topo, listen=listen)
+        entries = lab.commands(python=args.python)
+    except (TopologyError, ValueError, LabError) as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"launch.py: cannot write the runtime directory: {exc}", file=sys.stderr)
+        return EXIT_LAB
+    if args.json:
+        json.dump({"topology": topo.name, "endpoint": lab.endpoint, "runtime": lab.runtime,
+                   "processes": entries}, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    rt = lab.runtime
+    print(f"topology {topo.name!r} split across machines; the fabric listens on {lab.endpoint}\n"
+          f"runtime directory {rt} (mode 0700): every file in it is a secret (tokens, CURVE keys).\n"
+          f"On each machine: an irqlab checkout, run from its top directory with its venv active;\n"
+          f"  mkdir -m 0700 -p {shlex.quote(rt)}   and copy that machine's files into it (scp -p keeps mode 0600).\n"
+          f"Only the processes below can join: the fabric admits exactly these CURVE keys, and each token works once.\n")
+    for i, e in enumerate(entries, 1):
+        label = e["role"] if e["role"] in ("fabric", "host", "control") else f"{e['role']} {e['name']}"
+        print(f"{i}. {label}  -- {e['when']}")
+        print(f"   copy: {' '.join(shlex.quote(f) for f in e['files'])}")
+        if e["argv"]:
+            print(f"   run:  {shlex.join(e['argv'])}")
+        else:
+            print("   run:  your controller: a fabric.port.Port built from control.json "
+                  "(docs/multihost.md, 'Driving a split topology')")
+    return EXIT_OK
 
 
 def _newest_runtime() -> str | None:
@@ -291,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return _remote(args)
     if args.cmd == "matrix":
         return _run_matrix(args)
+    if args.cmd == "commands":
+        return _commands(args)
     if args.cmd == "behaviours":
         from guest.hostile import ACTIONS
         width = max(map(len, ACTIONS))

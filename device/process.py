@@ -88,7 +88,8 @@ class DeviceShell:
 
 async def main_async(cfg: dict, token: str, name: str) -> int:
     shell: DeviceShell | None = None
-    port = Port(cfg["endpoint"], token, name, on_message=lambda m: shell.on_message(m) if shell else None)
+    port = Port(cfg["endpoint"], token or cfg.get("token", ""), name,
+                on_message=lambda m: shell.on_message(m) if shell else None, curve=cfg.get("curve"))
     await port.connect()
     shell = DeviceShell(cfg, port)
     loop = asyncio.get_running_loop()

@@ -24,6 +24,10 @@ class PortError(RuntimeError):
     """The bus refused or failed a request of ours (registration, REG, CTL)."""
 
 
+def _z85(key: str | bytes) -> bytes:
+    return key.encode("ascii") if isinstance(key, str) else key
+
+
 class Port:
     """A registered connection to the fabric.
 
@@ -38,11 +42,16 @@ class Port:
         ``on_message(msg: list)`` for every incoming message except WELCOME,
         REG_ACK and CTL_REP answers to our own requests.  It runs on the loop
         and must not block.
+    curve:
+        Over tcp, the CURVE keys the launcher issued: ``{"server": fabric public key,
+        "public": ours, "secret": ours}`` (Z85 strings).  The port connects as a CURVE
+        client; the fabric's ZAP handler admits only issued keys (docs/multihost.md).
+        ``None``: no encryption (ipc:// in the 0700 runtime directory).
     """
 
     def __init__(self, endpoint: str, token: str, name: str,
                  on_message: Callable[[list], None] | None = None,
-                 ctx: zmq.Context | None = None, hwm: int = 200_000):
+                 ctx: zmq.Context | None = None, hwm: int = 200_000, curve: dict | None = None):
         self.endpoint = endpoint
         self.name = name
         self._token = token
@@ -53,6 +62,10 @@ class Port:
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.IMMEDIATE, 0)
+        if curve:
+            self.sock.setsockopt(zmq.CURVE_SERVERKEY, _z85(curve["server"]))
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, _z85(curve["public"]))
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, _z85(curve["secret"]))
         self.on_message = on_message or (lambda msg: None)
         self._welcome: asyncio.Future | None = None
         self._reg_waiters: dict[int, asyncio.Future] = {}
@@ -81,7 +94,9 @@ class Port:
                 self.info = await self._welcome
         except TimeoutError:
             raise PortError(f"{self.name}: no WELCOME from the fabric at {self.endpoint} "
-                            f"within {timeout:.0f} s") from None
+                            f"within {timeout:.0f} s"
+                            + (" (CURVE: is our key one the launcher issued for this fabric?)"
+                               if self.sock.getsockopt(zmq.MECHANISM) == zmq.CURVE else "")) from None
         return self.info
 
     def close(self, linger_ms: int = 1000) -> None:

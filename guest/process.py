@@ -92,7 +92,8 @@ class Guest(OsShell):
 
 async def main_async(cfg: dict, token: str, name: str) -> int:
     guest: Guest | None = None
-    port = Port(cfg["endpoint"], token, name, on_message=lambda msg: guest.on_message(msg) if guest else None)
+    port = Port(cfg["endpoint"], token or cfg.get("token", ""), name,
+                on_message=lambda msg: guest.on_message(msg) if guest else None, curve=cfg.get("curve"))
     await port.connect()
     guest = Guest(cfg, port)
     loop = asyncio.get_running_loop()

@@ -123,7 +123,8 @@ class Host(OsShell):
 
 async def main_async(cfg: dict, token: str, name: str) -> int:
     host: Host | None = None
-    port = Port(cfg["endpoint"], token, name, on_message=lambda msg: host.on_message(msg) if host else None)
+    port = Port(cfg["endpoint"], token or cfg.get("token", ""), name,
+                on_message=lambda msg: host.on_message(msg) if host else None, curve=cfg.get("curve"))
     await port.connect()
     host = Host(cfg, port)
     loop = asyncio.get_running_loop()

@@ -12,7 +12,9 @@ Theory of operation
 *Secrets.*  The runtime directory (mode 0700) holds one JSON file per process;
 only ``fabric.json`` (mode 0600) holds the token table.  Each child gets its
 own one-time token in its environment, so a process can register only as the
-role it was started for, and only once.
+role it was started for, and only once.  Over tcp the launcher also issues CURVE
+keys: the fabric's keypair and one per client; the fabric admits (ZAP) only the
+issued client keys (docs/multihost.md).
 
 *Processes.*  Every child runs in its own process group and asks the kernel to
 SIGKILL it when the launcher dies (``PR_SET_PDEATHSIG``), so even a launcher
@@ -43,6 +45,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import zmq
 
 from fabric import wire
 from fabric.port import Port, PortError
@@ -92,13 +96,27 @@ class Lab:
     def __init__(self, topology: Topology, *, keep_runtime: bool = False,
                  start_timeout: float = 60.0, on_progress: Callable[[str], None] | None = None,
                  spawn: tuple[str, ...] = ("devices", "host", "guests"),
-                 stubs: dict[str, tuple[str, tuple[int, int] | None]] | None = None):
+                 stubs: dict[str, tuple[str, tuple[int, int] | None]] | None = None,
+                 netns: dict[str, str] | None = None, listen: str | None = None,
+                 local_control: bool | None = None):
         """``spawn`` says which processes beyond the fabric to start; ``stubs`` issues extra
-        tokens (name -> (role, bus range)) for ports a test drives itself (``self.tokens``)."""
+        tokens (name -> (role, bus range)) for ports a test drives itself (``self.tokens``,
+        and over tcp ``self.curve``: name -> the ``curve`` argument of its ``Port``).
+
+        ``netns`` (process name -> network namespace) starts those processes with
+        ``ip netns exec NS``; ``listen`` (``HOST:PORT``) is where a tcp fabric binds
+        (default 127.0.0.1 and a free port); ``local_control`` makes the fabric also bind
+        ``ipc://<runtime>/fabric-local.sock`` for this controller (default: when the fabric
+        runs in a namespace of its own)."""
         self.topology = topology
         self.spawn = spawn
         self.stubs = dict(stubs or {})
         self.tokens: dict[str, str] = {}
+        self.netns = dict(netns or {})
+        self.listen = listen
+        self.local_control = ("fabric" in self.netns) if local_control is None else local_control
+        self.local_endpoint: str | None = None
+        self.curve: dict[str, dict] = {}
         self.keep_runtime = keep_runtime
         self.start_timeout = start_timeout
         self.on_progress = on_progress or (lambda msg: None)
@@ -141,17 +159,29 @@ class Lab:
         """Write the runtime directory; return name -> token."""
         topo = self.topology
         self.runtime = tempfile.mkdtemp(prefix="irqlab-")
-        if topo.transport == "tcp":
-            self.endpoint = "tcp://127.0.0.1:%d" % _free_port()
+        tcp = topo.transport == "tcp"
+        if tcp:
+            self.endpoint = "tcp://" + (self.listen or "127.0.0.1:%d" % _free_port())
         else:
             self.endpoint = f"ipc://{self.runtime}/fabric.sock"
+        self.local_endpoint = f"ipc://{self.runtime}/fabric-local.sock" if tcp and self.local_control else None
         tokens: dict[str, str] = {}
         table: dict[str, dict] = {}
+        server_pub, server_sec = zmq.curve_keypair() if tcp else (b"", b"")
+        client_pubs: dict[str, str] = {}
+        self.curve = {}
 
         def issue(name: str, role: str, **extra) -> None:
             tok = secrets.token_hex(16)
             tokens[name] = tok
             table[tok] = {"name": name, "role": role, **extra}
+            if tcp:   # one CURVE keypair per process; the fabric's ZAP admits exactly these
+                pub, sec = zmq.curve_keypair()
+                client_pubs[name] = pub.decode()
+                self.curve[name] = {"server": server_pub.decode(), "public": pub.decode(), "secret": sec.decode()}
+
+        def keys(name: str) -> dict:
+            return {"curve": self.curve[name]} if name in self.curve else {}
 
         issue("control", "control")
         issue("host", "host")
@@ -161,7 +191,7 @@ class Lab:
             issue(name, role, **({"buses": list(buses)} if buses else {}))
         for d in topo.devices:
             issue(d.name, "device", buses=list(d.bus_range))
-            self._write(f"{d.name}.json", {"endpoint": self.endpoint, "name": d.name, "kind": d.kind,
+            self._write(f"{d.name}.json", {**keys(d.name), "endpoint": self.endpoint, "name": d.name, "kind": d.kind,
                                            "total_vfs": d.total_vfs, "pf_vectors": d.pf_vectors,
                                            "vf_vectors": d.vf_vectors, "pf_ims_slots": d.pf_ims_slots,
                                            "vf_ims_slots": d.vf_ims_slots, "adis": d.adis,
@@ -169,7 +199,11 @@ class Lab:
                                            "pasid_interrupts": d.pasid_interrupts})
         plat = topo.platform
         max_bus = max((d.bus_range[1] for d in topo.devices), default=1)
-        self._write("fabric.json", {"endpoint": self.endpoint, "tokens": table,
+        security = {"curve": {"public": server_pub.decode(), "secret": server_sec.decode(),
+                              "clients": client_pubs}} if tcp else {}
+        if self.local_endpoint:
+            security["local_endpoint"] = self.local_endpoint
+        self._write("fabric.json", {**security, "endpoint": self.endpoint, "tokens": table,
                                     "platform": {"ir": plat.ir, "ir_entries": plat.ir_entries,
                                                  "pasid_ir": plat.pasid_ir,
                                                  "pasid_interrupts": plat.pasid_interrupts,
@@ -190,11 +224,11 @@ class Lab:
             # each assigned function's IMS kind preference, by the RID the guest sees it at
             targets = [t for t in g.assign if ".vf" in t] + [t for t in g.assign if ".adi" in t]
             kinds = {str((3 + i) << 3): topo.device(t.partition(".")[0]).ims for i, t in enumerate(targets)}
-            self._write(f"{g.name}.json", {"endpoint": self.endpoint, "name": g.name, "cpus": g.cpus,
+            self._write(f"{g.name}.json", {**keys(g.name), "endpoint": self.endpoint, "name": g.name, "cpus": g.cpus,
                                            "memory_mib": g.memory_mib, "kernel": g.kernel, "irq_mode": g.irq,
                                            "ims_kinds": kinds, "provenance": prov,
                                            "behaviours": list(g.behaviours)})
-        self._write("host.json", {"endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
+        self._write("host.json", {**keys("host"), "endpoint": self.endpoint, "name": "host", "cpus": plat.cpus,
                                   "memory_mib": plat.memory_mib, "ir": plat.ir, "ir_entries": plat.ir_entries,
                                   "vmm_unsafe_ims": plat.vmm_unsafe_ims,
                                   "sriov": {str(d.bus): d.vfs for d in topo.devices if d.vfs},
@@ -214,6 +248,8 @@ class Lab:
         args = [sys.executable, "-m", module, "--runtime", self.runtime]
         if role != "fabric":
             args += ["--name", name]
+        if name in self.netns:   # ``ip netns exec`` execs in place: the pid is the child's
+            args = ["ip", "netns", "exec", self.netns[name]] + args
         with open(log_path, "wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -267,7 +303,8 @@ class Lab:
         tokens = self.tokens = self._plan()
         self.on_progress("starting fabric")
         await self._spawn("fabric", "fabric", "fabric", None)
-        self.port = Port(self.endpoint, tokens["control"], "control", on_message=self._on_message)
+        self.port = Port(self.local_endpoint or self.endpoint, tokens["control"], "control",
+                         on_message=self._on_message, curve=self.curve.get("control"))
         await self._race(self.port.connect(timeout=self.start_timeout), "the fabric to accept the controller")
         if "devices" in self.spawn:
             for d in self.topology.devices:
@@ -299,6 +336,47 @@ class Lab:
                 raise LabError(f"guest {g.name} failed to boot: {ev.data.get('error')}\n"
                                f"{self.children[g.name].tail()}")
             self.guest_info[g.name] = ev.data
+
+    # ------------------------------------------------------------------
+    # a topology split across machines (``launch.py commands``)
+
+    def commands(self, python: str = "python") -> list[dict]:
+        """Write the runtime directory of a tcp topology whose processes are started by hand,
+        on several machines, and return what each needs, in start order; start nothing.
+
+        Each process's token goes into its own config file (mode 0600), not onto a command
+        line; ``control.json`` holds a controller's endpoint, token and keys.  An entry has
+        ``name``, ``role``, ``files`` (absolute paths to copy), ``argv`` (``None`` for the
+        controller, which is a ``Port`` of your own: docs/multihost.md) and ``when``."""
+        if self.topology.transport != "tcp":
+            raise LabError(f"topology {self.topology.name!r} has transport {self.topology.transport!r}; "
+                           f"a topology split across machines needs transport = \"tcp\"")
+        tokens = self.tokens = self._plan()
+        entries = []
+
+        def entry(name: str, role: str, when: str, module: str | None = None) -> None:
+            path = os.path.join(self.runtime, f"{name}.json")
+            if role == "control":
+                self._write("control.json", {"endpoint": self.endpoint, "name": name, "token": tokens[name],
+                                             "curve": self.curve[name]})
+            elif role != "fabric":
+                with open(path) as f:
+                    cfg = json.load(f)
+                self._write(f"{name}.json", {**cfg, "token": tokens[name]})
+            argv = None
+            if module:
+                argv = [python, "-m", module, "--runtime", self.runtime] + (["--name", name] if role != "fabric" else [])
+            entries.append({"name": name, "role": role, "files": [path], "argv": argv, "when": when})
+
+        entry("fabric", "fabric", f"first, on the machine that owns {self.endpoint[len('tcp://'):]}", "fabric")
+        entry("control", "control", "second, from any machine that reaches the fabric: the one controller; "
+                                    "it receives every '<name>:ready' event")
+        for d in self.topology.devices:
+            entry(d.name, "device", "after the fabric; then wait for its ready event", "device")
+        entry("host", "host", "after every device's ready event; then wait for 'host:ready'", "host")
+        for g in self.topology.guests:
+            entry(g.name, "guest", "after 'host:ready'; then wait for its ready event", "guest")
+        return entries
 
     # ------------------------------------------------------------------
     # events and calls
