@@ -26,8 +26,15 @@ keeps the docs' tables and the schema in step.  TOML text (``loads``), files
 *Checking order.*  Unknown keys first (with a ``difflib`` suggestion), then each
 key's type (``bool`` is never an integer, integers are accepted for floats,
 ``nan``/``inf`` are not), then its range, then the rules that relate keys:
-``vfs <= total_vfs``, unique names, bus ranges, assignment targets.  The first
-problem found is the one reported.
+``vfs <= total_vfs``, unique names, a guest's ``delivery`` against
+``platform.posted``, bus ranges, assignment targets.  The first problem found
+is the one reported.
+
+*Interrupt delivery.*  ``platform.posted`` says the machine has posted
+interrupts; each guest's ``delivery`` (``"posted"`` or ``"injection"``) says
+how the host delivers its assigned functions' interrupts.  Left out, it is
+resolved at load time, like a device's bus: ``"posted"`` on a platform that
+has it, else ``"injection"``.
 
 *Buses.*  Bus 0 is the root complex's.  A device's PF sits at devfn 0 of its
 first bus and VF ``i`` (0-based) at routing ID ``PF + FIRST_VF_OFFSET + i *
@@ -125,7 +132,8 @@ class Platform:
     ir_entries: int = 65536
     cpus: int = 2
     memory_mib: int = 64
-    posted: bool = False            # accepted; used by a later issue
+    posted: bool = False            # posted-format IRTEs: interrupts of assigned functions go
+                                    # straight to the vCPU's posted-interrupt descriptor
     pasid_ir: bool = False          # IRTEs can also check the request's PASID (not in real VT-d)
     pasid_interrupts: bool = True   # the root complex accepts PASID-tagged interrupt requests
     vmm_unsafe_ims: bool = False    # a naive VMM: composes for memory IMS even when nothing can
@@ -182,7 +190,7 @@ class Device:
 
 @dataclass(frozen=True)
 class Guest:
-    """One VM process.  Parsed and checked for shape now; run by a later issue."""
+    """One VM process (``python -m guest``) and what the host gives it."""
 
     name: str
     cpus: int = 1
@@ -192,6 +200,8 @@ class Guest:
     kernel: str = "modern"
     behaviours: tuple[str, ...] = ()
     irq: str = "msix"               # the engine driver's interrupt kind: "msix" or "ims"
+    delivery: str | None = None     # "posted" or "injection"; None only before resolution (a
+                                    # loaded Topology has "posted" when the platform has it)
 
 
 @dataclass(frozen=True)
@@ -539,6 +549,7 @@ _GUEST_KEYS: dict[str, _Checker] = {
     "kernel": _Choice(("modern", "legacy2020")),
     "behaviours": _StrList(),
     "irq": _Choice(("msix", "ims")),
+    "delivery": _Choice(("posted", "injection")),
 }
 
 _WORKLOAD_KEYS: dict[str, _Checker] = {
@@ -625,6 +636,7 @@ def _build(d: Any, source: str) -> Topology:
     workload = _section(Workload, _WORKLOAD_KEYS, d.get("workload", {}), "workload")
 
     _check_unique_names(devices, guests)
+    guests = _resolve_delivery(platform, guests)
     devices = _assign_buses(devices)
     _check_assignments(devices, guests)
     _check_behaviours(guests)
@@ -656,6 +668,19 @@ def _device(table: Any, path: str) -> Device:
         raise _Problem(f"{path}.adis", f"{dev.adis} ADIs need kind = 'siov' "
                                        f"({path}.kind is {dev.kind!r})")
     return dev
+
+
+def _resolve_delivery(platform: Platform, guests: Sequence[Guest]) -> list[Guest]:
+    """Each guest's interrupt delivery: posted by default when the platform has it."""
+    out = []
+    for i, g in enumerate(guests):
+        if g.delivery == "posted" and not platform.posted:
+            raise _Problem(f"guest[{i}].delivery", "'posted' needs a platform with posted interrupts "
+                                                   "(platform.posted = true)")
+        if g.delivery is None:
+            g = dataclasses.replace(g, delivery="posted" if platform.posted else "injection")
+        out.append(g)
+    return out
 
 
 def _check_unique_names(devices: Sequence[Device], guests: Sequence[Guest]) -> None:

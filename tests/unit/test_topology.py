@@ -56,8 +56,10 @@ def test_default_loads() -> None:
     assert t.devices == (Device(name="d0", kind="sriov", total_vfs=4, vfs=2, pf_vectors=8,
                                 vf_vectors=4, bus=1),)
     # Two VMs, one VF each (case 2); the host keeps the PF (case 1).
-    assert t.guests == (Guest(name="g1", cpus=2, memory_mib=16, cpuid="kvm", assign=("d0.vf0",)),
-                        Guest(name="g2", cpus=1, memory_mib=16, cpuid="kvm", assign=("d0.vf1",)))
+    assert t.guests == (Guest(name="g1", cpus=2, memory_mib=16, cpuid="kvm", assign=("d0.vf0",),
+                              delivery="injection"),
+                        Guest(name="g2", cpus=1, memory_mib=16, cpuid="kvm", assign=("d0.vf1",),
+                              delivery="injection"))
     assert [g.kernel for g in t.guests] == ["modern", "modern"]
     assert [g.irq for g in t.guests] == ["msix", "msix"]
     assert t.workload == Workload(per_function=10000, inflight=8)
@@ -152,7 +154,8 @@ def test_full_file() -> None:
     assert [(d.name, d.bus) for d in t.devices] == [("nic", 5), ("dsa", 1)]
     assert t.guests[0] == Guest(name="g1", cpus=2, memory_mib=16, cpuid="oldkvm",
                                 assign=("nic.vf0", "dsa.adi3"), kernel="legacy2020",
-                                behaviours=("ims-redirect", "storm"))
+                                behaviours=("ims-redirect", "storm"), delivery="posted")
+    assert t.guests[1].delivery == "posted"          # the platform has posted interrupts
     assert t.workload.rate == 1000.0 and isinstance(t.workload.rate, float)
 
 
@@ -171,9 +174,9 @@ def test_to_dict_layout_is_the_file_layout() -> None:
     assert "source" not in d and d["device"][0]["bus"] == 1
     assert d["guest"] == [
         {"name": "g1", "cpus": 2, "memory_mib": 16, "cpuid": "kvm", "assign": ["d0.vf0"],
-         "kernel": "modern", "behaviours": [], "irq": "msix"},
+         "kernel": "modern", "behaviours": [], "irq": "msix", "delivery": "injection"},
         {"name": "g2", "cpus": 1, "memory_mib": 16, "cpuid": "kvm", "assign": ["d0.vf1"],
-         "kernel": "modern", "behaviours": [], "irq": "msix"},
+         "kernel": "modern", "behaviours": [], "irq": "msix", "delivery": "injection"},
     ]
     assert d["workload"] == {"per_function": 10000, "inflight": 8, "rate": 0.0, "timeout_s": 120.0}
 
@@ -230,13 +233,17 @@ def topologies(draw: st.DrawFn) -> dict[str, Any]:
                                         unique=True)),
         })
     ir = draw(st.booleans())
+    posted = ir and draw(st.booleans())
+    for g in guests:
+        if draw(st.booleans()):
+            g["delivery"] = draw(st.sampled_from(["posted", "injection"] if posted else ["injection"]))
     return {
         "name": draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF),
                              min_size=1, max_size=20).filter(lambda s: "\x7f" not in s)),
         "transport": draw(st.sampled_from(["ipc", "tcp"])),
         "platform": {"ir": ir, "ir_entries": 2 ** draw(st.integers(1, 16)),
                      "cpus": draw(st.integers(1, 64)), "memory_mib": draw(st.integers(4, 4096)),
-                     "posted": ir and draw(st.booleans()), "pasid_ir": ir and draw(st.booleans()),
+                     "posted": posted, "pasid_ir": ir and draw(st.booleans()),
                      "pasid_interrupts": draw(st.booleans())},
         "device": devices,
         "guest": guests,
@@ -255,6 +262,21 @@ def test_generated_round_trip(d: dict[str, Any]) -> None:
     back = t.to_dict()
     assert json.loads(json.dumps(back)) == back
     assert Topology.from_dict(back, source="gen.toml") == t
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupt delivery: posted by default where the platform has it, injection as the option
+
+
+def test_delivery_defaults_to_the_platform() -> None:
+    guests = '[[guest]]\nname = "g1"\n[[guest]]\nname = "g2"\ndelivery = "injection"\n'
+    t = loads("[platform]\nposted = true\n" + D0 + guests, "p.toml")
+    assert [g.delivery for g in t.guests] == ["posted", "injection"]
+    t = loads(D0 + guests, "p.toml")
+    assert [g.delivery for g in t.guests] == ["injection", "injection"]
+    assert Guest(name="g1").delivery is None          # unresolved until loaded
+    d = loads("[platform]\nposted = true\n" + D0 + guests, "p.toml").to_dict()
+    assert [g["delivery"] for g in d["guest"]] == ["posted", "injection"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +350,15 @@ BAD: list[tuple[str, str]] = [
      "device[0].ims: 'mem' is not one of 'device', 'memory' (did you mean 'memory'?)"),
     (D0 + '[[guest]]\nname = "g1"\ncpuid = "kvmm"\n',
      "guest[0].cpuid: 'kvmm' is not one of 'kvm', 'oldkvm', 'hidden' (did you mean 'kvm'?)"),
+    (D0 + '[[guest]]\nname = "g1"\ndelivery = "post"\n',
+     "guest[0].delivery: 'post' is not one of 'posted', 'injection' (did you mean 'posted'?)"),
+    (D0 + '[[guest]]\nname = "g1"\ndelivery = "posted"\n',
+     "guest[0].delivery: 'posted' needs a platform with posted interrupts (platform.posted = true)"),
+    ("[platform]\nposted = false\n" + D0 + '[[guest]]\nname = "g1"\n[[guest]]\nname = "g2"\n'
+                                          'delivery = "posted"\n',
+     "guest[1].delivery: 'posted' needs a platform with posted interrupts (platform.posted = true)"),
+    (D0 + '[[guest]]\nname = "g1"\ndelivery = true\n',
+     "guest[0].delivery: expected a string, got boolean true"),
     (D0 + '[[guest]]\nname = "g1"\nkernel = "legacy"\n',
      "guest[0].kernel: 'legacy' is not one of 'modern', 'legacy2020' (did you mean 'legacy2020'?)"),
     # unknown keys
