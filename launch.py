@@ -4,6 +4,7 @@
     python launch.py                       # the built-in default topology
     python launch.py run topo.toml         # a topology file
     python launch.py run --json            # the report as JSON on stdout
+    python launch.py --trace run.json      # also write a trace (Perfetto / chrome://tracing JSON)
     python launch.py show-default          # print the built-in topology (a starting point)
     python launch.py run --hold            # keep the topology running after the report, then:
     python launch.py views [--runtime DIR] [g1 ...]   # kernel-style views of a running OS
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="keep the topology running after the report until Ctrl-C (for 'views' and 'ctl')")
     run.add_argument("--keep-runtime", action="store_true",
                      help="keep the runtime directory (process logs, configs) and print its path")
+    run.add_argument("--trace", metavar="FILE",
+                     help="record every TLP, VM exit, hypercall, injection, posted notification and fault in "
+                          "every process, from boot, and write them to FILE as Chrome trace-event JSON with "
+                          "one flow per interrupt (open it in https://ui.perfetto.dev; docs/tracing.md)")
     sub.add_parser("show-default", help="print the built-in default topology (TOML)")
     sub.add_parser("behaviours", help="list the misbehaviours a guest can commit (topology guest.behaviours, "
                                       "or 'ctl GUEST hostile {\"action\": NAME}')")
@@ -288,9 +293,15 @@ async def _run(args, console) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
 
+    if args.trace:
+        why = _trace_path_problem(args.trace)
+        if why:
+            print(f"launch.py: --trace {args.trace}: {why}", file=sys.stderr)
+            return EXIT_USAGE
+
     err_console = Console(stderr=True)
     progress = (lambda msg: None) if args.json else (lambda msg: err_console.log(msg))
-    lab = Lab(topo, keep_runtime=args.keep_runtime, on_progress=progress)
+    lab = Lab(topo, keep_runtime=args.keep_runtime, on_progress=progress, trace=bool(args.trace))
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -308,6 +319,8 @@ async def _run(args, console) -> int:
             if args.views:
                 for name in ["host"] + [g.name for g in topo.guests]:
                     views[name] = await lab.call(name, "views")
+            if args.trace:
+                report["trace"] = await _write_trace(lab, args.trace, progress)
             if args.hold:
                 rc = _show(args, console, report, views)
                 print(f"launch.py: holding the topology; runtime {lab.runtime}\n"
@@ -322,6 +335,9 @@ async def _run(args, console) -> int:
         except LabError as exc:
             print(f"launch.py: {exc}", file=sys.stderr)
             return EXIT_LAB
+        except LabTraceError as exc:
+            print(f"launch.py: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except asyncio.CancelledError:
             print("launch.py: interrupted; stopping the topology", file=sys.stderr)
             return 130
@@ -333,6 +349,60 @@ async def _run(args, console) -> int:
             print(f"launch.py: processes had to be {status.value}", file=sys.stderr)
 
     return _show(args, console, report, views)
+
+
+def _trace_path_problem(path: str) -> str | None:
+    """Why the trace cannot be written to ``path`` (checked before anything starts), or None."""
+    import os
+    if os.path.isdir(path):
+        return "is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"no such directory {parent}"
+    if not os.access(parent, os.W_OK):
+        return f"directory {parent} is not writable"
+    return None
+
+
+async def _write_trace(lab, path: str, progress) -> dict:
+    """Collect every process's trace over the control interface and write one Chrome
+    trace-event JSON file (``fabric.trace.to_chrome``); return a summary for the report."""
+    import os
+    import time
+    from fabric.trace import to_chrome
+    progress("collecting the trace from every process")
+    col = await lab.trace_collect()
+    t0 = time.monotonic()
+    doc = to_chrome(col["dumps"], meta={"topology": lab.topology.name, "missing": col["missing"]})
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise LabTraceError(f"cannot write the trace to {path}: {exc.strerror or exc}") from None
+    other = doc["otherData"]
+    summary = {"file": path, "events": sum(other["events"].values()), "flows": other["flows"],
+               "dropped": other["dropped"], "missing": col["missing"], "chunks": col["chunks"],
+               "collect_s": round(col["seconds"], 3), "write_s": round(time.monotonic() - t0, 3),
+               "bytes": os.path.getsize(path)}
+    dropped = sum(other["dropped"].values())
+    print(f"launch.py: trace: {summary['events']:,} events from {len(col['dumps'])} processes, "
+          f"{summary['flows']:,} interrupt flows"
+          + (f", {dropped:,} events dropped (buffer full)" if dropped else "")
+          + (f", no trace from {', '.join(col['missing'])} (died)" if col["missing"] else "")
+          + f"; collected in {col['seconds']:.1f} s, written in {summary['write_s']:.1f} s "
+          f"-> {path} ({summary['bytes'] / 1e6:.1f} MB; open it in https://ui.perfetto.dev)",
+          file=sys.stderr, flush=True)
+    return summary
+
+
+class LabTraceError(RuntimeError):
+    """The trace could not be written (one line for the user)."""
 
 
 def _show(args, console, report: dict, views: dict) -> int:

@@ -20,7 +20,8 @@ from device.sriov_device import SriovDevice
 from fabric import wire
 from fabric.loop import die_with_parent, run
 from fabric.port import Port
-from fabric.tlp import Tlp, TlpError
+from fabric.tlp import Tlp, TlpError, peek
+from fabric.trace import TLP_NAMES, Tracer, chunk_budget, flow_id, requested
 
 
 class DeviceShell:
@@ -41,7 +42,10 @@ class DeviceShell:
                                      pasid_interrupts=bool(cfg.get("pasid_interrupts", True)))
         self.bad_tlps = 0
         self.stop = asyncio.get_running_loop().create_future()
-        self._ops = {"stats": self.op_stats, "flr": self.op_flr, "shutdown": self.op_shutdown}
+        self._ops = {"stats": self.op_stats, "flr": self.op_flr, "shutdown": self.op_shutdown,
+                     "trace.start": lambda a: self.tracer.start(a.get("max_events")),
+                     "trace.dump": lambda a: self.tracer.dump_chunk(a.get("offset", 0), chunk_budget("device"))}
+        self.tracer = Tracer(port.name, on=requested())
 
     def on_message(self, msg: list) -> None:
         kind = msg[0]
@@ -50,6 +54,9 @@ class DeviceShell:
                 tlp = Tlp.unpack(msg[1])
             except TlpError:
                 self.bad_tlps += 1
+                return
+            if self.tracer.on:
+                self._traced(tlp, msg[1])
                 return
             emits = self.model.handle_tlp(tlp)
             if emits:
@@ -72,6 +79,25 @@ class DeviceShell:
                 self.port.reply(c.req_id, True, op(c.args))
             except (KeyError, ValueError, TypeError) as exc:
                 self.port.reply(c.req_id, False, f"device: {c.op}: {exc}")
+
+    def _traced(self, tlp: Tlp, raw: bytes) -> None:
+        """``on_message`` for a TLP while tracing: the same sends, each recorded (an interrupt
+        MWr starts its flow, at the very time stamped beside it on the wire)."""
+        tr = self.tracer
+        ftype, _, rid, key = peek(raw)
+        tr.instant(TLP_NAMES.get(ftype, "TLP"), "tlp", dir="rx", rid=rid, key=key)
+        send = self.port.send
+        for e in self.model.handle_tlp(tlp) or ():
+            out = e.tlp.pack()
+            ftype, _, rid, key = peek(out)
+            if e.origin is None:
+                send(wire.tlp(out))
+                tr.instant(TLP_NAMES.get(ftype, "TLP"), "tlp", dir="tx", rid=rid, key=key)
+            else:
+                t = time.monotonic_ns()
+                send(wire.tlp(out, e.origin, t))
+                tr.flow_at(t, "s", "interrupt MWr", "irq", flow_id(e.origin, t), origin=e.origin, rid=rid,
+                           addr=key, data=int.from_bytes(e.tlp.data[:4], "little"), pasid=e.tlp.pasid)
 
     def op_stats(self, args: dict) -> dict:
         snap = self.model.snapshot()

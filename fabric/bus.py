@@ -54,7 +54,7 @@ from fabric.dmar import FaultLog, FaultReason, FaultRecord
 from fabric.ept import Ept, EptHit
 from fabric.iommu import DmaFault, Iommu, MemoryMap, Translation
 from fabric.ir import Irte, InterruptRemapper, IrFault, Passthrough, Posted, Remapped
-from fabric.trace import Tracer, flow_id
+from fabric.trace import Tracer, chunk_budget, flow_id
 
 MSI_LO = 0xFEE0_0000
 MSI_HI = 0xFEEF_FFFF
@@ -445,7 +445,7 @@ class Fabric:
             raise wire.WireError("TLP payload is not bytes")
         ftype, off, rid, addr = T.peek(raw)
         if self.tracer.on:
-            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, rid=rid_str(rid), key=f"0x{addr:x}")
+            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, rid=rid, key=addr)
         lo, hi = peer.spec.buses or (0, -1)
         # ACS Source Validation: a request's requester ID, a completion's completer ID.
         source = addr if (ftype == _CPLT or ftype == _CPLD) else rid
@@ -524,24 +524,29 @@ class Fabric:
         pid.on = False                   # the vCPU's posted-interrupt processing ran
         pid.notified += 1
         self.irqs_delivered += len(entries)
+        if self.tracer.on:
+            self.tracer.instant("POSTED notification", "irq", vm=pid.vm, vcpu=pid.vcpu, vectors=len(entries))
         self.send(guest.identity, wire.posted(pid.vcpu, entries))
 
     def _trace_remap(self, tr: Tracer, res, rid: int, addr: int, data: int, pasid, origin, t_ns) -> None:
         fid = flow_id(origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
-        args = {"sid": rid_str(rid), "addr": f"0x{addr:x}", "data": f"0x{data:x}"}
+        args = {"sid": rid, "addr": addr, "data": data}
         if pasid is not None:
-            args["pasid"] = f"0x{pasid:x}"
+            args["pasid"] = pasid
         if type(res) is Remapped:
-            tr.flow("t", "IR remap", "ir", fid, irte=res.index, apic=res.dest_id, vector=f"0x{res.vector:02x}", **args)
+            tr.flow("t", "IR remap", "ir", fid, irte=res.index, apic=res.dest_id, vector=res.vector, **args)
         elif type(res) is Passthrough:
-            tr.flow("t", "IR passthrough", "ir", fid, apic=res.dest_id, vector=f"0x{res.vector:02x}", **args)
+            tr.flow("t", "IR passthrough", "ir", fid, apic=res.dest_id, vector=res.vector, **args)
         elif type(res) is IrFault:
             tr.flow("f", f"IR fault 0x{int(res.reason):02x}", "fault", fid, index=res.index,
                     why=res.detail, **args)
         elif type(res) is Posted:
             pid = self.pids.get(res.pda)
-            tr.flow("t", "IR posted", "ir", fid, irte=res.index, vector=f"0x{res.vector:02x}",
+            tr.flow("t", "IR posted", "ir", fid, irte=res.index, vector=res.vector,
                     vm=pid.vm if pid else None, vcpu=pid.vcpu if pid else None, **args)
+            old = pid.pir.get(res.vector) if pid else None
+            if old is not None:   # the PIR bit is already set: the earlier interrupt merges into this one
+                tr.flow("f", "coalesced in PIR", "ir", flow_id(old[0], old[1] or 0), vector=res.vector)
 
     def _ir_fault(self, rid: int, reason: int, index: int, addr: int, data: int, pasid, detail: str) -> None:
         rec = FaultRecord(reason, rid, "intr", index=index, detail={"addr": addr, "data": data, "why": detail})
@@ -594,7 +599,7 @@ class Fabric:
         ftype, off, rid, addr = T.peek(raw)
         self.tlps += 1
         if self.tracer.on:
-            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, key=f"0x{addr:x}")
+            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, key=addr)
         if ftype == _CFGRD or ftype == _CFGWR:
             target = addr >> 16
             dest = self.bus_owner[target >> 8]
@@ -681,6 +686,8 @@ class Fabric:
             raise wire.WireError("TLP payload is not bytes")
         ftype, off, rid, addr = T.peek(raw)
         self.tlps += 1
+        if self.tracer.on:
+            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, key=addr)
         if ftype == _CPLT or ftype == _CPLD:
             # The guest's RAM answering a DMA read of its assigned device -- one that was sent to
             # this guest; anything else would let it forge data into another port's reads.
@@ -728,6 +735,8 @@ class Fabric:
             return
         if type(hit) is EptHit:   # trap: the hypervisor emulates the access
             self.counters["ept:trap"] += 1
+            if self.tracer.on:
+                self.tracer.instant("VM exit: mmio", "vmexit", vm=peer.name, addr=addr, write=write)
             if write:
                 # The vCPU stops until the VMM has emulated the store (VM entry, below).
                 seq = -next(self._trap_seq)
@@ -747,6 +756,8 @@ class Fabric:
         # EPT violation: nothing mapped there for this guest.
         self.counters["ept:violation"] += 1
         peer.drops["ept_violation"] += 1
+        if self.tracer.on:
+            self.tracer.instant("VM exit: ept_violation", "vmexit", vm=peer.name, addr=addr, write=write)
         self.send(host.identity, wire.vmexit(peer.name, 0, "ept_violation",
                                              {"gpa": addr, "size": size, "write": write}))
         if not write:
@@ -775,6 +786,8 @@ class Fabric:
         if guest is None or guest.role != "guest" or type(seq) is not int:
             self._drop(peer, "unknown_vm")
             return
+        if self.tracer.on:
+            self.tracer.instant("VM entry", "vmexit", vm=vm, seq=seq, ok=bool(ok))
         if seq < 0:
             # The end of a trapped store: the vCPU resumes, its queued frames run in order.
             if guest.stalled == seq:
@@ -795,7 +808,7 @@ class Fabric:
         if self.tracer.on:
             self.tracer.flow("t", "INJECT", "irq", flow_id(origin if type(origin) is int else None,
                                                           t_ns if type(t_ns) is int else 0),
-                             vm=vm, apic=apic, vector=f"0x{vector:02x}")
+                             vm=vm, apic=apic, vector=vector)
         self.send(guest.identity, wire.irq(apic, vector, origin if type(origin) is int else None,
                                            t_ns if type(t_ns) is int else 0, -2))
 
@@ -1042,11 +1055,9 @@ class Fabric:
         if op == "peer.gone":
             return self.peer_gone(str(args["name"]))
         if op == "trace.start":
-            self.tracer.on = True
-            return True
+            return self.tracer.start(args.get("max_events"))
         if op == "trace.dump":
-            self.tracer.on = False
-            return self.tracer.dump()
+            return self.tracer.dump_chunk(args.get("offset", 0), chunk_budget("fabric"))
         raise KeyError(f"unknown op {op!r}")
 
     def peer_gone(self, name: str) -> dict:

@@ -22,7 +22,7 @@ import zmq
 import zmq.auth.thread
 from zmq.utils.monitor import parse_monitor_message
 
-from fabric import wire
+from fabric import trace, wire
 from fabric.bus import Fabric, PeerSpec, Platform
 from fabric.dmar import FaultRecord
 from fabric.loop import QueuedSender, SocketReader, die_with_parent, run
@@ -165,6 +165,7 @@ async def serve(endpoint: str, specs: dict[str, PeerSpec], platform: Platform,
     sender = QueuedSender(loop, sock, router=True,
                           on_unroutable=lambda ident: fabric.counters.update(["drop:unroutable"]))
     fabric = Fabric(specs, platform, send=sender.send, on_fault=on_fault)
+    fabric.tracer.on = trace.requested()      # launch.py --trace: from the first frame
     done = loop.create_future()
 
     def on_message(parts: list[bytes]) -> None:

@@ -14,8 +14,8 @@ import time
 
 from fabric import wire
 from fabric.bdf import rid_str
-from fabric.trace import Tracer, flow_id
-from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
+from fabric.trace import TLP_NAMES, Tracer, chunk_budget, flow_id, requested
+from fabric.tlp import CplStatus, Tlp, TlpError, TlpType, peek
 from guest.drivers.engine import EngineInstance
 from guest.views import lspci
 from guest.workload import Workload
@@ -48,7 +48,7 @@ class OsShell:
         }
         self.msg_handlers = {wire.IRQ: self.on_irq, wire.TLP: self.on_tlp_msg, wire.CTL: self.on_ctl,
                              wire.POSTED: self.on_posted}
-        self.tracer = Tracer(port.name)
+        self.tracer = Tracer(port.name, on=requested())
         self.is_guest = getattr(port, "info", {}).get("role") == "guest"
 
     def engines(self) -> list[EngineInstance]:
@@ -66,7 +66,7 @@ class OsShell:
         tr = self.tracer
         if tr.on:
             tr.flow("f" if self.is_guest or not self.kernel.irq_forwards(apic, vector) else "t",
-                    f"irq vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), apic=apic, handle=handle)
+                    "IRQ handler", "irq", flow_id(origin, t_ns), apic=apic, vector=vector, handle=handle)
         self.kernel.deliver(apic, vector, origin, t_ns, handle)
 
     def on_posted(self, msg: list) -> None:
@@ -80,7 +80,16 @@ class OsShell:
             deliver(apic, vector, origin, t_ns, -3)
 
     def on_tlp_msg(self, msg: list) -> None:
+        if self.tracer.on:
+            self._trace_tlp(msg[1])
         self.on_tlp(msg[1])
+
+    def _trace_tlp(self, raw) -> None:
+        try:
+            ftype, _, rid, key = peek(raw)
+        except (TlpError, TypeError):      # on_tlp counts what does not parse
+            return
+        self.tracer.instant(TLP_NAMES.get(ftype, "TLP"), "tlp", rid=rid, key=key)
 
     def on_tlp(self, raw: bytes) -> None:
         try:
@@ -242,13 +251,11 @@ class OsShell:
         return {"proc_interrupts": k.proc_interrupts(), "domains": k.domain_hierarchy(),
                 "lspci": await lspci(k.pci), "dmesg": "\n".join(k.log)}
 
-    async def op_trace_start(self, args: dict) -> bool:
-        self.tracer.on = True
-        return True
+    async def op_trace_start(self, args: dict) -> dict:
+        return self.tracer.start(args.get("max_events"))
 
     async def op_trace_dump(self, args: dict) -> dict:
-        self.tracer.on = False
-        return self.tracer.dump()
+        return self.tracer.dump_chunk(args.get("offset", 0), chunk_budget("guest" if self.is_guest else "host"))
 
     async def op_shutdown(self, args: dict) -> bool:
         asyncio.get_running_loop().call_soon(lambda: self.stop.done() or self.stop.set_result("shutdown"))

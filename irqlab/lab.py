@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 import zmq
 
+from fabric import trace as tracing
 from fabric import wire
 from fabric.port import Port, PortError
 from fabric.provenance import adi_origin, describe
@@ -98,7 +99,7 @@ class Lab:
                  spawn: tuple[str, ...] = ("devices", "host", "guests"),
                  stubs: dict[str, tuple[str, tuple[int, int] | None]] | None = None,
                  netns: dict[str, str] | None = None, listen: str | None = None,
-                 local_control: bool | None = None):
+                 local_control: bool | None = None, trace: bool = False):
         """``spawn`` says which processes beyond the fabric to start; ``stubs`` issues extra
         tokens (name -> (role, bus range)) for ports a test drives itself (``self.tokens``,
         and over tcp ``self.curve``: name -> the ``curve`` argument of its ``Port``).
@@ -134,6 +135,7 @@ class Lab:
         self.deaths: list[dict] = []
         self.provenance: dict[str, dict[int, int]] = {}
         self._stopped = False
+        self.trace = trace         # every process records a trace from its start (trace_collect)
 
     # ------------------------------------------------------------------
     # start
@@ -243,6 +245,9 @@ class Lab:
         env = dict(os.environ)
         env["IRQLAB_PARENT_PID"] = str(os.getpid())
         env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop(tracing.ENV, None)
+        if self.trace:
+            env[tracing.ENV] = "1"
         if token:
             env["IRQLAB_TOKEN"] = token
         args = [sys.executable, "-m", module, "--runtime", self.runtime]
@@ -446,6 +451,58 @@ class Lab:
                                     f"{peer} to answer {op!r}", timeout=timeout + 5)
         except PortError as exc:
             raise LabError(str(exc)) from None
+
+    # ------------------------------------------------------------------
+    # tracing (launch.py --trace; docs/tracing.md)
+
+    def trace_order(self) -> list[str]:
+        """The live processes in track order: devices, fabric, host, guests (the way an
+        interrupt travels)."""
+        roles = {"device": 0, "fabric": 1, "host": 2, "guest": 3}
+        live = [c for c in self.children.values() if c.proc.returncode is None and c.role in roles]
+        return [c.name for c in sorted(live, key=lambda c: roles[c.role])]
+
+    async def trace_start(self, max_events: int | None = None) -> dict:
+        """Every live process forgets what it recorded and records from now on (bounded:
+        ``max_events`` each, default ``fabric.trace.MAX_EVENTS``)."""
+        args = {} if max_events is None else {"max_events": max_events}
+        return {name: await self.call(name, "trace.start", args) for name in self.trace_order()}
+
+    async def trace_collect(self) -> dict:
+        """Stop every process's recording and fetch its events over the control interface,
+        chunk by chunk (a device's or guest's reply must fit an 8 KiB frame).
+
+        Returns ``{"dumps": [{"process", "events", "dropped"}, ...] (track order),
+        "missing": {name: why}, "chunks", "bytes", "seconds"}``; ``dumps`` is what
+        ``fabric.trace.to_chrome`` takes.  A guest or device that died is ``missing``; the
+        host or the fabric failing raises ``LabError``."""
+        t0 = time.monotonic()
+        dumps, missing = [], {}
+        chunks = nbytes = 0
+        for name in self.trace_order():
+            events: list[tuple] = []
+            offset, dropped = 0, 0
+            try:
+                while True:
+                    r = await self.call(name, "trace.dump", {"offset": offset})
+                    events.extend(tracing.unpack_events(r["events"]))
+                    chunks += 1
+                    nbytes += len(r["events"])
+                    dropped = r["dropped"]
+                    if r["next"] >= r["total"]:
+                        break
+                    if r["next"] <= offset:
+                        raise LabError(f"{name}: trace.dump made no progress at event {offset}")
+                    offset = r["next"]
+            except LabError as exc:
+                child = self.children[name]
+                if child.role in ("fabric", "host") or child.proc.returncode is None:
+                    raise
+                missing[name] = f"died before its trace was collected ({exc})".splitlines()[0]
+                continue
+            dumps.append({"process": name, "events": events, "dropped": dropped})
+        return {"dumps": dumps, "missing": missing, "chunks": chunks, "bytes": nbytes,
+                "seconds": time.monotonic() - t0}
 
     # ------------------------------------------------------------------
     # the workload and its report
