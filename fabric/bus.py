@@ -367,9 +367,17 @@ class Fabric:
             self._drop(peer, "invalid")
 
     def on_multipart(self, parts: list[bytes]) -> None:
-        """Shell entry: a ROUTER message is [identity, frame]; anything else is malformed."""
-        if len(parts) == 2:
+        """Shell entry: a ROUTER message is [identity, frame, ...]: one frame, or up to
+        ``BATCH_MAX`` coalesced frames handled in order; anything else is malformed."""
+        n = len(parts)
+        if n == 2:
             self.on_frame(parts[0], parts[1])
+            return
+        if 2 < n <= wire.BATCH_MAX + 1:
+            identity = parts[0]
+            on_frame = self.on_frame
+            for i in range(1, n):
+                on_frame(identity, parts[i])
             return
         peer = self.peers.get(parts[0]) if parts else None
         if peer is not None:

@@ -21,8 +21,15 @@ from typing import Callable
 
 import zmq
 
+from fabric.wire import BATCH_MAX
+
+#: Coalescing on (the default) or off (``IRQLAB_COALESCE=0`` in the environment, inherited by
+#: every process a Lab starts: bench/ compares both).
+COALESCE = os.environ.get("IRQLAB_COALESCE", "1") != "0"
+
 #: How many frames one wake-up drains before yielding to other callbacks.
 DRAIN_BATCH = 512
+
 
 # pyzmq 27 flags are enum members: OR-ing them builds a new object per call.  The hot
 # paths use these precomputed plain ints instead.
@@ -33,13 +40,20 @@ _EVENTS = int(zmq.EVENTS)
 
 
 class SocketReader:
-    """Calls ``on_frames(parts)`` for every multipart message a socket receives."""
+    """Calls ``on_message(parts)`` for every multipart message a socket receives.
+
+    With a ``sender`` (the ``QueuedSender`` of the same process), everything the handlers
+    send while one wake-up drains is coalesced: the sender is corked before the first
+    message and flushed after the last, so a deep queue leaves as few, larger messages and
+    a lone message (an idle system) leaves at once, as before.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
-                 on_message: Callable[[list[bytes]], None]):
+                 on_message: Callable[[list[bytes]], None], sender: "QueuedSender | None" = None):
         self._loop = loop
         self._sock = sock
         self._on_message = on_message
+        self._sender = sender if COALESCE else None
         self._fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
         loop.add_reader(self._fd, self._wake)
@@ -59,6 +73,9 @@ class SocketReader:
         sock = self._sock
         on_message = self._on_message
         recv = sock.recv_multipart
+        sender = self._sender
+        if sender is not None:
+            sender.cork()
         try:
             for _ in range(DRAIN_BATCH):
                 try:
@@ -67,13 +84,20 @@ class SocketReader:
                     break
                 on_message(parts)
             else:
+                if sender is not None:
+                    sender.flush()
                 self._schedule()  # more may be queued: yield, then continue
                 return
+            if sender is not None:
+                sender.flush()
             if sock.getsockopt(_EVENTS) & _POLLIN:
                 self._schedule()
         except zmq.ZMQError:
             if not sock.closed:
                 raise
+        finally:
+            if sender is not None and sender.corked:
+                sender.flush()    # a handler raised: still never hold frames back
 
     def kick(self) -> None:
         """Re-check the socket (call after sending: a send can eat the read edge)."""
@@ -87,12 +111,19 @@ class SocketReader:
 
 
 class QueuedSender:
-    """Non-blocking sends that never lose a message.
+    """Non-blocking sends that never lose a message, coalesced under load.
 
     On ``zmq.Again`` (the peer's queue is at its high-water mark) the frame is
     queued and retried, and every later frame for the same destination waits
     behind it, so per-destination order is preserved.  ``key`` is the routing
     identity for a ROUTER, ``None`` for a DEALER.
+
+    *Coalescing.*  Between ``cork()`` and ``flush()`` (``SocketReader`` brackets each
+    drain with them) frames are collected per destination and leave as one ZeroMQ
+    message per destination whose parts are the frames, in order (at most
+    ``BATCH_MAX`` per message).  A multipart message is delivered whole or not at all
+    and one peer's messages stay in order, so per-source ordering holds across batches.
+    Receivers treat every part as a frame of its own.
     """
 
     RETRY_S = 0.0005
@@ -102,29 +133,79 @@ class QueuedSender:
         self._loop = loop
         self._sock = sock
         self._router = router
+        # each queued item is one message: a frame (bytes) or a batch (list of frames)
         self._pending: dict[bytes | None, collections.deque] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._on_unroutable = on_unroutable
+        self._batch: dict[bytes | None, list[bytes]] | None = None
         self.queued = 0  # messages that ever had to wait
+        self.batches = 0  # messages that carried more than one frame
+        self.batched_frames = 0
+
+    @property
+    def corked(self) -> bool:
+        return self._batch is not None
+
+    def cork(self) -> None:
+        """Collect frames from now on; ``flush`` sends them."""
+        if self._batch is None:
+            self._batch = {}
+
+    def flush(self) -> None:
+        """Send what was collected since ``cork`` (one message per destination) and uncork."""
+        batch, self._batch = self._batch, None
+        if not batch:
+            return
+        for key, frames in batch.items():
+            if len(frames) == 1:
+                self.send(key, frames[0])
+                continue
+            for i in range(0, len(frames), BATCH_MAX):
+                chunk = frames[i:i + BATCH_MAX]
+                if len(chunk) > 1:
+                    self.batches += 1
+                    self.batched_frames += len(chunk)
+                self._send_msg(key, chunk if len(chunk) > 1 else chunk[0])
 
     def send(self, key: bytes | None, frame: bytes) -> None:
+        batch = self._batch
+        if batch is not None:
+            frames = batch.get(key)
+            if frames is None:
+                batch[key] = [frame]
+            else:
+                frames.append(frame)
+            return
+        self._send_msg(key, frame)
+
+    def _send_msg(self, key: bytes | None, msg: "bytes | list[bytes]") -> None:
         q = self._pending.get(key)
         if q is not None:
-            q.append(frame)
+            q.append(msg)
             return
-        if not self._try(key, frame):
-            self._pending[key] = collections.deque([frame])
+        if not self._try(key, msg):
+            self._pending[key] = collections.deque([msg])
             self.queued += 1
             self._arm()
 
-    def _try(self, key: bytes | None, frame: bytes) -> bool:
+    def _try(self, key: bytes | None, msg: "bytes | list[bytes]") -> bool:
         sock = self._sock
         try:
+            if type(msg) is bytes:
+                if self._router:
+                    sock.send(key, _NOBLOCK_SNDMORE)
+                sock.send(msg, _NOBLOCK)
+                return True
+            # a batch: once the first part is accepted, the rest of the message is too
             if self._router:
                 sock.send(key, _NOBLOCK_SNDMORE)
-                sock.send(frame, _NOBLOCK)
+                for part in msg[:-1]:
+                    sock.send(part, _NOBLOCK_SNDMORE)
             else:
-                sock.send(frame, _NOBLOCK)
+                sock.send(msg[0], _NOBLOCK_SNDMORE)
+                for part in msg[1:-1]:
+                    sock.send(part, _NOBLOCK_SNDMORE)
+            sock.send(msg[-1], _NOBLOCK)
             return True
         except zmq.Again:
             return False
@@ -153,12 +234,19 @@ class QueuedSender:
             self._arm()
 
     def backlog(self) -> int:
-        return sum(len(q) for q in self._pending.values())
+        """Frames waiting (queued on back-pressure, or collected and not yet flushed)."""
+        n = sum(len(m) if type(m) is list else 1 for q in self._pending.values() for m in q)
+        if self._batch:
+            n += sum(len(f) for f in self._batch.values())
+        return n
 
     def drop(self, key: bytes | None) -> int:
-        """Forget everything queued for ``key`` (the peer is gone); returns how many."""
+        """Forget everything queued for ``key`` (the peer is gone); returns how many frames."""
         q = self._pending.pop(key, None)
-        return len(q) if q else 0
+        n = sum(len(m) if type(m) is list else 1 for m in q) if q else 0
+        if self._batch:
+            n += len(self._batch.pop(key, ()))
+        return n
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

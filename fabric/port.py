@@ -87,7 +87,7 @@ class Port:
         self.sock.connect(self.endpoint)
         self._sender = QueuedSender(loop, self.sock, router=False)
         self._welcome = loop.create_future()
-        self._reader = SocketReader(loop, self.sock, self._dispatch)
+        self._reader = SocketReader(loop, self.sock, self._dispatch, sender=self._sender)
         self.send(wire.hello(self._token, self.name))
         try:
             async with asyncio.timeout(timeout):
@@ -100,6 +100,8 @@ class Port:
         return self.info
 
     def close(self, linger_ms: int = 1000) -> None:
+        if self._sender is not None and self._sender.corked:
+            self._sender.flush()          # closing from inside a handler: let its sends out
         if self._reader:
             self._reader.close()
         if not self.sock.closed:
@@ -163,11 +165,18 @@ class Port:
     # -- receiving ---------------------------------------------------------
 
     def _dispatch(self, parts: list[bytes]) -> None:
-        if len(parts) != 1:
+        """One message: a frame, or up to ``BATCH_MAX`` frames coalesced by the fabric."""
+        if len(parts) == 1:
+            self._dispatch_frame(parts[0])
+        elif len(parts) <= wire.BATCH_MAX:
+            for frame in parts:
+                self._dispatch_frame(frame)
+        else:
             self.malformed += 1
-            return
+
+    def _dispatch_frame(self, frame: bytes) -> None:
         try:
-            msg = wire.decode(parts[0])
+            msg = wire.decode(frame)
         except wire.WireError:
             self.malformed += 1
             return

@@ -177,7 +177,7 @@ async def serve(endpoint: str, specs: dict[str, PeerSpec], platform: Platform,
         if fabric.shutdown_requested and not done.done():
             done.set_result("shutdown requested")
 
-    reader = SocketReader(loop, sock, on_message)
+    reader = SocketReader(loop, sock, on_message, sender=sender)
     if monitor is not None:
         monitor_reader = SocketReader(loop, monitor, gate.on_monitor)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -84,6 +84,12 @@ _ARITY = {HELLO: 4, WELCOME: 4, REFUSED: 2, TLP: 4, IRQ: 6, REG: 4, REG_ACK: 4,
 MAX_DATA_FRAME = 8 * 1024
 MAX_CONTROL_FRAME = 4 * 1024 * 1024
 
+#: Coalescing: one ZeroMQ message carries 1..BATCH_MAX frames as its parts (after the
+#: ROUTER's identity part), handled in order as if they had come one by one.  Under load
+#: senders coalesce what they produce while draining one wake-up (``fabric.loop``); a
+#: message with more parts is dropped whole (counted ``multipart``).
+BATCH_MAX = 64
+
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 

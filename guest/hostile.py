@@ -132,7 +132,7 @@ async def hypercall_raw(shell, args: dict) -> dict:
 
 
 async def malformed_frames(shell, args: dict) -> dict:
-    """Put junk on the socket: not msgpack, wrong shapes, unknown types, oversized, multipart."""
+    """Put junk on the socket: not msgpack, wrong shapes, unknown types, oversized, too many parts."""
     import msgpack
     import zmq
     n = int(args.get("count", 8))
@@ -144,7 +144,9 @@ async def malformed_frames(shell, args: dict) -> dict:
         shell.port.send(frames[i % len(frames)])
         sent += 1
     try:
-        shell.port.sock.send_multipart([b"part one", b"part two"], zmq.NOBLOCK)
+        # more parts than a coalesced message may carry (wire.BATCH_MAX): dropped whole
+        from fabric.wire import BATCH_MAX
+        shell.port.sock.send_multipart([b"part"] * (BATCH_MAX + 1), zmq.NOBLOCK)
         sent += 1
     except zmq.ZMQError:
         pass

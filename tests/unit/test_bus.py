@@ -427,17 +427,31 @@ def test_host_and_control_may_send_bigger_frames() -> None:
 def test_multipart_frames_dropped() -> None:
     b = Bench()
     ok = wire.event("d0", "k", {})
-    b.f.on_multipart([D0, ok, ok])
+    b.f.on_multipart([D0] + [ok] * (wire.BATCH_MAX + 1))      # more than a batch may carry
     b.dropped(D0, "multipart")
     b.f.on_multipart([D0])
     b.dropped(D0, "multipart", 2)
     assert b.c["drop:multipart"] == 2 and b.peer("d0").drops == {"multipart": 2}
-    b.f.on_multipart([STRANGER, ok, ok])
+    b.f.on_multipart([STRANGER] + [ok] * (wire.BATCH_MAX + 1))
     b.f.on_multipart([])
     assert b.take() == [] and b.c["drop:unregistered"] == 2
     # The normal two-part message is one frame.
     b.f.on_multipart([D0, ok])
     assert b.one(CTL) == [wire.EVENT, "d0", "k", {}]
+
+
+def test_coalesced_frames_are_handled_in_order_each_on_its_own() -> None:
+    """A batch (wire.BATCH_MAX frames at most) is the same as its frames one by one: each is
+    checked, counted and routed on its own, in order, and a bad one spoils only itself."""
+    b = Bench()
+    frames = [wire.event("d0", f"k{i}", {"i": i}) for i in range(wire.BATCH_MAX)]
+    frames[3] = b"\xc1 not msgpack"
+    b.f.on_multipart([D0] + frames)
+    got = b.take()
+    assert [m for ident, m in got if ident == CTL] == \
+        [[wire.EVENT, "d0", f"k{i}", {"i": i}] for i in range(wire.BATCH_MAX) if i != 3]
+    assert [m for ident, m in got if ident == D0] == [[wire.DROPPED, "malformed", 1]]
+    assert b.peer("d0").drops == {"malformed": 1} and b.c["drop:multipart"] == 0
 
 
 def test_dropped_notices_are_exponentially_spaced_per_reason() -> None:

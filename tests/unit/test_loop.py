@@ -1,0 +1,147 @@
+"""fabric.loop: the socket shell every process uses -- coalescing, ordering, back-pressure.
+
+Real ZeroMQ sockets over inproc:// (no processes): a ROUTER and a DEALER in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import zmq
+
+from fabric.loop import QueuedSender, SocketReader
+from fabric.wire import BATCH_MAX
+
+WAIT_MS = 5000
+
+
+@pytest.fixture(params=[None])
+def pair(request):
+    """(router, dealer) connected over a unique inproc endpoint; ``request.param``: a small
+    high-water mark for both, set before connecting (it applies to pipes made later)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    hwm = request.param
+    router.setsockopt(zmq.RCVTIMEO, WAIT_MS)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"d1")
+    dealer.setsockopt(zmq.RCVTIMEO, WAIT_MS)
+    if hwm:
+        for sock in (router, dealer):
+            sock.setsockopt(zmq.SNDHWM, hwm)
+            sock.setsockopt(zmq.RCVHWM, hwm)
+    endpoint = f"inproc://loop-{uuid.uuid4().hex}"
+    router.bind(endpoint)
+    dealer.connect(endpoint)
+    dealer.send(b"hello")                        # the router learns the dealer's identity
+    assert router.recv_multipart() == [b"d1", b"hello"]
+    yield router, dealer
+    router.close(linger=0)
+    dealer.close(linger=0)
+    ctx.term()
+
+
+async def test_uncorked_sends_leave_one_frame_per_message(pair):
+    router, dealer = pair
+    qs = QueuedSender(asyncio.get_running_loop(), router, router=True)
+    for i in range(3):
+        qs.send(b"d1", b"f%d" % i)
+    assert [dealer.recv_multipart() for _ in range(3)] == [[b"f0"], [b"f1"], [b"f2"]]
+    assert qs.batches == 0
+
+
+async def test_corked_sends_coalesce_per_destination_in_order(pair):
+    router, dealer = pair
+    qs = QueuedSender(asyncio.get_running_loop(), router, router=True)
+    qs.cork()
+    frames = [b"f%d" % i for i in range(BATCH_MAX + 5)]
+    for f in frames:
+        qs.send(b"d1", f)
+    assert qs.backlog() == len(frames), "collected, not sent, until flush"
+    qs.flush()
+    assert not qs.corked and qs.backlog() == 0
+    first, second = dealer.recv_multipart(), dealer.recv_multipart()
+    assert first == frames[:BATCH_MAX] and second == frames[BATCH_MAX:]
+    assert qs.batches == 2 and qs.batched_frames == len(frames)
+
+
+async def test_a_lone_frame_in_a_drain_is_not_a_batch(pair):
+    router, dealer = pair
+    qs = QueuedSender(asyncio.get_running_loop(), dealer, router=False)
+    qs.cork()
+    qs.send(None, b"only")
+    qs.flush()
+    assert router.recv_multipart() == [b"d1", b"only"] and qs.batches == 0
+
+
+async def test_reader_corks_its_sender_for_one_drain(pair):
+    """Every frame the handler sends while one wake-up drains leaves in one message, after the
+    drain; a later, lone message is answered by a lone frame (no added latency when idle)."""
+    router, dealer = pair
+    loop = asyncio.get_running_loop()
+    qs = QueuedSender(loop, router, router=True)
+    got: list[list[bytes]] = []
+    done = asyncio.Event()
+
+    def on_message(parts: list[bytes]) -> None:
+        got.append(parts)
+        qs.send(parts[0], b"echo:" + parts[1])
+        if len(got) in (5, 6):
+            done.set()
+
+    for i in range(5):                       # queued before the reader's first drain
+        dealer.send(b"m%d" % i)
+    reader = SocketReader(loop, router, on_message, sender=qs)
+    try:
+        async with asyncio.timeout(WAIT_MS / 1000):
+            await done.wait()
+        assert dealer.recv_multipart() == [b"echo:m%d" % i for i in range(5)]
+        done.clear()
+        dealer.send(b"late")
+        reader.kick()
+        async with asyncio.timeout(WAIT_MS / 1000):
+            await done.wait()
+        assert dealer.recv_multipart() == [b"echo:late"]
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("pair", [1], indirect=True)
+async def test_back_pressure_queues_batches_and_keeps_order(pair):
+    """A full peer (its high-water mark reached): batches and lone frames wait in order and
+    none is lost."""
+    router, dealer = pair
+    qs = QueuedSender(asyncio.get_running_loop(), router, router=True)
+    sent = []
+    for round_ in range(40):
+        qs.cork()
+        for i in range(3):
+            f = b"r%d-%d" % (round_, i)
+            qs.send(b"d1", f)
+            sent.append(f)
+        qs.flush()
+        f = b"r%d-lone" % round_
+        qs.send(b"d1", f)
+        sent.append(f)
+    assert qs.queued >= 1, "the high-water mark should have been reached"
+    received: list[bytes] = []
+    all_in = asyncio.Event()
+
+    def on_message(parts: list[bytes]) -> None:
+        received.extend(parts)
+        if len(received) >= len(sent):
+            all_in.set()
+
+    reader = SocketReader(asyncio.get_running_loop(), dealer, on_message)
+    try:
+        async with asyncio.timeout(WAIT_MS / 1000):
+            await all_in.wait()
+    except TimeoutError:
+        raise AssertionError(f"waited for {len(sent)} frames, got {len(received)}; "
+                             f"sender backlog {qs.backlog()}") from None
+    finally:
+        reader.close()
+    assert received == sent and qs.backlog() == 0
