@@ -45,12 +45,12 @@ class Stubs:
         self.host.close(0)
         self.dev.close(0)
 
-    def mwr(self, addr: int, data: bytes) -> None:
-        raw = Tlp.mem_write(addr, data, requester_id=DEV_RID).pack()
+    def mwr(self, addr: int, data: bytes, pasid: int | None = None) -> None:
+        raw = Tlp.mem_write(addr, data, requester_id=DEV_RID, pasid=pasid).pack()
         self.dev.send(wire.tlp(raw, DEV_RID, time.monotonic_ns()))
 
-    def interrupt(self, addr: int, data: int) -> None:
-        self.mwr(addr, data.to_bytes(4, "little"))
+    def interrupt(self, addr: int, data: int, pasid: int | None = None) -> None:
+        self.mwr(addr, data.to_bytes(4, "little"), pasid)
 
     async def barrier(self) -> list:
         """Send a good interrupt and wait for it; returns every IRQ that arrived meanwhile."""
@@ -67,15 +67,27 @@ class Stubs:
         return await self.host.reg("faults.drain", {})
 
 
-@pytest.fixture
-async def stubs(start_lab):
-    lab = await start_lab(spawn=(), stubs={"rogue": ("device", (5, 5))})
+async def _stubs(start_lab, platform: dict | None = None):
+    lab = await start_lab({"platform": platform or {}}, spawn=(), stubs={"rogue": ("device", (5, 5))})
     s = Stubs(lab)
     await s.connect()
     try:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+async def stubs(start_lab):
+    async for s in _stubs(start_lab):
+        yield s
+
+
+@pytest.fixture
+async def no_pasid_stubs(start_lab):
+    """The root complex of this platform cannot receive PASID-tagged interrupt requests."""
+    async for s in _stubs(start_lab, {"pasid_interrupts": False}):
+        yield s
 
 
 async def program(s: Stubs, entries: int = 256) -> None:
@@ -124,6 +136,38 @@ async def test_0x20_reserved_field_partial_dword_write(stubs):
     lo, _, _ = compose_remappable(GOOD_INDEX)
     stubs.mwr(lo, b"\x00\x00")          # two bytes: not an interrupt request
     await expect_fault(stubs, 0x20, "Detected reserved fields in the decoded interrupt-remapped request")
+
+
+PASID = 0x4A5
+
+
+async def test_0x20_pasid_tagged_request_on_a_platform_that_cannot_receive_them(no_pasid_stubs):
+    """platform.pasid_interrupts = false (row 3-noplat's root complex): a PASID-tagged
+    interrupt MWr faults 0x20 even though its IRTE is good; an untagged one still arrives."""
+    s = no_pasid_stubs
+    await program(s)
+    before = await s.lab.call("fabric", "counters")
+    lo, _, data = compose_remappable(GOOD_INDEX)
+    s.interrupt(lo, data, pasid=PASID)       # the good IRTE's own handle, but tagged
+    await expect_fault(s, 0x20, "Detected reserved fields in the decoded interrupt-remapped request",
+                       index=0)
+    after = await s.lab.call("fabric", "counters")
+    assert after.get("irq:fault:0x20", 0) - before.get("irq:fault:0x20", 0) == 1, (before, after)
+    # and the untagged barrier interrupt was delivered with its provenance (expect_fault checked
+    # it was the only arrival): the platform refuses the tag, not the device
+    assert s.irqs[-1][1:4] == [0, GOOD_VECTOR, DEV_RID], s.irqs[-1]
+
+
+async def test_pasid_tagged_request_is_remapped_where_the_platform_receives_them(stubs):
+    """The contrast: the same tagged MWr on a platform that accepts PASID-tagged interrupts
+    (and IRTEs that do not check PASIDs) is remapped like any other."""
+    await program(stubs)
+    await write_irte(stubs, 8, Irte.remapped(0x44, 0, DEV_RID).pack())
+    lo, _, data = compose_remappable(8)
+    stubs.interrupt(lo, data, pasid=PASID)
+    got = await stubs.barrier()               # per-source order: the tagged one arrives first
+    assert [m[2] for m in got] == [0x44, GOOD_VECTOR], got
+    assert await stubs.faults() == []
 
 
 async def test_0x21_index_beyond_table(stubs):
