@@ -209,17 +209,24 @@ class PostedDescriptor:
     vector's provenance) to the guest and clears ON, so a running vCPU gets every vector
     without the host on the path.  With SN set the bits wait; clearing SN (the host
     schedules the vCPU again) delivers what accumulated.
+
+    PIR is a bitmap: postings of a vector whose bit is already set merge into it, and the
+    vCPU takes that vector once.  Out of band, as with provenance, each bit also carries how
+    many postings it absorbed, so the lab can tell coalescing (the handler consumes every
+    completion) from loss.  ``held`` counts the postings SN suppressed since it was last set.
     """
 
     vm: str
     vcpu: int
     nv: int = 0xF2          # Linux's POSTED_INTR_VECTOR
-    pir: dict = field(default_factory=dict)   # vector -> (origin, t_ns) of its latest posting
+    pir: dict = field(default_factory=dict)   # vector -> (origin, t_ns, postings) of its latest posting
     on: bool = False
     sn: bool = False
     posted: int = 0
     notified: int = 0
     suppressed: int = 0
+    merged: int = 0                           # postings that found their PIR bit already set
+    held: int = 0                             # postings suppressed since SN was last set
 
 
 @dataclass
@@ -513,13 +520,25 @@ class Fabric:
         if pid is None or not self.platform.posted:
             self.counters["irq:posted_no_descriptor"] += 1
             return
-        pid.pir[res.vector] = (origin, t_ns)
+        pir = pid.pir
+        prev = pir.get(res.vector)
+        if prev is None:
+            pir[res.vector] = (origin, t_ns, 1)
+        else:
+            pir[res.vector] = (origin, t_ns, prev[2] + 1)
+            pid.merged += 1
         pid.posted += 1
         self.counters["irq:posted"] += 1
         if pid.on:
             return
         if pid.sn and not res.urgent:
             pid.suppressed += 1
+            held = pid.held = pid.held + 1
+            if not held & (held - 1):
+                # the 1st, 2nd, 4th, 8th ... posting held for a descheduled vCPU: the
+                # controller can await the state it wants; a storm costs log2(n) events
+                self._broadcast_event("fabric", "posted-held", {"vm": pid.vm, "vcpu": pid.vcpu, "held": held,
+                                                                "pir": sorted(pir)})
             return
         self._notify(pid)
 
@@ -527,7 +546,7 @@ class Fabric:
         guest = self.by_name.get(pid.vm)
         if guest is None or guest.role != "guest":
             return                       # PIR keeps the bits until the VM is back
-        entries = [[v, o, t] for v, (o, t) in sorted(pid.pir.items())]
+        entries = [[v, o, t, n] for v, (o, t, n) in sorted(pid.pir.items())]
         pid.pir.clear()
         pid.on = False                   # the vCPU's posted-interrupt processing ran
         pid.notified += 1
@@ -928,13 +947,17 @@ class Fabric:
 
     def _reg_pid_sn(self, peer: Peer, a: dict) -> dict:
         """Set or clear SN (the host deschedules / schedules the vCPU); clearing it delivers
-        what PIR accumulated meanwhile."""
+        what PIR accumulated meanwhile.  Returns the vectors pending in PIR (``pir``, and their
+        number, ``pending``) and ``held``: the postings SN suppressed in this descheduled
+        period (0 when setting SN)."""
         pid = self.pids[int(a["pda"])]
         pid.sn = bool(a["on"])
-        pending = len(pid.pir)
+        if pid.sn:
+            pid.held = 0                 # a new descheduled period
+        pending, held = sorted(pid.pir), pid.held
         if not pid.sn and pid.pir and not pid.on:
             self._notify(pid)
-        return {"pending": pending}
+        return {"pending": len(pending), "pir": pending, "held": held}
 
     def _reg_ept_destroy(self, peer: Peer, a: dict) -> bool:
         """The VM is gone: its whole EPT with it."""
@@ -1053,7 +1076,8 @@ class Fabric:
             return self.irt_dump()
         if op == "pids":
             return {f"0x{pda:x}": {"vm": d.vm, "vcpu": d.vcpu, "on": d.on, "sn": d.sn, "pir": sorted(d.pir),
-                                   "posted": d.posted, "notified": d.notified, "suppressed": d.suppressed}
+                                   "posted": d.posted, "notified": d.notified, "suppressed": d.suppressed,
+                                   "merged": d.merged, "held": d.held}
                     for pda, d in sorted(self.pids.items())}
         if op == "peers":
             return {p.name: {"role": p.role, "rx": p.rx, "drops": dict(p.drops)} for p in self.peers.values()}

@@ -154,6 +154,7 @@ class Kernel:
         self.irqs_received = 0
         self.misdirected = 0                    # messages for an APIC ID no CPU has
         self.arrivals: dict[int, int] = {}      # virq -> messages that reached its vector
+        self.posted_coalesced = 0               # posted messages merged into a PIR bit already set
         self.cur_origin: int | None = None
         self.cur_t_ns = 0
         self.log: list[str] = []
@@ -360,6 +361,20 @@ class Kernel:
             else:
                 self.irq.handle_irq(pending_irq, cpu)
             apic.eoi()
+
+    def coalesced_posted(self, apic_id: int, vector: int, n: int) -> None:
+        """``n`` posted messages for ``vector`` merged into a PIR bit that was already set (the
+        vCPU was descheduled, or the bit not yet synced): the CPU takes the vector once, so
+        they reach its irq without a handler run of their own.  Counted as arrivals (they
+        did arrive; the handler that runs consumes their work), before the one delivery, so
+        a workload waiting for every arrival sees them when that handler runs."""
+        cpu = self._cpu_of_apic.get(apic_id)
+        if cpu is None or n <= 0:
+            return
+        self.posted_coalesced += n
+        irq = self.vector.vector_irq[cpu].get(vector)
+        if irq is not None:
+            self.arrivals[irq] = self.arrivals.get(irq, 0) + n
 
     def irq_forwards(self, apic_id: int, vector: int) -> bool:
         """For traces: does this vector's handler pass the interrupt on (the host injecting it

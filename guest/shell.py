@@ -70,13 +70,18 @@ class OsShell:
         self.kernel.deliver(apic, vector, origin, t_ns, handle)
 
     def on_posted(self, msg: list) -> None:
-        """A posted-interrupt notification: the vCPU syncs the PIR bits into its APIC."""
+        """A posted-interrupt notification: the vCPU syncs the PIR bits into its APIC.  Each
+        entry is [vector, origin, t_ns, postings]: a PIR bit that absorbed several postings
+        is taken once (its handler consumes all their work); the others are counted."""
         _, apic, entries = msg
         deliver = self.kernel.deliver
+        coalesced = self.kernel.coalesced_posted
         tr = self.tracer
-        for vector, origin, t_ns in entries:
+        for vector, origin, t_ns, postings in entries:
             if tr.on:
                 tr.flow("f", f"posted vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), apic=apic)
+            if postings != 1:
+                coalesced(apic, vector, postings - 1)
             deliver(apic, vector, origin, t_ns, -3)
 
     def on_tlp_msg(self, msg: list) -> None:
@@ -241,7 +246,8 @@ class OsShell:
                 "breach_samples": [str(b) for b in k.breaches[:10]],
                 "spurious": k.vector.spurious, "dma_writes": self.dma_writes, "dma_reads": self.dma_reads,
                 "dma_unmapped": self.dma_unmapped, "bad_tlps": self.bad_tlps,
-                "illegal_vectors": sum(c.illegal_vector for c in k.cpus)}
+                "illegal_vectors": sum(c.illegal_vector for c in k.cpus),
+                "posted_coalesced": k.posted_coalesced}
 
     async def op_stats(self, args: dict) -> dict:
         return {"os": self.counters(), "functions": self.workload.report() if self.workload else {}}

@@ -60,6 +60,8 @@ class Host(OsShell):
         self.ctl_ops["vms"] = self.op_vms
         self.ctl_ops["vm.died"] = self.op_vm_died
         self.ctl_ops["device.removed"] = self.op_device_removed
+        self.ctl_ops["vcpu.deschedule"] = self.op_vcpu_deschedule
+        self.ctl_ops["vcpu.schedule"] = self.op_vcpu_schedule
 
     async def boot(self) -> dict:
         k = self.kernel
@@ -95,6 +97,15 @@ class Host(OsShell):
     async def op_vm_died(self, args: dict) -> dict:
         return await self.vmm.destroy_vm(str(args["name"]))
 
+    async def op_vcpu_deschedule(self, args: dict) -> dict:
+        """``{"vm": NAME, "vcpu": N}`` (no ``vcpu``: every vCPU): the vCPU stops running; its
+        posted interrupts wait in PIR (SN set)."""
+        return await self.vmm.set_vcpu_running(args.get("vm"), args.get("vcpu"), False)
+
+    async def op_vcpu_schedule(self, args: dict) -> dict:
+        """The vCPU runs again (SN clear): what PIR accumulated is delivered."""
+        return await self.vmm.set_vcpu_running(args.get("vm"), args.get("vcpu"), True)
+
     async def op_device_removed(self, args: dict) -> dict:
         """A device process died: its functions are surprise-removed from the host and the VMs."""
         buses = [int(b) for b in args.get("buses", [])]
@@ -118,6 +129,17 @@ class Host(OsShell):
                              + (f"0x{pasid:x}" if pasid is not None else "-")
                              + f", portal 0x{pf.portal(adi):x}")
         views["adis"] = "\n".join(lines)
+        vms = []
+        for vm in self.vmm.vms.values():
+            if vm.delivery == "posted":
+                how = (f"posted ({self.vmm.posted_irtes(vm)} IRTEs posted into descriptors "
+                       + ", ".join(f"vCPU{c} 0x{p:x}" + (" [descheduled: SN]" if c in vm.descheduled else "")
+                                   for c, p in vm.pids.items()) + ")")
+            else:
+                how = "injection (remapped to a host vector, injected by the VMM)"
+            vms.append(f"{vm.name}: {vm.state}, {vm.vcpus} vCPUs, interrupt delivery {how}; "
+                       f"injected {vm.injected}")
+        views["vms"] = "\n".join(vms)
         return views
 
 

@@ -16,6 +16,14 @@ accesses through the virtual config, trapped MSI-X table accesses, hypercalls,
 EPT violations.  Real interrupts of an assigned VF arrive at host vectors whose
 handlers inject (guest vector, vCPU) into the guest — the remapped-then-injected
 path of case 2.
+
+A VM whose ``delivery`` is ``"posted"`` (the default on a platform with posted
+interrupts) gets a posted-interrupt descriptor per vCPU in the fabric; every
+vfio MSI-X entry the guest makes deliverable, and every message composed by
+hypercall, gets a posted-format IRTE naming (descriptor, guest vector), so the
+IR unit notifies the vCPU itself and the host is not on the path.  A masked
+entry goes back to remapped (the host holds it pending).  ``set_vcpu_running``
+deschedules / schedules a vCPU: the descriptor's SN bit.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
 from fabric.trace import flow_id
 from guest.irq.domain import (IrqAllocInfo, IrqError, irq_chip_compose_msi_msg, irq_domain_alloc_irqs,
                               irq_domain_free_irqs)
+from guest.irq.ir import IrteRef
 from guest.pci import regs as R
 from guest.pci.core import PciDev
 from guest.pci.msi import pci_free_irq_vectors
@@ -99,13 +108,19 @@ class Vm:
     pending_forward: int = 0
     state: str = "running"          # "running" | "dead" (its process died; everything reclaimed)
     pids: dict[int, int] = field(default_factory=dict)      # vCPU APIC ID -> descriptor address
-    posted_irqs: int = 0
+                                                            # (empty: this VM's interrupts are injected)
+    descheduled: set[int] = field(default_factory=set)      # vCPUs whose descriptor has SN set
     refused_total: int = 0
     reclaimed: dict = field(default_factory=dict)
 
     @property
     def apic_ids(self) -> list[int]:
         return list(range(self.vcpus))
+
+    @property
+    def delivery(self) -> str:
+        """"posted" when its vCPUs have posted-interrupt descriptors, else "injection"."""
+        return "posted" if self.pids else "injection"
 
     def refuse(self, what: str) -> None:
         self.refused_total += 1
@@ -121,9 +136,9 @@ class Vmm:
         self.vms: dict[str, Vm] = {}
         self.by_irq: dict[int, tuple[Vm, VirtualFunction, int]] = {}   # host virq -> (vm, vf, entry)
         self.log: list[str] = []
-        #: posted interrupts: the platform has them and the topology did not ask for injection
-        self.posted = bool(host.platform.get("posted")) and host.cfg.get("delivery", "posted") == "posted"
-        self._posted_state: dict[int, tuple[int, int] | None] = {}        # host virq -> (pda, vector)
+        #: the platform has posted interrupts; each VM's ``delivery`` (topology) says whether it
+        #: uses them (a VM with descriptors is posted, one without is injected)
+        self.posted = bool(host.platform.get("posted"))
 
     # ------------------------------------------------------------------
     # setup
@@ -134,11 +149,22 @@ class Vmm:
                 spec.get("cpuid", "kvm"), spec.get("kernel", "modern"),
                 GUEST_HPA_BASE + index * GUEST_HPA_STRIDE, domain=index + 1)
         reg = self.port.reg
-        if self.posted:
+        delivery = spec.get("delivery") or ("posted" if self.posted else "injection")
+        if delivery not in ("posted", "injection"):
+            raise RuntimeError(f"{name}: unknown interrupt delivery {delivery!r}")
+        if delivery == "posted" and not self.posted:
+            raise RuntimeError(f"{name}: posted delivery asked for, but the platform has no posted interrupts")
+        if delivery == "posted":
             # one posted-interrupt descriptor per vCPU (Linux: pi_desc in struct vcpu_vmx)
             for vcpu in vm.apic_ids:
                 vm.pids[vcpu] = PID_BASE + (index * 64 + vcpu) * 64
                 await reg("pid.set", {"pda": vm.pids[vcpu], "vm": name, "vcpu": vcpu})
+            self.log.append(f"kvm {name}: posted interrupts, descriptors "
+                            + ", ".join(f"vCPU{c} 0x{p:x}" for c, p in vm.pids.items()))
+        else:
+            self.log.append(f"kvm {name}: interrupts injected by the host"
+                            + (" (posted interrupts available; the topology asked for injection)"
+                               if self.posted else ""))
         await reg("mem.map", {"owner": name, "hpa": vm.hpa, "size": vm.mem_size, "local": 0})
         await reg("iommu.domain", {"domain": vm.domain, "op": "create"})
         await reg("iommu.map", {"domain": vm.domain, "iova": 0, "hpa": vm.hpa, "size": vm.mem_size,
@@ -348,7 +374,7 @@ class Vmm:
         msg = irq_chip_compose_msi_msg(self.kernel.irq.irq_get_irq_data(virq))
         real = (msg.address_lo, msg.address_hi, msg.data)
         vm.composes[handle] = Compose(handle, vf, virq, dest, vector, "fake" if fake else "remapped", real)
-        if self.posted and dest in vm.pids:
+        if dest in vm.pids:
             # posted: the IR unit sets the guest vector in the vCPU's descriptor itself
             self._set_posted(virq, (vm.pids[dest], vector))
         lo, hi, data = fake_pair(handle) if fake else real
@@ -403,14 +429,23 @@ class Vmm:
             await self._act_adi(vm, vf, action)
             return
         await self._act_vf(vm, vf, action)
-        if self.posted:
+        if vm.pids:
             self._sync_posted(vm, vf)
+
+    def _posted_target(self, virq: int) -> tuple[int, int] | None:
+        """(descriptor, guest vector) this host irq's IRTE is posted to now; None when it is
+        remapped, or the irq is not allocated.  The IR level's own record (``IrteRef.posted``)
+        is the truth: an irq freed and allocated again starts remapped, whatever it was."""
+        data = self.kernel.irq.irq_get_irq_data(virq)
+        for level in data.levels() if data is not None else ():
+            if isinstance(level.chip_data, IrteRef):
+                return level.chip_data.posted
+        return None
 
     def _set_posted(self, virq: int, target: tuple[int, int] | None) -> None:
         """Post this host interrupt to (descriptor, guest vector), or back to remapped (None)."""
-        if self._posted_state.get(virq) == target:
+        if self._posted_target(virq) == target:
             return
-        self._posted_state[virq] = target
         self.kernel.irq.irq_set_vcpu_affinity(virq, None if target is None else
                                               {"pda": target[0], "vector": target[1]})
 
@@ -424,8 +459,13 @@ class Vmm:
             target = vf.deliverable(idx)
             pda = vm.pids.get(target[0]) if target else None
             self._set_posted(virq, (pda, target[1]) if pda is not None else None)
-        vm.posted_irqs = sum(1 for v, t in self._posted_state.items() if t is not None
-                             and self.by_irq.get(v, (None,))[0] is vm)
+
+    def posted_irtes(self, vm: Vm) -> int:
+        """How many host IRTEs are in posted format into this VM's descriptors now."""
+        pdas = set(vm.pids.values())
+        virqs = [v for v, (owner, _, _) in self.by_irq.items() if owner is vm]
+        virqs += [c.virq for c in vm.composes.values()]
+        return sum(1 for v in virqs if (self._posted_target(v) or (None,))[0] in pdas)
 
     async def _act_vf(self, vm: Vm, vf, action: tuple) -> None:
         kind = action[0]
@@ -501,14 +541,35 @@ class Vmm:
             tr.flow("t", f"inject {vm.name} vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), vcpu=apic)
         self.port.send(wire.inject(vm.name, apic, vector, origin, t_ns))
 
-    async def set_vcpu_running(self, name: str, vcpu: int, running: bool) -> dict:
-        """Schedule / deschedule a vCPU: its descriptor's SN bit (posted interrupts wait in PIR
-        while it is out, and arrive together when it runs again)."""
-        vm = self.vms[name]
-        pda = vm.pids.get(vcpu)
-        if pda is None:
-            raise ValueError(f"{name} has no posted-interrupt descriptor for vCPU {vcpu}")
-        return await self.port.reg("pid.sn", {"pda": pda, "on": not running})
+    async def set_vcpu_running(self, name: Any, vcpu: Any, running: bool) -> dict:
+        """Schedule / deschedule vCPU ``vcpu`` of VM ``name`` (None: all of them): its descriptor's
+        SN bit.  While SN is set the IR unit still sets PIR bits but notifies nobody; clearing
+        it delivers what accumulated (KVM's vmx_vcpu_pi_put / vmx_vcpu_pi_load).  ValueError,
+        one line, for a VM that does not exist, is dead, or is not posted."""
+        vm = self.vms.get(name) if isinstance(name, str) else None
+        if vm is None:
+            raise ValueError(f"no VM named {name!r} (VMs: {', '.join(sorted(self.vms)) or 'none'})")
+        if vm.state == "dead":
+            raise ValueError(f"{vm.name} is dead")
+        if not vm.pids:
+            raise ValueError(f"{vm.name} uses injection delivery: only a VM with posted interrupts has "
+                             f"descriptors whose SN bit (de)scheduling a vCPU sets")
+        if vcpu is None:
+            vcpus = list(vm.pids)
+        elif type(vcpu) is int and vcpu in vm.pids:
+            vcpus = [vcpu]
+        else:
+            raise ValueError(f"{vm.name} has no vCPU {vcpu!r} (vCPUs 0..{vm.vcpus - 1})")
+        out = {}
+        for c in vcpus:
+            out[str(c)] = await self.port.reg("pid.sn", {"pda": vm.pids[c], "on": not running})
+            if running:
+                vm.descheduled.discard(c)
+            else:
+                vm.descheduled.add(c)
+        self.kernel.log.append(f"kvm {vm.name}: vCPU {', '.join(map(str, vcpus))} "
+                        + ("scheduled (SN clear)" if running else "descheduled (SN set)"))
+        return {"vm": vm.name, "running": running, "vcpus": out}
 
     # ------------------------------------------------------------------
     # a VM died: take back everything it had
@@ -530,7 +591,6 @@ class Vmm:
         vm.composes.clear()
         for virq in [v for v, (owner, _, _) in self.by_irq.items() if owner is vm]:
             del self.by_irq[virq]
-            self._posted_state.pop(virq, None)
             k.irq.free_irq(virq)
         for dev in list(vm.vfs.values()):
             if isinstance(dev, VirtualAdi):
@@ -566,7 +626,6 @@ class Vmm:
 
     def _release(self, virq: int) -> None:
         k = self.kernel
-        self._posted_state.pop(virq, None)
         k.irq.free_irq(virq)
         irq_domain_free_irqs(k.ir, virq, 1)
         k.irq_owner.pop(virq, None)
@@ -596,8 +655,10 @@ class Vmm:
     # ------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        return {vm.name: {"state": vm.state, "delivery": "posted" if self.posted else "injection",
-                          "posted_descriptors": {str(c): f"0x{p:x}" for c, p in vm.pids.items()}, "reclaimed": vm.reclaimed, "exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
+        return {vm.name: {"state": vm.state, "delivery": vm.delivery,
+                          "posted_descriptors": {str(c): f"0x{p:x}" for c, p in vm.pids.items()},
+                          "posted_irtes": self.posted_irtes(vm), "descheduled": sorted(vm.descheduled),
+                          "reclaimed": vm.reclaimed, "exits": vm.exits, "hypercalls": vm.hypercalls, "injected": vm.injected,
                           "pending_forward": vm.pending_forward, "composes": len(vm.composes),
                           "refused": vm.refused[-20:], "refused_total": vm.refused_total,
                           "assigned": {rid_str(g): _phys(v) for g, v in vm.vfs.items()},

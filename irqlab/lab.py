@@ -207,7 +207,7 @@ class Lab:
             security["local_endpoint"] = self.local_endpoint
         self._write("fabric.json", {**security, "endpoint": self.endpoint, "tokens": table,
                                     "platform": {"ir": plat.ir, "ir_entries": plat.ir_entries,
-                                                 "pasid_ir": plat.pasid_ir,
+                                                 "pasid_ir": plat.pasid_ir, "posted": plat.posted,
                                                  "pasid_interrupts": plat.pasid_interrupts,
                                                  "max_bus": max_bus}})
 
@@ -217,7 +217,8 @@ class Lab:
             rids = [_function_rid(topo, t) for t in g.assign if ".vf" in t]
             adis = [_adi(topo, t) for t in g.assign if ".adi" in t]
             vms.append({"name": g.name, "cpus": g.cpus, "memory_mib": g.memory_mib, "cpuid": g.cpuid,
-                        "kernel": g.kernel, "assign_rids": rids, "assign_adis": adis})
+                        "kernel": g.kernel, "assign_rids": rids, "assign_adis": adis,
+                        "delivery": topo.delivery(g)})
             # The VMM puts assigned VFs, then ADIs, at 00:03.0, 00:04.0, ... of the guest's bus;
             # the oracle's identity of each is the VF's RID or (PF RID, ADI index).
             origins = rids + [adi_origin(rid, i) for rid, i in adis]

@@ -32,9 +32,10 @@ is the one reported.
 
 *Interrupt delivery.*  ``platform.posted`` says the machine has posted
 interrupts; each guest's ``delivery`` (``"posted"`` or ``"injection"``) says
-how the host delivers its assigned functions' interrupts.  Left out, it is
-resolved at load time, like a device's bus: ``"posted"`` on a platform that
-has it, else ``"injection"``.
+how the host delivers its assigned functions' interrupts.  Left out, it stays
+unset (so a topology merged over another follows its platform) and
+``Topology.delivery(guest)`` gives ``"posted"`` on a platform that has it,
+else ``"injection"``.
 
 *Buses.*  Bus 0 is the root complex's.  A device's PF sits at devfn 0 of its
 first bus and VF ``i`` (0-based) at routing ID ``PF + FIRST_VF_OFFSET + i *
@@ -200,8 +201,8 @@ class Guest:
     kernel: str = "modern"
     behaviours: tuple[str, ...] = ()
     irq: str = "msix"               # the engine driver's interrupt kind: "msix" or "ims"
-    delivery: str | None = None     # "posted" or "injection"; None only before resolution (a
-                                    # loaded Topology has "posted" when the platform has it)
+    delivery: str | None = None     # "posted" or "injection"; None: the platform's default
+                                    # (Topology.delivery(guest) resolves it)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,14 @@ class Topology:
             if g.name == name:
                 return g
         raise KeyError(f"{self.source}: no guest named {name!r}")
+
+    def delivery(self, guest: "Guest | str") -> str:
+        """How the host delivers ``guest``'s interrupts: its ``delivery``, or by default
+        ``"posted"`` on a platform with posted interrupts, else ``"injection"``."""
+        g = self.guest(guest) if isinstance(guest, str) else guest
+        if g.delivery is not None:
+            return g.delivery
+        return "posted" if self.platform.posted else "injection"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able (and TOML-able) dict in the file's layout; ``source`` is not included.
@@ -636,7 +645,7 @@ def _build(d: Any, source: str) -> Topology:
     workload = _section(Workload, _WORKLOAD_KEYS, d.get("workload", {}), "workload")
 
     _check_unique_names(devices, guests)
-    guests = _resolve_delivery(platform, guests)
+    _check_delivery(platform, guests)
     devices = _assign_buses(devices)
     _check_assignments(devices, guests)
     _check_behaviours(guests)
@@ -670,17 +679,11 @@ def _device(table: Any, path: str) -> Device:
     return dev
 
 
-def _resolve_delivery(platform: Platform, guests: Sequence[Guest]) -> list[Guest]:
-    """Each guest's interrupt delivery: posted by default when the platform has it."""
-    out = []
+def _check_delivery(platform: Platform, guests: Sequence[Guest]) -> None:
     for i, g in enumerate(guests):
         if g.delivery == "posted" and not platform.posted:
             raise _Problem(f"guest[{i}].delivery", "'posted' needs a platform with posted interrupts "
                                                    "(platform.posted = true)")
-        if g.delivery is None:
-            g = dataclasses.replace(g, delivery="posted" if platform.posted else "injection")
-        out.append(g)
-    return out
 
 
 def _check_unique_names(devices: Sequence[Device], guests: Sequence[Guest]) -> None:

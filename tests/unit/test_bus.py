@@ -1178,20 +1178,25 @@ def test_posted_interrupt_reaches_the_vcpu_without_the_host() -> None:
     b.write_irte(5, Irte.posted(0x41, pda, D0_RID))
     b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=77)
     out = b.take()
-    assert out == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 77]]])], out     # straight to g1: no host hop
+    assert out == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 77, 1]]])], out     # straight to g1: no host hop
     assert b.f.irqs_delivered == 1
     # SN set (vCPU descheduled): PIR accumulates, no notification; clearing SN delivers it
-    assert b.reg_ok("pid.sn", {"pda": pda, "on": True}) == {"pending": 0}
+    assert b.reg_ok("pid.sn", {"pda": pda, "on": True}) == {"pending": 0, "pir": [], "held": 0}
     b.write_irte(6, Irte.posted(0x42, pda, D0_RID))
     b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=78)
     b.tlp(D0, msi(D0_RID, 6), origin=D0_RID, t_ns=79)
     b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=80)        # merges with the pending 0x41
-    assert b.take() == []
+    # the controller hears of the 1st and 2nd held postings (then the 4th, 8th ...), never the 3rd
+    held = [m[3] for _, m in b.take() if m[0] == wire.EVENT and m[2] == "posted-held"]
+    assert held == [{"vm": "g1", "vcpu": 1, "held": 1, "pir": [0x41]},
+                    {"vm": "g1", "vcpu": 1, "held": 2, "pir": [0x41, 0x42]}], held
     pids = b.f.control("pids", {})[f"0x{pda:x}"]
     assert pids["pir"] == [0x41, 0x42] and pids["suppressed"] == 3 and pids["sn"] is True
+    assert pids["merged"] == 1 and pids["held"] == 3
     b.frame(HOST, wire.reg(9, "pid.sn", {"pda": pda, "on": False}))
-    assert b.take() == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 80], [0x42, D0_RID, 79]]]),
-                        (HOST, [wire.REG_ACK, 9, True, {"pending": 2}])]
+    # one notification; the 0x41 bit absorbed two postings (the latest's provenance travels)
+    assert b.take() == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 80, 2], [0x42, D0_RID, 79, 1]]]),
+                        (HOST, [wire.REG_ACK, 9, True, {"pending": 2, "pir": [0x41, 0x42], "held": 3}])]
     # a descriptor of a VM that is gone keeps its bits
     b.reg_ok("pid.clear", {"pda": pda})
     b.tlp(D0, msi(D0_RID, 5))

@@ -56,10 +56,9 @@ def test_default_loads() -> None:
     assert t.devices == (Device(name="d0", kind="sriov", total_vfs=4, vfs=2, pf_vectors=8,
                                 vf_vectors=4, bus=1),)
     # Two VMs, one VF each (case 2); the host keeps the PF (case 1).
-    assert t.guests == (Guest(name="g1", cpus=2, memory_mib=16, cpuid="kvm", assign=("d0.vf0",),
-                              delivery="injection"),
-                        Guest(name="g2", cpus=1, memory_mib=16, cpuid="kvm", assign=("d0.vf1",),
-                              delivery="injection"))
+    assert t.guests == (Guest(name="g1", cpus=2, memory_mib=16, cpuid="kvm", assign=("d0.vf0",)),
+                        Guest(name="g2", cpus=1, memory_mib=16, cpuid="kvm", assign=("d0.vf1",)))
+    assert [t.delivery(g) for g in t.guests] == ["injection", "injection"]   # no posted interrupts
     assert [g.kernel for g in t.guests] == ["modern", "modern"]
     assert [g.irq for g in t.guests] == ["msix", "msix"]
     assert t.workload == Workload(per_function=10000, inflight=8)
@@ -154,8 +153,8 @@ def test_full_file() -> None:
     assert [(d.name, d.bus) for d in t.devices] == [("nic", 5), ("dsa", 1)]
     assert t.guests[0] == Guest(name="g1", cpus=2, memory_mib=16, cpuid="oldkvm",
                                 assign=("nic.vf0", "dsa.adi3"), kernel="legacy2020",
-                                behaviours=("ims-redirect", "storm"), delivery="posted")
-    assert t.guests[1].delivery == "posted"          # the platform has posted interrupts
+                                behaviours=("ims-redirect", "storm"))
+    assert t.delivery("g1") == t.delivery(t.guests[1]) == "posted"   # the platform has posted interrupts
     assert t.workload.rate == 1000.0 and isinstance(t.workload.rate, float)
 
 
@@ -174,9 +173,9 @@ def test_to_dict_layout_is_the_file_layout() -> None:
     assert "source" not in d and d["device"][0]["bus"] == 1
     assert d["guest"] == [
         {"name": "g1", "cpus": 2, "memory_mib": 16, "cpuid": "kvm", "assign": ["d0.vf0"],
-         "kernel": "modern", "behaviours": [], "irq": "msix", "delivery": "injection"},
+         "kernel": "modern", "behaviours": [], "irq": "msix"},
         {"name": "g2", "cpus": 1, "memory_mib": 16, "cpuid": "kvm", "assign": ["d0.vf1"],
-         "kernel": "modern", "behaviours": [], "irq": "msix", "delivery": "injection"},
+         "kernel": "modern", "behaviours": [], "irq": "msix"},
     ]
     assert d["workload"] == {"per_function": 10000, "inflight": 8, "rate": 0.0, "timeout_s": 120.0}
 
@@ -271,12 +270,16 @@ def test_generated_round_trip(d: dict[str, Any]) -> None:
 def test_delivery_defaults_to_the_platform() -> None:
     guests = '[[guest]]\nname = "g1"\n[[guest]]\nname = "g2"\ndelivery = "injection"\n'
     t = loads("[platform]\nposted = true\n" + D0 + guests, "p.toml")
-    assert [g.delivery for g in t.guests] == ["posted", "injection"]
+    assert [t.delivery(g) for g in t.guests] == ["posted", "injection"]
+    assert t.guest("g1").delivery is None            # unset: it follows the platform
     t = loads(D0 + guests, "p.toml")
-    assert [g.delivery for g in t.guests] == ["injection", "injection"]
-    assert Guest(name="g1").delivery is None          # unresolved until loaded
-    d = loads("[platform]\nposted = true\n" + D0 + guests, "p.toml").to_dict()
-    assert [g["delivery"] for g in d["guest"]] == ["posted", "injection"]
+    assert [t.delivery(g) for g in t.guests] == ["injection", "injection"]
+    # unset stays unset in to_dict, so a topology built over another follows its platform
+    d = t.to_dict()
+    assert "delivery" not in d["guest"][0] and d["guest"][1]["delivery"] == "injection"
+    d["platform"]["posted"] = True
+    t = Topology.from_dict(d)
+    assert [t.delivery(g) for g in t.guests] == ["posted", "injection"]
 
 
 # ---------------------------------------------------------------------------------------------
