@@ -37,10 +37,12 @@ Frame layouts (msgpack arrays)::
     VMENTRY   [51, vm:str, seq:int, ok:bool, result:any]   host -> fabric -> guest ``vm``
     INJECT    [52, vm:str, apic_id:int, vector:int, origin:int|nil, t_ns:int]
                                                             host -> fabric; reaches the guest as IRQ
-    POSTED    [53, apic_id:int, entries:[[vector, origin, t_ns], ...]]
+    POSTED    [53, apic_id:int, entries:[[vector, origin, t_ns, postings], ...]]
                                                             fabric (IR unit) -> guest: a posted-
                                                             interrupt notification carrying the
                                                             PIR bits it transfers to the vCPU
+                                                            (postings: how many merged into the
+                                                            bit, out of band like origin)
     DROPPED   [40, reason:str, count:int]                  the fabric tells a sender it dropped
                                                             one of its frames
 """
