@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     views = sub.add_parser("views", help="print kernel-style views from a running topology ('run --hold')")
     views.add_argument("oses", nargs="*", help="host and/or guest names (default: all)")
     views.add_argument("--runtime", help="the running topology's runtime directory (default: the newest)")
-    views.add_argument("--only", choices=("interrupts", "domains", "lspci", "adis", "dmesg", "faults", "irt"),
+    views.add_argument("--only", choices=("interrupts", "domains", "lspci", "adis", "vms", "dmesg", "faults", "irt"),
                        help="print just one view")
     ctl = sub.add_parser("ctl", help="send one control request to a process of a running topology")
     ctl.add_argument("peer", help="fabric, host, a device or a guest name")
@@ -154,11 +154,12 @@ def _newest_runtime() -> str | None:
 
 def _print_views(console, name: str, views: dict, only: str | None = None) -> None:
     sections = (("interrupts", "/proc/interrupts", "proc_interrupts"), ("domains", "irq domains", "domains"),
-                ("lspci", "lspci -vv", "lspci"), ("adis", "ADIs", "adis"), ("dmesg", "dmesg", "dmesg"))
+                ("lspci", "lspci -vv", "lspci"), ("adis", "ADIs", "adis"),
+                ("vms", "VMs (interrupt delivery)", "vms"), ("dmesg", "dmesg", "dmesg"))
     for key, title, field in sections:
         if only and only != key:
             continue
-        if field == "adis" and not views.get(field):
+        if field in ("adis", "vms") and not views.get(field):
             continue
         console.print(f"[bold]== {name}: {title} ==[/]")
         console.print(views.get(field, "").rstrip() or "(empty)", markup=False, highlight=False)

@@ -17,7 +17,7 @@ _OUTCOME_STYLE = {"delivered": "green", "clean error": "yellow", "silent loss de
 
 def render(report: dict, console: Console) -> None:
     t = Table(title=f"irqlab: {report['topology']}: interrupts per function "
-                    f"(device -> fabric IR unit -> host vector [-> injected into a guest])",
+                    f"(device -> fabric IR unit -> host vector [-> injected into a guest], or posted to a vCPU)",
               title_justify="left", box=box.SIMPLE_HEAD)
     for col, just in (("os", "left"), ("function", "left"), ("irq", "left"), ("sent", "right"),
                       ("delivered", "right"), ("lost", "right"), ("irq/s", "right"), ("p50 µs", "right"),
@@ -44,7 +44,7 @@ def render(report: dict, console: Console) -> None:
     breaches = sum(o.get("breaches", 0) for o in report.get("oses", {}).values())
     console.print(f"total: {report['total_sent']:,} sent, {report['total_delivered']:,} delivered in "
                   f"{report['elapsed_s']:.2f} s; fabric routed {fab.get('tlps', 0):,} TLPs, injected "
-                  f"{fab.get('injected', 0):,}, IR faults {fab.get('ir_faults_total', 0)}, DMA faults "
+                  f"{fab.get('injected', 0):,}, posted {fab.get('irq:posted', 0):,}, IR faults {fab.get('ir_faults_total', 0)}, DMA faults "
                   f"{fab.get('dma_faults_total', 0)}; isolation breaches {breaches}")
     for line in faults.get("lines", [])[:10]:
         console.print(f"  {line}", markup=False, highlight=False)
@@ -52,6 +52,12 @@ def render(report: dict, console: Console) -> None:
         for b in o.get("breach_samples", []):
             console.print(f"  [bold red]BREACH[/] {name}: {b}")
     for name, vm in report.get("vms", {}).items():
+        if vm.get("delivery") == "posted":
+            console.print(f"  {name}: interrupt delivery posted (IR unit -> vCPU descriptors, the host not on "
+                          f"the path); {vm.get('injected', 0):,} injected", markup=False, highlight=False)
+        elif vm.get("delivery"):
+            console.print(f"  {name}: interrupt delivery injection (host vector -> injected by the VMM); "
+                          f"{vm.get('injected', 0):,} injected", markup=False, highlight=False)
         pasids = vm.get("pasids", {})
         for gdev, phys in vm.get("assigned", {}).items():
             pasid = pasids.get(gdev)

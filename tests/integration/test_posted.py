@@ -1,0 +1,154 @@
+"""Posted interrupts with real processes (issue 7, item 2): the IR unit posts an assigned VF's
+interrupts straight into its VM's vCPU descriptor, without the host on the path; SN holds them
+in PIR while the vCPU is descheduled; injection stays available per VM on the same platform."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+
+from irqlab.lab import LabError
+
+#: the default topology (host drives the PF; g1, 2 vCPUs, has d0.vf0; g2 has d0.vf1) on a
+#: platform with posted interrupts: both guests default to posted delivery
+POSTED = {"platform": {"posted": True}}
+N = 400
+
+
+def row_of(report: dict, os_name: str) -> dict:
+    rows = [r for r in report["functions"] if r["os"] == os_name]
+    assert len(rows) == 1, report["functions"]
+    return rows[0]
+
+
+def descriptors(pids: dict, vm: str) -> list[dict]:
+    return [d for d in pids.values() if d["vm"] == vm]
+
+
+def rendered(report: dict) -> str:
+    from rich.console import Console
+
+    from irqlab.report import render
+    console = Console(file=io.StringIO(), width=200)
+    render(report, console)
+    return console.file.getvalue()
+
+
+async def test_posted_delivery_reaches_every_guest_without_the_host(start_lab):
+    lab = await start_lab(POSTED)
+    vms = await lab.call("host", "vms")
+    assert {n: (v["delivery"], len(v["posted_descriptors"])) for n, v in vms.items()} == {
+        "g1": ("posted", 2), "g2": ("posted", 1)}, vms
+    report = await lab.run_workload(per_function=N, inflight=8)
+    for name in ("g1", "g2"):
+        r = row_of(report, name)
+        assert r["outcome"] == "delivered" and r["sent"] == r["interrupts"] == N and r["lost"] == 0, r
+        assert r["record_missing"] == 0, r          # every completion record landed before its interrupt
+        vm = report["vms"][name]
+        # the host is not on the path: it injected nothing, and its VF's IRTE is in posted format
+        assert vm["delivery"] == "posted" and vm["injected"] == 0 and vm["posted_irtes"] == 1, vm
+    fabric = report["fabric"]
+    assert fabric.get("injected", 0) == 0, fabric
+    assert fabric["irq:posted"] == 2 * N, fabric
+    # the host took only its own PF's interrupts: none of the guests' passed through its CPUs
+    host = row_of(report, "host")
+    assert host["outcome"] == "delivered" and report["oses"]["host"]["irqs_received"] == host["interrupts"] == N
+    assert sum(o["breaches"] for o in report["oses"].values()) == 0
+    pids = await lab.call("fabric", "pids")
+    for name in ("g1", "g2"):
+        mine = descriptors(pids, name)
+        assert sum(d["posted"] for d in mine) == N, mine
+        assert all(not d["sn"] and not d["on"] and d["pir"] == [] for d in mine), mine
+    # the IRT shows the guests' VF entries in posted format, the host's PF entries remapped
+    irt = await lab.call("fabric", "irt")
+    modes = {(line.split()[1], line.split()[9]) for line in irt[1:]}
+    assert ("01:00.1", "posted") in modes and ("01:00.2", "posted") in modes, irt
+    assert ("01:00.0", "remapped") in modes and ("01:00.0", "posted") not in modes, irt
+    # the report and the host's views say how each VM gets its interrupts
+    text = rendered(report)
+    assert "g1: interrupt delivery posted (IR unit -> vCPU descriptors, the host not on the path); 0 injected" \
+        in text, text
+    views = await lab.call("host", "views")
+    assert "g2: running, 1 vCPUs, interrupt delivery posted (1 IRTEs posted into descriptors vCPU0" \
+        in views["vms"], views["vms"]
+    assert "kvm g1: posted interrupts, descriptors vCPU0 0x" in views["dmesg"], views["dmesg"]
+
+
+async def test_descheduled_vcpu_holds_posted_interrupts_in_pir_until_it_runs(start_lab):
+    lab = await start_lab(POSTED)
+    inflight = 8
+    res = await lab.call("host", "vcpu.deschedule", {"vm": "g1"})          # both of g1's vCPUs
+    empty = {"pending": 0, "pir": [], "held": 0}
+    assert res == {"vm": "g1", "running": False, "vcpus": {"0": empty, "1": empty}}, res
+    before = (await lab.call("g1", "stats"))["os"]["irqs_received"]
+    # g1 rings `inflight` doorbells; each completes with a DMA record and a posted interrupt
+    # that SN holds in PIR.  stall_s: the guest must not give up while it is descheduled.
+    run = asyncio.ensure_future(lab.run_workload(per_function=N, inflight=inflight, oses=["g1"],
+                                                 stall_s=120))
+    try:
+        ev = await lab.wait_event(
+            lambda e: e.name == "fabric" and e.kind == "posted-held" and e.data["vm"] == "g1"
+            and e.data["held"] == inflight,
+            f"the fabric to hold all {inflight} postings for g1's descheduled vCPU", timeout=120)
+        vcpu, vector = ev.data["vcpu"], ev.data["pir"][0]
+        assert ev.data["pir"] == [vector], ev.data                        # one vector, one PIR bit
+        # nothing was delivered: g1 took no interrupt, consumed no completion
+        stats = await lab.call("g1", "stats")
+        assert stats["os"]["irqs_received"] == before, stats["os"]
+        (fn,) = stats["functions"].values()
+        assert fn["doorbells"] == inflight and fn["completed"] == 0 and fn["interrupts"] == 0, fn
+        (pid,) = [d for d in descriptors(await lab.call("fabric", "pids"), "g1") if d["vcpu"] == vcpu]
+        assert pid["sn"] and not pid["on"] and pid["pir"] == [vector], pid
+        assert (pid["posted"], pid["suppressed"], pid["merged"], pid["notified"]) == (
+            inflight, inflight, inflight - 1, 0), pid
+        assert not run.done()
+        # the vCPU runs again: one notification carries the bit that absorbed the postings
+        res = await lab.call("host", "vcpu.schedule", {"vm": "g1"})
+        assert res["vcpus"][str(vcpu)] == {"pending": 1, "pir": [vector], "held": inflight}, res
+        async with asyncio.timeout(180):
+            report = await run
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+    r = row_of(report, "g1")
+    # all delivered, none lost, completions in order (each record visible before its interrupt)
+    assert r["outcome"] == "delivered" and r["sent"] == r["interrupts"] == r["delivered"] == N, r
+    assert r["lost"] == 0 and r["record_missing"] == 0, r
+    # the held postings were taken as one interrupt: inflight - 1 of them coalesced, not lost
+    assert report["oses"]["g1"]["posted_coalesced"] == inflight - 1, report["oses"]["g1"]
+    assert report["vms"]["g1"]["injected"] == 0 and report["vms"]["g1"]["descheduled"] == []
+    (pid,) = [d for d in descriptors(await lab.call("fabric", "pids"), "g1") if d["vcpu"] == vcpu]
+    assert not pid["sn"] and pid["pir"] == [] and pid["posted"] == N and pid["suppressed"] == inflight, pid
+    views = await lab.call("host", "views")
+    assert "kvm g1: vCPU 0, 1 descheduled (SN set)" in views["dmesg"], views["dmesg"]
+    assert "kvm g1: vCPU 0, 1 scheduled (SN clear)" in views["dmesg"], views["dmesg"]
+
+
+async def test_injection_stays_available_per_vm_on_a_posted_platform(start_lab):
+    lab = await start_lab({**POSTED, "guest": [
+        {"name": "g1", "cpus": 2, "assign": ["d0.vf0"], "delivery": "injection"},
+        {"name": "g2", "assign": ["d0.vf1"]}]})                           # g2: posted (the default)
+    report = await lab.run_workload(per_function=N, inflight=8, oses=["g1", "g2"])
+    for name in ("g1", "g2"):
+        r = row_of(report, name)
+        assert r["outcome"] == "delivered" and r["sent"] == r["interrupts"] == N and r["lost"] == 0, r
+        assert r["record_missing"] == 0, r
+    vms = report["vms"]
+    assert (vms["g1"]["delivery"], vms["g1"]["injected"], vms["g1"]["posted_descriptors"]) == ("injection", N, {})
+    assert (vms["g2"]["delivery"], vms["g2"]["injected"]) == ("posted", 0), vms["g2"]
+    assert report["fabric"]["injected"] == N and report["fabric"]["irq:posted"] == N, report["fabric"]
+    assert [d["vm"] for d in (await lab.call("fabric", "pids")).values()] == ["g2"]
+    text = rendered(report)
+    assert f"g1: interrupt delivery injection (host vector -> injected by the VMM); {N} injected" in text, text
+    # (de)scheduling is about posted descriptors: refused, one line each, for what does not apply
+    for args, why in (({"vm": "g1"}, "g1 uses injection delivery"),
+                      ({"vm": "g9"}, "no VM named 'g9' (VMs: g1, g2)"),
+                      ({"vm": "g2", "vcpu": 1}, "g2 has no vCPU 1 (vCPUs 0..0)"),
+                      ({"vm": "g2", "vcpu": True}, "g2 has no vCPU True")):
+        with pytest.raises(LabError) as info:
+            await lab.call("host", "vcpu.deschedule", args)
+        assert why in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert (await lab.call("host", "vms"))["g2"]["descheduled"] == []
