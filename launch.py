@@ -377,8 +377,9 @@ async def _write_trace(lab, path: str, progress) -> dict:
     doc = to_chrome(col["dumps"], meta={"topology": lab.topology.name, "missing": col["missing"]})
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        text = json.dumps(doc, separators=(",", ":"))      # one shot: the C encoder (json.dump is not)
         with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         try:

@@ -24,6 +24,11 @@ from fabric.tlp import Tlp, TlpError, peek
 from fabric.trace import TLP_NAMES, Tracer, chunk_budget, flow_id, requested
 
 
+#: trace argument names (fabric.trace.Tracer.rec)
+_TK_TLP = ("dir", "rid", "key")
+_TK_IRQ = ("origin", "rid", "addr", "data", "pasid")
+
+
 class DeviceShell:
     def __init__(self, cfg: dict, port: Port):
         self.port = port
@@ -55,17 +60,22 @@ class DeviceShell:
             except TlpError:
                 self.bad_tlps += 1
                 return
-            if self.tracer.on:
-                self._traced(tlp, msg[1])
-                return
+            tr = self.tracer
+            if tr.on:
+                self._trace_tlp("rx", msg[1])
             emits = self.model.handle_tlp(tlp)
             if emits:
                 send = self.port.send
                 for e in emits:
                     if e.origin is None:
                         send(wire.tlp(e.tlp.pack()))
+                        if tr.on:
+                            self._trace_tlp("tx", e.tlp.pack())
                     else:
-                        send(wire.tlp(e.tlp.pack(), e.origin, time.monotonic_ns()))
+                        t = time.monotonic_ns()
+                        send(wire.tlp(e.tlp.pack(), e.origin, t))
+                        if tr.on:
+                            self._trace_irq(e, t)
         elif kind == wire.CTL:
             try:
                 c = wire.as_ctl(msg)
@@ -80,24 +90,15 @@ class DeviceShell:
             except (KeyError, ValueError, TypeError) as exc:
                 self.port.reply(c.req_id, False, f"device: {c.op}: {exc}")
 
-    def _traced(self, tlp: Tlp, raw: bytes) -> None:
-        """``on_message`` for a TLP while tracing: the same sends, each recorded (an interrupt
-        MWr starts its flow, at the very time stamped beside it on the wire)."""
-        tr = self.tracer
+    def _trace_tlp(self, direction: str, raw: bytes) -> None:
         ftype, _, rid, key = peek(raw)
-        tr.instant(TLP_NAMES.get(ftype, "TLP"), "tlp", dir="rx", rid=rid, key=key)
-        send = self.port.send
-        for e in self.model.handle_tlp(tlp) or ():
-            out = e.tlp.pack()
-            ftype, _, rid, key = peek(out)
-            if e.origin is None:
-                send(wire.tlp(out))
-                tr.instant(TLP_NAMES.get(ftype, "TLP"), "tlp", dir="tx", rid=rid, key=key)
-            else:
-                t = time.monotonic_ns()
-                send(wire.tlp(out, e.origin, t))
-                tr.flow_at(t, "s", "interrupt MWr", "irq", flow_id(e.origin, t), origin=e.origin, rid=rid,
-                           addr=key, data=int.from_bytes(e.tlp.data[:4], "little"), pasid=e.tlp.pasid)
+        self.tracer.rec("i", TLP_NAMES.get(ftype, "TLP"), "tlp", None, _TK_TLP, direction, rid, key)
+
+    def _trace_irq(self, e, t_ns: int) -> None:
+        """An interrupt MWr starts its flow, at the very time stamped beside it on the wire."""
+        tlp = e.tlp
+        self.tracer.rec_at(t_ns, "s", "interrupt MWr", "irq", flow_id(e.origin, t_ns), _TK_IRQ, e.origin,
+                           tlp.requester_id, tlp.address, int.from_bytes(tlp.data[:4], "little"), tlp.pasid)
 
     def op_stats(self, args: dict) -> dict:
         snap = self.model.snapshot()

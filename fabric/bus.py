@@ -70,6 +70,13 @@ _MRD32, _MRD64 = int(T.TlpType.MEM_READ), int(T.TlpType.MEM_READ_64)
 _CFGRD, _CFGWR = int(T.TlpType.CFG_READ_0), int(T.TlpType.CFG_WRITE_0)
 _CPLT, _CPLD = int(T.TlpType.CPL), int(T.TlpType.CPL_DATA)
 
+#: trace argument names of the hot-path events (fabric.trace.Tracer.rec)
+_TK_DEVICE = ("src", "rid", "key")
+_TK_CPU = ("src", "key")
+_TK_REMAP = ("sid", "addr", "data", "pasid", "irte", "apic", "vector")
+_TK_PASSTHROUGH = ("sid", "addr", "data", "pasid", "apic", "vector")
+_TK_POSTED = ("sid", "addr", "data", "pasid", "irte", "vector", "vm", "vcpu")
+_TK_INJECT = ("vm", "apic", "vector")
 #: trace names of the TLP kinds, as engineers write them
 _TLP_NAMES = {0x00: "MRd32", 0x20: "MRd64", 0x40: "MWr32", 0x60: "MWr64", 0x04: "CfgRd0", 0x44: "CfgWr0",
               0x0A: "Cpl", 0x4A: "CplD"}
@@ -460,7 +467,7 @@ class Fabric:
             raise wire.WireError("TLP payload is not bytes")
         ftype, off, rid, addr = T.peek(raw)
         if self.tracer.on:
-            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, rid=rid, key=addr)
+            self.tracer.rec("i", _TLP_NAMES.get(ftype, "TLP"), "tlp", None, _TK_DEVICE, peer.name, rid, addr)
         lo, hi = peer.spec.buses or (0, -1)
         # ACS Source Validation: a request's requester ID, a completion's completer ID.
         source = addr if (ftype == _CPLT or ftype == _CPLD) else rid
@@ -557,20 +564,17 @@ class Fabric:
 
     def _trace_remap(self, tr: Tracer, res, rid: int, addr: int, data: int, pasid, origin, t_ns) -> None:
         fid = flow_id(origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
-        args = {"sid": rid, "addr": addr, "data": data}
-        if pasid is not None:
-            args["pasid"] = pasid
         if type(res) is Remapped:
-            tr.flow("t", "IR remap", "ir", fid, irte=res.index, apic=res.dest_id, vector=res.vector, **args)
+            tr.rec("t", "IR remap", "ir", fid, _TK_REMAP, rid, addr, data, pasid, res.index, res.dest_id, res.vector)
         elif type(res) is Passthrough:
-            tr.flow("t", "IR passthrough", "ir", fid, apic=res.dest_id, vector=res.vector, **args)
+            tr.rec("t", "IR passthrough", "ir", fid, _TK_PASSTHROUGH, rid, addr, data, pasid, res.dest_id, res.vector)
         elif type(res) is IrFault:
-            tr.flow("f", f"IR fault 0x{int(res.reason):02x}", "fault", fid, index=res.index,
-                    why=res.detail, **args)
+            tr.flow("f", f"IR fault 0x{int(res.reason):02x}", "fault", fid, sid=rid, addr=addr, data=data,
+                    pasid=pasid, index=res.index, why=res.detail)
         elif type(res) is Posted:
             pid = self.pids.get(res.pda)
-            tr.flow("t", "IR posted", "ir", fid, irte=res.index, vector=res.vector,
-                    vm=pid.vm if pid else None, vcpu=pid.vcpu if pid else None, **args)
+            tr.rec("t", "IR posted", "ir", fid, _TK_POSTED, rid, addr, data, pasid, res.index, res.vector,
+                   pid.vm if pid else None, pid.vcpu if pid else None)
             old = pid.pir.get(res.vector) if pid else None
             if old is not None:   # the PIR bit is already set: the earlier interrupt merges into this one
                 tr.flow("f", "coalesced in PIR", "ir", flow_id(old[0], old[1] or 0), vector=res.vector)
@@ -626,7 +630,7 @@ class Fabric:
         ftype, off, rid, addr = T.peek(raw)
         self.tlps += 1
         if self.tracer.on:
-            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, key=addr)
+            self.tracer.rec("i", _TLP_NAMES.get(ftype, "TLP"), "tlp", None, _TK_CPU, peer.name, addr)
         if ftype == _CFGRD or ftype == _CFGWR:
             target = addr >> 16
             dest = self.bus_owner[target >> 8]
@@ -714,7 +718,7 @@ class Fabric:
         ftype, off, rid, addr = T.peek(raw)
         self.tlps += 1
         if self.tracer.on:
-            self.tracer.instant(_TLP_NAMES.get(ftype, "TLP"), "tlp", src=peer.name, key=addr)
+            self.tracer.rec("i", _TLP_NAMES.get(ftype, "TLP"), "tlp", None, _TK_CPU, peer.name, addr)
         if ftype == _CPLT or ftype == _CPLD:
             # The guest's RAM answering a DMA read of its assigned device -- one that was sent to
             # this guest; anything else would let it forge data into another port's reads.
@@ -833,9 +837,9 @@ class Fabric:
             return
         self.counters["injected"] += 1
         if self.tracer.on:
-            self.tracer.flow("t", "INJECT", "irq", flow_id(origin if type(origin) is int else None,
-                                                          t_ns if type(t_ns) is int else 0),
-                             vm=vm, apic=apic, vector=vector)
+            self.tracer.rec("t", "INJECT", "irq", flow_id(origin if type(origin) is int else None,
+                                                         t_ns if type(t_ns) is int else 0),
+                            _TK_INJECT, vm, apic, vector)
         self.send(guest.identity, wire.irq(apic, vector, origin if type(origin) is int else None,
                                            t_ns if type(t_ns) is int else 0, -2))
 

@@ -8,11 +8,15 @@ Each process owns one ``Tracer``.  Disabled, it costs its callers one attribute 
 ``limit`` events, new ones are dropped and counted).  Names and arguments are recorded raw
 (ints, the process's own constant strings) and formatted only when the trace is exported.
 
-Event tuple: ``(t_ns, phase, name, category, args)``; ``t_ns`` is ``time.monotonic_ns()``
-(CLOCK_MONOTONIC: one clock for every process of one machine).  ``phase`` is "i" (an
-instant: a TLP, a VM exit, a fault ...) or a *hop* of an interrupt's flow: "s" (the device
-emitted it), "t" (a hop: IR remap, the host's handler, the VMM's injection ...), "f" (where
-it ended: a CPU's handler, an IR fault); a hop's ``args["id"]`` is the flow id.
+Event tuple: ``(t_ns, phase, name, category, flow, keys, values)``; ``t_ns`` is
+``time.monotonic_ns()`` (CLOCK_MONOTONIC: one clock for every process of one machine).
+``phase`` is "i" (an instant: a TLP, a VM exit, a fault ...) or a *hop* of an interrupt's
+flow: "s" (the device emitted it), "t" (a hop: IR remap, the host's handler, the VMM's
+injection ...), "f" (where it ended: a CPU's handler, an IR fault); ``flow`` is the hop's
+flow id (None for an instant).  The arguments are ``keys`` (a constant tuple of names at the
+call site) and ``values`` (a tuple): hot paths call ``rec(phase, name, cat, flow, KEYS, *values)``,
+which allocates no dict; ``instant``/``flow`` take keyword arguments (``keys`` None, ``values``
+the dict) for the cold ones.
 
 A flow's id is derived from the interrupt's out-of-band provenance (``origin``: which
 function/ADI emitted it, and ``t_ns``: when), which every hop already carries next to the
@@ -112,9 +116,25 @@ class Tracer:
 
     # -- recording (callers test ``on`` first) --------------------------------
 
+    def rec(self, phase: str, name: str, cat: str, fid: int | None, keys: tuple, *values: Any) -> None:
+        """The hot-path form: ``keys`` a constant tuple of argument names, ``values`` theirs."""
+        if len(self.events) < self.limit:
+            self.events.append((time.monotonic_ns(), phase, name, cat, fid, keys, values))
+        else:
+            self.dropped += 1
+
+    def rec_at(self, t_ns: int, phase: str, name: str, cat: str, fid: int | None, keys: tuple,
+               *values: Any) -> None:
+        """``rec`` with a time the caller already read (the device stamps the same value on
+        the wire beside the interrupt)."""
+        if len(self.events) < self.limit:
+            self.events.append((t_ns, phase, name, cat, fid, keys, values))
+        else:
+            self.dropped += 1
+
     def instant(self, name: str, cat: str, **args: Any) -> None:
         if len(self.events) < self.limit:
-            self.events.append((time.monotonic_ns(), "i", name, cat, args))
+            self.events.append((time.monotonic_ns(), "i", name, cat, None, None, args))
         else:
             self.dropped += 1
 
@@ -122,17 +142,7 @@ class Tracer:
         """A hop of the interrupt flow ``fid``: ``phase`` "s" start, "t" step, "f" end;
         ``name``/``cat`` name the hop (its slice in the viewer)."""
         if len(self.events) < self.limit:
-            args["id"] = fid
-            self.events.append((time.monotonic_ns(), phase, name, cat, args))
-        else:
-            self.dropped += 1
-
-    def flow_at(self, t_ns: int, phase: str, name: str, cat: str, fid: int, **args: Any) -> None:
-        """``flow`` with a time the caller already read (the device stamps the same value
-        on the wire)."""
-        if len(self.events) < self.limit:
-            args["id"] = fid
-            self.events.append((t_ns, phase, name, cat, args))
+            self.events.append((time.monotonic_ns(), phase, name, cat, fid, None, args))
         else:
             self.dropped += 1
 
@@ -189,10 +199,16 @@ def unpack_events(blob: bytes) -> list[tuple]:
 # export
 
 
-def _fmt_args(args: dict) -> dict:
+def args_of(event: tuple) -> dict:
+    """An event's arguments as a dict (raw values)."""
+    keys, values = event[5], event[6]
+    return dict(values) if keys is None else dict(zip(keys, values))
+
+
+def _fmt_args(event: tuple) -> dict:
     out = {}
-    for k, v in args.items():
-        if k == "id":
+    for k, v in args_of(event).items():
+        if v is None:
             continue
         if type(v) is int:
             if k in _HEX_ARGS:
@@ -203,11 +219,6 @@ def _fmt_args(args: dict) -> dict:
                 v = describe(v)
         out[k] = v
     return out
-
-
-def _us(t_ns: int, t0: int) -> float:
-    """Trace-event "ts"/"dur": microseconds (float; ns resolution kept)."""
-    return (t_ns - t0) / 1000.0
 
 
 def to_chrome(dumps: Iterable[dict], meta: dict | None = None) -> dict:
@@ -228,7 +239,7 @@ def to_chrome(dumps: Iterable[dict], meta: dict | None = None) -> dict:
     for p, d in enumerate(dumps):
         for j, e in enumerate(d["events"]):
             if e[1] != "i":
-                hops.setdefault(e[4].get("id", 0), []).append((e[0], p, j))
+                hops.setdefault(e[4] or 0, []).append((e[0], p, j))
     phase_of: dict[tuple[int, int], str] = {}
     no_start = no_end = single = 0
     for fid, hs in hops.items():
@@ -255,27 +266,28 @@ def to_chrome(dumps: Iterable[dict], meta: dict | None = None) -> dict:
         evs = d["events"]
         order = sorted(range(len(evs)), key=lambda j: evs[j][0])
         for n, j in enumerate(order):
-            t_ns, phase, ename, cat, args = evs[j]
-            ts = _us(t_ns, t0)
+            e = evs[j]
+            t_ns, phase, ename, cat, fid = e[0], e[1], e[2], e[3], e[4] or 0
+            ts = (t_ns - t0) / 1000.0             # microseconds
             if phase == "i":
                 events.append({"name": ename, "cat": cat, "ph": "i", "s": "t", "ts": ts, "pid": pid, "tid": pid,
-                               "args": _fmt_args(args)})
+                               "args": _fmt_args(e)})
                 continue
             # a hop: a slice that ends before the next event of this track begins (slices on one
             # track must nest), and the flow event in its middle, bound to it
             nxt = evs[order[n + 1]][0] if n + 1 < len(order) else t_ns + SLICE_NS
             dur = max(min(SLICE_NS, nxt - t_ns), 0)
-            sargs = _fmt_args(args)
-            sargs["flow"] = f"0x{args.get('id', 0):x}"
+            sargs = _fmt_args(e)
+            sargs["flow"] = f"0x{fid:x}"
             events.append({"name": ename, "cat": cat, "ph": "X", "ts": ts, "dur": dur / 1000.0,
                            "pid": pid, "tid": pid, "args": sargs})
             fph = phase_of.get((p, j))
             if fph is not None:
-                events.append({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": fph, "id": args.get("id", 0),
-                               "ts": _us(t_ns + dur // 2, t0), "pid": pid, "tid": pid, "bp": "e"})
+                events.append({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": fph, "id": fid,
+                               "ts": (t_ns + dur // 2 - t0) / 1000.0, "pid": pid, "tid": pid, "bp": "e"})
         if d.get("dropped"):
             events.append({"name": f"trace buffer full: {d['dropped']} events dropped", "cat": "trace",
-                           "ph": "i", "s": "p", "ts": _us(max((e[0] for e in evs), default=t0), t0),
+                           "ph": "i", "s": "p", "ts": (max((e[0] for e in evs), default=t0) - t0) / 1000.0,
                            "pid": pid, "tid": pid, "args": {"dropped": d["dropped"]}})
     flows = len(hops) - single
     other = {"generator": "irqlab", "clock": "CLOCK_MONOTONIC", "t0_ns": t0,

@@ -23,6 +23,9 @@ from guest.workload import Workload
 _CPL = (TlpType.CPL, TlpType.CPL_DATA)
 _MWR = (TlpType.MEM_WRITE, TlpType.MEM_WRITE_64)
 _MRD = (TlpType.MEM_READ, TlpType.MEM_READ_64)
+#: trace argument names (fabric.trace.Tracer.rec)
+_TK_IRQ = ("apic", "vector", "handle")
+_TK_TLP = ("rid", "key")
 
 
 class OsShell:
@@ -65,8 +68,8 @@ class OsShell:
         _, apic, vector, origin, t_ns, handle = msg
         tr = self.tracer
         if tr.on:
-            tr.flow("f" if self.is_guest or not self.kernel.irq_forwards(apic, vector) else "t",
-                    "IRQ handler", "irq", flow_id(origin, t_ns), apic=apic, vector=vector, handle=handle)
+            tr.rec("f" if self.is_guest or not self.kernel.irq_forwards(apic, vector) else "t",
+                   "IRQ handler", "irq", flow_id(origin, t_ns), _TK_IRQ, apic, vector, handle)
         self.kernel.deliver(apic, vector, origin, t_ns, handle)
 
     def on_posted(self, msg: list) -> None:
@@ -79,7 +82,7 @@ class OsShell:
         tr = self.tracer
         for vector, origin, t_ns, postings in entries:
             if tr.on:
-                tr.flow("f", f"posted vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), apic=apic)
+                tr.rec("f", "posted IRQ handler", "irq", flow_id(origin, t_ns), _TK_IRQ, apic, vector, -3)
             if postings != 1:
                 coalesced(apic, vector, postings - 1)
             deliver(apic, vector, origin, t_ns, -3)
@@ -94,7 +97,7 @@ class OsShell:
             ftype, _, rid, key = peek(raw)
         except (TlpError, TypeError):      # on_tlp counts what does not parse
             return
-        self.tracer.instant(TLP_NAMES.get(ftype, "TLP"), "tlp", rid=rid, key=key)
+        self.tracer.rec("i", TLP_NAMES.get(ftype, "TLP"), "tlp", None, _TK_TLP, rid, key)
 
     def on_tlp(self, raw: bytes) -> None:
         try:

@@ -11,7 +11,7 @@ import pytest
 
 from fabric import trace, wire
 from fabric.bus import Platform
-from fabric.trace import FLOW_CAT, FLOW_NAME, Tracer, flow_id, to_chrome, unpack_events
+from fabric.trace import FLOW_CAT, FLOW_NAME, Tracer, args_of, flow_id, to_chrome, unpack_events
 
 # ---------------------------------------------------------------------------------------------
 # the validator
@@ -124,7 +124,11 @@ def check_chrome_trace(doc: dict) -> list[str]:
 
 
 def _hop(t, ph, name, cat, fid, **args):
-    return (t, ph, name, cat, {**args, "id": fid})
+    return (t, ph, name, cat, fid, None, args)
+
+
+def _inst(t, name, cat, **args):
+    return (t, "i", name, cat, None, None, args)
 
 
 def two_interrupts() -> list[dict]:
@@ -134,13 +138,13 @@ def two_interrupts() -> list[dict]:
     a, b = flow_id(0x100, t), flow_id(0x101, t + 10)
     return [
         {"process": "d0", "dropped": 0, "events": [
-            (t - 3_000, "i", "MWr32", "tlp", {"dir": "rx", "rid": 0, "key": 0xE000_0000}),
+            _inst(t - 3_000, "MWr32", "tlp", dir="rx", rid=0, key=0xE000_0000),
             _hop(t, "s", "interrupt MWr", "irq", a, origin=0x100, rid=0x100, addr=0xFEE0_0010, data=0),
             _hop(t + 10, "s", "interrupt MWr", "irq", b, origin=0x101, rid=0x101, addr=0xFEE0_0030, data=0)]},
         {"process": "fabric", "dropped": 0, "events": [
-            (t + 3_000, "i", "MWr32", "tlp", {"src": "d0", "rid": 0x100, "key": 0xFEE0_0010}),
+            _inst(t + 3_000, "MWr32", "tlp", src="d0", rid=0x100, key=0xFEE0_0010),
             _hop(t + 4_000, "t", "IR remap", "ir", a, sid=0x100, vector=0x21, irte=0),
-            (t + 5_000, "i", "MWr32", "tlp", {"src": "d0", "rid": 0x101, "key": 0xFEE0_0030}),
+            (t + 5_000, "i", "MWr32", "tlp", None, ("src", "rid", "key"), ("d0", 0x101, 0xFEE0_0030)),
             _hop(t + 5_300, "t", "IR remap", "ir", b, sid=0x101, vector=0x22, irte=1),
             _hop(t + 40_000, "t", "INJECT", "irq", b, vm="g1", apic=0, vector=0x21)]},
         {"process": "host", "dropped": 0, "events": [
@@ -216,7 +220,7 @@ def test_dense_events_get_slices_that_never_overlap():
     events = []
     for i in range(50):               # a hop every 300 ns, an instant 100 ns after each
         events.append(_hop(1_000 + i * 300, "s", "interrupt MWr", "irq", fid[i]))
-        events.append((1_100 + i * 300, "i", "MWr32", "tlp", {}))
+        events.append(_inst(1_100 + i * 300, "MWr32", "tlp"))
     ends = [_hop(1_000_000 + i * 1000, "f", "IRQ handler", "irq", fid[i]) for i in range(50)]
     doc = to_chrome([{"process": "d0", "events": events, "dropped": 0},
                      {"process": "host", "events": ends, "dropped": 0}])
@@ -234,8 +238,13 @@ def test_args_are_formatted_the_way_engineers_read_them():
     remap = next(e for e in doc["traceEvents"] if e["ph"] == "X" and e["name"] == "IR remap")
     assert remap["args"]["sid"] == "01:00.0" and remap["args"]["vector"] == "0x21"
     assert remap["args"]["irte"] == 0
-    tlp = next(e for e in doc["traceEvents"] if e["ph"] == "i" and e["pid"] == 2)
-    assert tlp["args"] == {"src": "d0", "rid": "01:00.0", "key": "0xfee00010"} and tlp["s"] == "t"
+    tlps = [e for e in doc["traceEvents"] if e["ph"] == "i" and e["pid"] == 2]
+    assert tlps[0]["args"] == {"src": "d0", "rid": "01:00.0", "key": "0xfee00010"} and tlps[0]["s"] == "t"
+    assert tlps[1]["args"] == {"src": "d0", "rid": "01:00.1", "key": "0xfee00030"}   # the rec() form
+    tr = Tracer("x", on=True)
+    tr.rec("i", "MWr32", "tlp", None, ("rid", "pasid", "origin"), 0x105, None, (1 << 32) | 2 << 16 | 0x100)
+    ev = next(e for e in to_chrome([tr.dump()])["traceEvents"] if e["ph"] == "i")
+    assert ev["args"] == {"rid": "01:00.5", "origin": "01:00.0 ADI 2"}                  # None left out
 
 
 def test_hops_are_rephased_by_time_when_the_start_was_not_recorded():
@@ -323,7 +332,7 @@ def test_tracer_is_bounded_and_counts_what_it_dropped():
     tr.flow("s", "interrupt MWr", "irq", 9)
     assert tr.dropped == 3
     d = tr.dump()
-    assert d["dropped"] == 3 and [e[4]["key"] for e in d["events"]] == [0, 1, 2]
+    assert d["dropped"] == 3 and [args_of(e)["key"] for e in d["events"]] == [0, 1, 2]
     assert tr.on is False
 
 
@@ -346,7 +355,7 @@ def test_a_dump_comes_back_whole_in_frames_the_fabric_accepts(role):
     tr = Tracer("p")
     tr.start()
     for i in range(3000):
-        tr.instant("MWr32", "tlp", src="g1", rid=0x101, key=0xE000_0000 + i * 4)
+        tr.rec("i", "MWr32", "tlp", None, ("src", "rid", "key"), "g1", 0x101, 0xE000_0000 + i * 4)
         tr.flow("t", "IR remap", "ir", flow_id(0x101, i), sid=0x101, addr=0xFEE0_0000, data=i, vector=0x21)
     limit = wire.MAX_DATA_FRAME if role in ("device", "guest") else wire.MAX_CONTROL_FRAME
     got, offset, frames = [], 0, 0
@@ -362,7 +371,7 @@ def test_a_dump_comes_back_whole_in_frames_the_fabric_accepts(role):
             break
         offset = chunk["next"]
     assert not tr.on                                   # the first dump stopped recording
-    assert got == [(t, ph, n, c, a) for t, ph, n, c, a in tr.events]
+    assert got == tr.events
     assert (frames > 1) == (role in ("device", "guest"))
 
 
