@@ -31,6 +31,8 @@ Page 0 registers (32-bit, little-endian)::
     0x38   QCTX_BASE_LO       RW      queue-context base, a bus address in the ADI owner's
     0x3C   QCTX_BASE_HI       RW      memory, [63:4] (bits 3:0 read 0: slots are 16-byte aligned)
     0x40   IMS_MEM_SLOTS      RO      memory-kind IMS slots the queue context may hold (16)
+    0x60   CMPL_FORMAT        RW      as ``device.engine``: 1 = DWORD completion records (the
+                                      cookie alone, one full-DW MWr, PASID-tagged as DMA)
 
 Memory-kind IMS slot ``s`` = 16 bytes at ``QCTX_BASE + 16 * s`` in the owner's
 RAM, the IDXD slot layout of ``device.ims`` (addr lo, addr hi, data, ctrl; ctrl

@@ -9,7 +9,8 @@ vector or an IMS slot.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
     -----  -----------------  ------  --------------------------------------------------------
     0x00   ENGINE_ID          RO      0x4C515249 = b"IRQL" (little-endian magic)
     0x04   ENGINE_VERSION     RO      0x00010000 (major 16 bits . minor 16 bits)
-    0x08   CMPL_BASE_LO       RW      completion ring bus address [31:4] (bits 3:0 read 0)
+    0x08   CMPL_BASE_LO       RW      completion ring bus address [31:4] (bits 3:0 read 0);
+                                      [31:2] with DWORD records (bits 1:0 read 0)
     0x0C   CMPL_BASE_HI       RW      completion ring bus address [63:32]
     0x10   CMPL_RING_ENTRIES  RW      ring size in records; 0 (off) or a power of two,
                                       other values are ignored
@@ -24,6 +25,8 @@ vector or an IMS slot.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
                                       IMS detection, like IDXD's GENCAP max_ims_mult
     0x30   IMS_SENT           RO      completion interrupts sent at once from an IMS slot
     0x34   IMS_PENDED         RO      completion interrupts found on a masked IMS slot
+    0x60   CMPL_FORMAT        RW      bit 0 DW: 0 = 16-byte completion records, 1 = DWORD
+                                      records (the cookie alone, see below); bits 31:1 read 0
     other                     -       read 0, writes ignored
 
 Completion record (16 bytes, little-endian), written to
@@ -40,6 +43,14 @@ move and the function counts ``doorbells_dropped``.  The function, not this
 block, turns the record into a DMA MWr followed by the MSI-X or IMS MWr
 (IRQ_MODE = 1 on a function without IMS: the record only, counted
 ``ims_invalid``).  The *_SENT / *_PENDED registers restart from 0 on reset.
+
+DWORD records (CMPL_FORMAT.DW = 1, 0 after reset): the record is the u32 cookie
+alone, written to ``CMPL_BASE + (seq % CMPL_RING_ENTRIES) * 4`` with CMPL_BASE
+DWORD-aligned -- one full-DW MWr whose address and data software chose.  Pointed at
+0xFEE0_0000-0xFEEF_FFFF it is, on the bus, exactly an interrupt request with the
+function's RID (a 16-byte record there is not: the IR unit faults it 0x20), so a
+guest can make its device send a forged interrupt by DMA, and the IR unit's IRTE
+checks are what must stop it.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ IRQ_MODE = 0x28
 IMS_CAP = 0x2C
 IMS_SENT = 0x30
 IMS_PENDED = 0x34
+CMPL_FORMAT = 0x60
 
 IRQ_MODE_MSIX = 0
 IRQ_MODE_IMS = 1
@@ -70,6 +82,8 @@ ENGINE_VERSION_1_0 = 0x00010000
 CMPL_RECORD = struct.Struct("<IIQ")
 CMPL_RECORD_SIZE = CMPL_RECORD.size  # 16
 CMPL_STATUS_DONE = 1
+CMPL_FORMAT_DW = 1
+CMPL_DWORD = struct.Struct("<I")
 _ADDR_MASK = (1 << 64) - 1
 
 
@@ -77,7 +91,7 @@ class WorkEngine:
     """Register file and completion bookkeeping of the work engine."""
 
     __slots__ = (
-        "ims_cap", "cmpl_base", "ring_entries", "irq_vector", "irq_mode", "completed",
+        "ims_cap", "cmpl_base", "cmpl_format", "ring_entries", "irq_vector", "irq_mode", "completed",
         "msix_sent", "msix_pended", "ims_sent", "ims_pended",
     )
 
@@ -90,6 +104,7 @@ class WorkEngine:
         self.ring_entries = 0
         self.irq_vector = 0
         self.irq_mode = IRQ_MODE_MSIX
+        self.cmpl_format = 0
         self.completed = 0
         self.msix_sent = 0
         self.msix_pended = 0
@@ -108,7 +123,7 @@ class WorkEngine:
         if off == ENGINE_VERSION:
             return ENGINE_VERSION_1_0
         if off == CMPL_BASE_LO:
-            return self.cmpl_base & 0xFFFFFFFF
+            return self.cmpl_base & (0xFFFFFFFC if self.cmpl_format else 0xFFFFFFF0)
         if off == CMPL_BASE_HI:
             return self.cmpl_base >> 32
         if off == CMPL_RING_ENTRIES:
@@ -119,6 +134,8 @@ class WorkEngine:
             return self.irq_mode
         if off == IMS_CAP:
             return self.ims_cap
+        if off == CMPL_FORMAT:
+            return self.cmpl_format
         if off == IMS_SENT:
             return self.ims_sent & 0xFFFFFFFF
         if off == IMS_PENDED:
@@ -128,12 +145,15 @@ class WorkEngine:
     def write32(self, off: int, value: int) -> None:
         """Write a RW register (DOORBELL is the function's business, see ``complete``)."""
         if off == CMPL_BASE_LO:
-            self.cmpl_base = (self.cmpl_base & ~0xFFFFFFFF) | (value & 0xFFFFFFF0)
+            # bits 3:2 are kept: they count with DWORD records (read32 hides them otherwise)
+            self.cmpl_base = (self.cmpl_base & ~0xFFFFFFFF) | (value & 0xFFFFFFFC)
         elif off == CMPL_BASE_HI:
             self.cmpl_base = (self.cmpl_base & 0xFFFFFFFF) | (value & 0xFFFFFFFF) << 32
         elif off == CMPL_RING_ENTRIES:
             if value & (value - 1) == 0:
                 self.ring_entries = value
+        elif off == CMPL_FORMAT:
+            self.cmpl_format = value & CMPL_FORMAT_DW
         elif off == IRQ_VECTOR:
             self.irq_vector = value & 0xFFFFFFFF
         elif off == IRQ_MODE:
@@ -144,12 +164,16 @@ class WorkEngine:
         return self.ring_entries != 0
 
     def complete(self, cookie: int) -> tuple[int, bytes]:
-        """Complete one work item: the (bus address, 16-byte record) to DMA-write.
+        """Complete one work item: the (bus address, record) to DMA-write -- 16 bytes, or
+        the 4-byte cookie alone with DWORD records (CMPL_FORMAT.DW).
 
         The caller checks ``ring_ready`` and Bus Master Enable first.
         """
         seq = self.completed
         self.completed = seq + 1
+        slot = seq & (self.ring_entries - 1)
         # 64-bit address arithmetic wraps, as in hardware (a hostile base cannot make it overflow)
-        address = (self.cmpl_base + (seq & (self.ring_entries - 1)) * CMPL_RECORD_SIZE) & _ADDR_MASK
+        if self.cmpl_format:
+            return (self.cmpl_base + slot * 4) & _ADDR_MASK, CMPL_DWORD.pack(cookie & 0xFFFFFFFF)
+        address = ((self.cmpl_base & ~0xF) + slot * CMPL_RECORD_SIZE) & _ADDR_MASK
         return address, CMPL_RECORD.pack(cookie & 0xFFFFFFFF, CMPL_STATUS_DONE, seq)

@@ -4,7 +4,7 @@ A function = type-0 config space (PCIe cap v2 with FLR, MSI-X cap) + BAR0::
 
     BAR0 (16 KiB, 32-bit non-prefetchable memory BAR, four 4 KiB pages)
     +---------+--------------------------------------------------------------+
-    | 0x0000  | page 0: work-engine registers (``device.engine``), 0x38 used  |
+    | 0x0000  | page 0: work-engine registers (``device.engine``), 0x64 used  |
     | 0x1000  | page 1: IMS slots (``device.ims``), 16 bytes each, up to 256; |
     |         |         absent (reads 0) on a function with ims_slots=0       |
     | 0x2000  | page 2: MSI-X table, 16 bytes per vector (BIR 0, off 0x2000)  |
@@ -277,6 +277,10 @@ class Function:
 
     def doorbell(self, cookie: int) -> list[Emit]:
         """One work item: ``[DMA MWr of the completion record, interrupt MWr]`` in that order.
+
+        The record is 16 bytes, or with CMPL_FORMAT.DW the 4-byte cookie alone: one full-DW
+        MWr that, aimed at 0xFEEx_xxxx, the fabric takes for an interrupt request from this
+        function's RID (``device.engine``).
 
         The interrupt is MSI-X vector IRQ_VECTOR, or IMS slot IRQ_VECTOR when
         IRQ_MODE = 1.  Nothing at all without Bus Master Enable or a programmed

@@ -11,6 +11,7 @@ from device.emit import Emit
 from device.engine import (
     CMPL_BASE_HI,
     CMPL_BASE_LO,
+    CMPL_FORMAT,
     CMPL_RING_ENTRIES,
     COMPLETED,
     DOORBELL,
@@ -205,6 +206,86 @@ def test_doorbell_ring_wraps_with_sequence_numbers(h: Host) -> None:
     assert [t.address - RING for t in records] == [0, 16, 0, 16, 0]
     assert [struct.unpack("<IIQ", t.data) for t in records] == [(100 + i, 1, i) for i in range(5)]
     assert h.r32(BAR + COMPLETED) == 5
+
+
+# ---- DWORD completion records (CMPL_FORMAT.DW) -----------------------------------------------------
+
+
+def test_dword_records_are_one_full_dw_write_of_the_cookie(h: Host) -> None:
+    """CMPL_FORMAT.DW: each record is the cookie alone, one full-DW MWr at base + 4 * slot, with
+    CMPL_BASE's bits 3:2 counting; the interrupt follows as usual.  Back to 16-byte records,
+    and after an FLR, the format is 16 bytes again."""
+    h.msix_control(PF, enable=True)
+    h.program_vector(BAR, 0, MSI, 0x30)
+    base = RING | 0x8                                     # DWORD-aligned, not 16-byte aligned
+    h.program_ring(BAR, base, 4, vector=0)
+    assert h.r32(BAR + CMPL_FORMAT) == 0 and h.r32(BAR + CMPL_BASE_LO) == (RING & 0xFFFF_FFFF)
+    h.w32(BAR + CMPL_FORMAT, 0xFFFF_FFFF)                 # bits 31:1 read 0
+    assert h.r32(BAR + CMPL_FORMAT) == 1 and h.r32(BAR + CMPL_BASE_LO) == (base & 0xFFFF_FFFF)
+    dmas = []
+    for i in range(3):
+        dma, irq = h.w32(BAR + DOORBELL, 0xA0 + i)
+        assert dma.tlp.length == 1 and dma.tlp.first_be == 0xF and dma.tlp.last_be == 0
+        assert dma.origin is None and dma.tlp.requester_id == PF and irq.origin == PF
+        dmas.append(dma.tlp)
+    assert [t.address - base for t in dmas] == [0, 4, 8]
+    assert [t.data for t in dmas] == [(0xA0 + i).to_bytes(4, "little") for i in range(3)]
+    h.w32(BAR + CMPL_FORMAT, 0)                           # 16-byte records again, at base & ~0xF
+    assert h.r32(BAR + CMPL_BASE_LO) == (RING & 0xFFFF_FFFF)
+    dma, _ = h.w32(BAR + DOORBELL, 0xB0)
+    assert dma.tlp.address == RING + 3 * 16 and dma.tlp.data == struct.pack("<IIQ", 0xB0, 1, 3)
+    h.w32(BAR + CMPL_FORMAT, 1)
+    h.dev.pf.flr()
+    assert h.dev.pf.engine.cmpl_format == 0
+
+
+def test_dword_record_into_the_interrupt_range_is_an_interrupt_request_the_ir_unit_checks() -> None:
+    """Aimed at 0xFEEx_xxxx a DWORD record is, on the bus, a remappable interrupt request from
+    the function's RID naming the IRTE the guest chose (handle in the base, sub-handle in the
+    cookie): the IR unit's IRTE checks decide -- source-id (0x26) for someone else's entry,
+    not present (0x22) for a free one.  A 16-byte record there is no interrupt request at all."""
+    from fabric.dmar import FaultReason
+    from fabric.ir import InterruptRemapper, IrFault, Irte, compose_remappable
+
+    other = PF + 1                                        # someone else's function
+    ir = InterruptRemapper(entries=256, enabled=True)
+    ir.write_irte(0x42, Irte.remapped(0x51, 0, other))
+    lo, _hi, data = compose_remappable(0x40, 2, shv=True)  # IRTE 0x40 + sub-handle 2 = 0x42
+
+    def forge(cookie: int, dword: bool = True) -> Tlp:
+        """A function fresh from its driver, told to DMA one record to ``lo``."""
+        f = Host(SriovDevice())
+        f.bring_up_pf()
+        f.msix_control(PF, enable=True)
+        f.program_vector(BAR, 0, MSI, 0x30)
+        f.program_ring(BAR, lo, 1, vector=0)
+        f.w32(BAR + CMPL_FORMAT, int(dword))
+        dma, _irq = f.w32(BAR + DOORBELL, cookie)
+        return dma.tlp
+
+    tlp = forge(data)
+    raw = tlp.pack()
+    assert tlp.address == lo and len(raw) == 12 + 4 and raw[7] == 0x0F   # one DW, all bytes enabled
+    res = ir.remap(tlp.requester_id, tlp.address, int.from_bytes(tlp.data, "little"))
+    assert type(res) is IrFault and res.reason == FaultReason.IR_SID_ERR and res.index == 0x42, res
+    tlp = forge(data + 1)                                  # IRTE 0x43: not present
+    res = ir.remap(tlp.requester_id, tlp.address, int.from_bytes(tlp.data, "little"))
+    assert type(res) is IrFault and res.reason == FaultReason.IR_ENTRY_P and res.index == 0x43, res
+    assert forge(data, dword=False).length == 4            # the bus faults this 0x20 (not a DWORD)
+
+
+def test_adi_dword_records_are_pasid_tagged_dma() -> None:
+    """An ADI's portal has the same knob: its DWORD record leaves with the PF's RID and the
+    ADI's PASID, like all its DMA."""
+    from device.engine import IRQ_MODE
+    from tests.unit.test_device_siov import make, portal, ring
+    dev, sh = make(adis=2)
+    sh.w32(portal(1) + IRQ_MODE, 1)
+    sh.w32(portal(1) + CMPL_FORMAT, 1)
+    assert sh.r32(portal(1) + CMPL_FORMAT) == 1
+    dma, _irq = sh.w32(portal(1) + DOORBELL, 0xC0DE)
+    assert dma.tlp.address == ring(1) and dma.tlp.data == (0xC0DE).to_bytes(4, "little")
+    assert dma.tlp.length == 1 and dma.tlp.requester_id == 0x0100 and dma.tlp.pasid == 0x101
 
 
 def test_doorbell_dropped_until_ring_programmed_and_partial_doorbell_ignored(h: Host) -> None:
