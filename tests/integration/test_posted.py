@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import os
+import signal
+import sys
 
 import pytest
 
@@ -152,3 +156,61 @@ async def test_injection_stays_available_per_vm_on_a_posted_platform(start_lab):
             await lab.call("host", "vcpu.deschedule", args)
         assert why in str(info.value) and "\n" not in str(info.value), str(info.value)
     assert (await lab.call("host", "vms"))["g2"]["descheduled"] == []
+
+
+async def test_launch_ctl_deschedules_and_schedules_a_vcpu(tmp_path):
+    """The same control ops from a shell: ``launch.py run --hold`` then ``launch.py ctl``."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    launch = [sys.executable, os.path.join(root, "launch.py")]
+
+    async def ctl(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(*launch, *args, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE, cwd=root)
+        try:
+            async with asyncio.timeout(60):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"launch.py {' '.join(args)} did not finish within 60 s") from None
+        return proc.returncode, out.decode(), err.decode()
+
+    topo = tmp_path / "posted.toml"
+    topo.write_text('[platform]\nposted = true\n[[device]]\nname = "d0"\n'
+                    '[[guest]]\nname = "g1"\nassign = ["d0.vf0"]\n')
+    proc = await asyncio.create_subprocess_exec(*launch, "run", str(topo), "--hold", "--per-function", "100",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                cwd=root)
+    runtime, seen = None, []
+    try:
+        async with asyncio.timeout(120):
+            while runtime is None:
+                line = (await proc.stderr.readline()).decode()
+                seen.append(line)
+                assert line, "launch.py ended before holding the topology: " + "".join(seen)
+                if "holding the topology; runtime " in line:
+                    runtime = line.rsplit(" ", 1)[1].strip()
+        rc, out, err = await ctl("ctl", "--runtime", runtime, "host", "vcpu.deschedule", '{"vm": "g1"}')
+        assert rc == 0 and json.loads(out)["vcpus"] == {"0": {"pending": 0, "pir": [], "held": 0}}, (out, err)
+        rc, out, err = await ctl("ctl", "--runtime", runtime, "fabric", "pids")
+        (pid,) = json.loads(out).values()
+        assert rc == 0 and pid["vm"] == "g1" and pid["sn"] is True and pid["posted"] == 100, (out, err)
+        rc, out, err = await ctl("views", "--runtime", runtime, "host", "--only", "vms")
+        assert rc == 0 and "g1: running, 1 vCPUs, interrupt delivery posted" in out, (out, err)
+        assert "vCPU0 0x7f000000 [descheduled: SN]" in out, out
+        rc, out, err = await ctl("ctl", "--runtime", runtime, "host", "vcpu.schedule", '{"vm": "g1", "vcpu": 0}')
+        assert rc == 0 and json.loads(out)["running"] is True, (out, err)
+        rc, out, err = await ctl("ctl", "--runtime", runtime, "host", "vcpu.deschedule", '{"vm": "g7"}')
+        assert rc == 3 and err.strip().count("\n") == 0 and "no VM named 'g7' (VMs: g1)" in err, err
+        assert "Traceback" not in err
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(60):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError("launch.py still running 60 s after SIGINT") from None
+    assert proc.returncode == 0 and not os.path.exists(runtime), (proc.returncode, runtime)
