@@ -240,6 +240,13 @@ _P3 = struct.Struct(">IIII")  # prefix + 3DW header
 _P4 = struct.Struct(">IIIQ")  # prefix + 4DW header
 
 _ADDR64_MASK = 0xFFFF_FFFF_FFFF_FFFC
+
+# pack()'s hot path: TlpType -> (kind, header bytes, has payload, byte 0 << 24, header struct,
+# header struct after a PASID prefix)
+_FAST: dict[TlpType, tuple] = {
+    t: (kind, hlen, has_data, int(t) << 24, _H4 if hlen == 16 else _H3, _P4 if hlen == 16 else _P3)
+    for t, kind, hlen, has_data, _name in _INFO.values()
+}
 _FOUR_GIB = 1 << 32
 
 
@@ -360,6 +367,78 @@ class Tlp:
         if info is None:
             raise TlpError(f"type {self.type!r} is not a supported TlpType")
         return info
+
+    def _fast_valid(self) -> bool:
+        """True only if ``validate()`` would pass: the common, well-typed cases, checked with a few
+        shifts and comparisons instead of ``validate()``'s per-field calls.  It may say False for
+        a valid TLP (an ``IntEnum`` tag, 0/1 for a flag, a bytearray payload, non-contiguous BEs
+        on a QW-aligned 2 DW request...): callers then run ``validate()``, which decides and names
+        the rule.  Sound, not complete -- so the codec's behaviour is ``validate()``'s, faster."""
+        t = self.type
+        if type(t) is not TlpType:
+            return False
+        rid, tag, tc, attr, at, length = self.requester_id, self.tag, self.tc, self.attr, self.at, self.length
+        th, td, ep, ln, bcm, pmr, er = self.th, self.td, self.ep, self.ln, self.bcm, self.pmr, self.er
+        data, pasid = self.data, self.pasid
+        if not (type(rid) is type(tag) is type(tc) is type(attr) is type(at) is type(length) is int
+                and type(th) is type(td) is type(ep) is type(ln) is type(bcm) is type(pmr) is type(er) is bool
+                and type(data) is bytes and not (rid >> 16 | tag >> 10 | tc >> 3 | attr >> 3 | at >> 2)
+                and at != 3 and 0 <= length <= 1024):
+            return False
+        digest = self.digest
+        if td:
+            if type(digest) is not int or digest >> 32 or digest < 0:
+                return False
+        elif digest is not None:
+            return False
+        _t, kind, hlen, has_data, _name = _INFO[t]
+        if kind == _MEM:
+            if pasid is None:
+                if pmr or er:
+                    return False
+            elif type(pasid) is not int or pasid >> 20 or pasid < 0:
+                return False
+            addr, ph, fbe, lbe = self.address, self.ph, self.first_be, self.last_be
+            if not (type(addr) is type(ph) is type(fbe) is type(lbe) is int and not (fbe >> 4 | lbe >> 4 | ph >> 2)
+                    and length and not addr & 3 and (addr & 0xFFF) + length * 4 <= 0x1000
+                    and (th or not ph)
+                    and (not er or (not has_data and at != 2))
+                    and not (self.completer_id or self.status or bcm or self.byte_count or self.lower_address)):
+                return False
+            if hlen == 16:
+                if addr >> 64 or addr < _FOUR_GIB:
+                    return False
+            elif addr >> 32 or addr < 0:
+                return False
+            if has_data:
+                if len(data) != length * 4 or tag >> 8:
+                    return False
+            elif data:
+                return False
+            if th and not has_data:
+                return True
+            if length == 1:
+                return not lbe
+            return fbe in _FIRST_CONTIG and lbe in _LAST_CONTIG
+        if pasid is not None or pmr or er:
+            return False
+        if kind == _CFG:
+            addr, fbe, lbe, cid = self.address, self.first_be, self.last_be, self.completer_id
+            return (length == 1 and type(addr) is type(fbe) is type(lbe) is type(cid) is int
+                    and not (tc or attr or at or th or ln or self.ph or lbe or bcm or self.status
+                             or self.byte_count or self.lower_address or addr & ~0xFFC or fbe >> 4 or fbe < 0
+                             or cid >> 16 or cid < 0)
+                    and len(data) == (4 if has_data else 0))
+        cid, status, bc, la = self.completer_id, self.status, self.byte_count, self.lower_address
+        if not (type(cid) is type(bc) is type(la) is int and type(status) is CplStatus
+                and not (th or at or self.first_be or self.last_be or self.address or self.ph
+                         or cid >> 16 or cid < 0 or la >> 7 or la < 0)
+                and 1 <= bc <= 4096):
+            return False
+        if has_data:
+            return (length > 0 and len(data) == length * 4 and status is CplStatus.SC
+                    and length * 4 <= (la & 3) + bc + 3)
+        return not length and not data
 
     def validate(self) -> None:
         """Raise ``TlpError`` unless this TLP can be packed (the rules in the module docstring)."""
@@ -504,7 +583,84 @@ class Tlp:
     # -- codec -----------------------------------------------------------------------------
 
     def pack(self) -> bytes:
-        """Serialize to wire bytes; raises ``TlpError`` if any field breaks the rules."""
+        """Serialize to wire bytes; raises ``TlpError`` if any field breaks the rules.
+
+        The hot path checks the common cases inline -- each field loaded once, plain ints and
+        bools, ranges by shifts OR-ed into one value -- and encodes.  Anything else (an IntFlag
+        or a 0/1 int where a flag goes, a bytearray payload, a digest, non-contiguous BEs on a
+        QW-aligned 2 DW request, and every invalid TLP) takes ``_pack_checked()``: ``validate()``
+        then the same encoding.  The inline checks are sound, not complete (see ``_fast_valid``),
+        so what ``pack()`` accepts and the error it raises are ``validate()``'s."""
+        t = self.type
+        info = _FAST.get(t)
+        if info is None or type(t) is not TlpType:
+            return self._pack_checked()
+        kind, hlen, has_data, b0, h, hp = info
+        rid, tag, tc, attr, at, length = self.requester_id, self.tag, self.tc, self.attr, self.at, self.length
+        th, ep, ln, data = self.th, self.ep, self.ln, self.data
+        try:
+            if kind == _MEM:
+                addr, ph, fbe, lbe = self.address, self.ph, self.first_be, self.last_be
+                # tag: 8 bits on posted requests (Tag[9:8] reserved), 10 on reads
+                v = (rid >> 16 | tag >> (8 if has_data else 10) | tc >> 3 | attr >> 3 | at >> 2
+                     | (th | ep | ln) >> 1 | ph >> 2 | fbe >> 4 | lbe >> 4 | (length - 1) >> 10 | addr & 3
+                     | (addr >> 64 if hlen == 16 else addr >> 32))
+                if (v or type(v) is not int or at == 3 or self.td is not False or self.bcm is not False
+                        or type(data) is not bytes or (len(data) != length << 2 if has_data else data)
+                        or (addr & 0xFFF) + (length << 2) > 0x1000 or (hlen == 16 and addr < _FOUR_GIB)
+                        or (ph and not th) or self.digest is not None
+                        or self.completer_id or self.status or self.byte_count or self.lower_address
+                        or not (th and not has_data
+                                or (not lbe if length == 1 else fbe in _FIRST_CONTIG and lbe in _LAST_CONTIG))):
+                    return self._pack_checked()
+                dw0 = (b0 | (tag & 0x200) << 14 | tc << 20 | (tag & 0x100) << 11 | (attr & 4) << 16 | ln << 17
+                       | th << 16 | ep << 14 | (attr & 3) << 12 | at << 10 | (length & 0x3FF))
+                dw1 = rid << 16 | (tag & 0xFF) << 8 | lbe << 4 | fbe
+                pasid = self.pasid
+                if pasid is None:
+                    if self.pmr is not False or self.er is not False:
+                        return self._pack_checked()
+                    hdr = h.pack(dw0, dw1, addr | ph)
+                else:
+                    pmr, er = self.pmr, self.er
+                    if (type(pasid) is not int or pasid >> 20 or pasid < 0 or type(pmr) is not bool
+                            or type(er) is not bool or (er and (has_data or at == 2))):
+                        return self._pack_checked()
+                    hdr = hp.pack(0x9100_0000 | pmr << 23 | er << 22 | pasid, dw0, dw1, addr | ph)
+                return hdr + data if data else hdr
+            if (self.pasid is not None or self.pmr is not False or self.er is not False or self.bcm is not False
+                    or self.td is not False or self.digest is not None or th or at or type(data) is not bytes):
+                return self._pack_checked()
+            if kind == _CFG:
+                addr, fbe, cid, lbe = self.address, self.first_be, self.completer_id, self.last_be
+                # every field an int (a None or float raises TypeError), in range, and the
+                # ones a config request does not carry 0; Length 1 and Last BE 0
+                v = (rid >> 16 | tag >> 10 | fbe >> 4 | cid >> 16 | addr & ~0xFFC | lbe | length ^ 1
+                     | tc | attr | at | th | ln | ep >> 1)
+                if (v or type(v) is not int or self.ph
+                        or self.status or self.byte_count or self.lower_address
+                        or len(data) != (4 if has_data else 0)):
+                    return self._pack_checked()
+                hdr = h.pack(b0 | (tag & 0x200) << 14 | (tag & 0x100) << 11 | ep << 14 | 1,
+                             rid << 16 | (tag & 0xFF) << 8 | fbe, cid << 16 | addr)
+                return hdr + data if data else hdr
+            cid, status, bc, la = self.completer_id, self.status, self.byte_count, self.lower_address
+            v = (rid >> 16 | tag >> 10 | tc >> 3 | attr >> 3 | (ep | ln) >> 1 | th | at | cid >> 16 | la >> 7
+                 | (bc - 1) >> 12 | (length - 1 if has_data else length) >> 10)
+            if (v or type(v) is not int or type(status) is not CplStatus
+                    or self.first_be or self.last_be or self.address or self.ph
+                    or (len(data) != length << 2 or status is not CplStatus.SC
+                        or length << 2 > (la & 3) + bc + 3 if has_data else length or data)):
+                return self._pack_checked()
+            hdr = h.pack(b0 | (tag & 0x200) << 14 | tc << 20 | (tag & 0x100) << 11 | (attr & 4) << 16 | ln << 17
+                         | ep << 14 | (attr & 3) << 12 | (length & 0x3FF),
+                         cid << 16 | status << 13 | (bc & 0xFFF), rid << 16 | (tag & 0xFF) << 8 | la)
+            return hdr + data if data else hdr
+        except TypeError:        # a field that is not an int: validate() names it
+            return self._pack_checked()
+
+    def _pack_checked(self) -> bytes:
+        """``pack()`` for everything its inline checks did not vouch for: ``validate()``, then encode."""
         self.validate()
         b0 = int(self.type)
         _t, kind, hlen, _d, _n = _INFO[b0]
@@ -578,9 +734,12 @@ class Tlp:
         attr = ((dw0 >> 16) & 4) | ((dw0 >> 12) & 3)
         tc = (dw0 >> 20) & 7
         at = (dw0 >> 10) & 3
-        th = bool(dw0 & 0x10000)
-        ep = bool(dw0 & 0x4000)
-        ln = bool(dw0 & 0x20000)
+        th = dw0 & 0x10000 != 0
+        ep = dw0 & 0x4000 != 0
+        ln = dw0 & 0x20000 != 0
+        # Every field below comes out of a bit field, so its type and width are right by
+        # construction; ``ok`` checks the remaining rules of ``validate()`` for the common cases
+        # (sound, not complete: a False runs ``validate()``, which decides and names the rule).
         if kind == _CPL:
             code = (dw1 >> 13) & 7
             status = _STATUS.get(code)
@@ -588,20 +747,33 @@ class Tlp:
                 raise TlpError(f"{name}: Completion Status {code:03b}b is reserved (expected SC, UR, CRS or CA)")
             if dw2 & 0x80:
                 raise TlpError(f"{name}: reserved bit 7 of DW2 (above Lower Address) is set")
+            bc = (dw1 & 0xFFF) or 4096
+            la = dw2 & 0x7F
             tlp = cls(t, dw2 >> 16, tag | ((dw2 >> 8) & 0xFF), tc, attr, at, th, td, ep, ln, length,
-                      0, 0, 0, 0, dw1 >> 16, status, bool(dw1 & 0x1000), (dw1 & 0xFFF) or 4096,
-                      dw2 & 0x7F, data, digest, pasid, pmr, er)
+                      0, 0, 0, 0, dw1 >> 16, status, dw1 & 0x1000 != 0, bc, la, data, digest, pasid, pmr, er)
+            ok = pasid is None and not dw0 & 0x10C00 and (
+                status is CplStatus.SC and length * 4 <= (la & 3) + bc + 3 if has_data else not length)
         elif kind == _CFG:
             if dw2 & 0xF003:
                 raise TlpError(f"{name}: reserved bits of DW2 0x{dw2:08x} are set (bits 15:12 and 1:0 must be 0)")
+            lbe = (dw1 >> 4) & 0xF
             tlp = cls(t, dw1 >> 16, tag | ((dw1 >> 8) & 0xFF), tc, attr, at, th, td, ep, ln, length,
-                      dw1 & 0xF, (dw1 >> 4) & 0xF, dw2 & 0xFFC, 0, dw2 >> 16, CplStatus.SC, False, 0,
+                      dw1 & 0xF, lbe, dw2 & 0xFFC, 0, dw2 >> 16, CplStatus.SC, False, 0,
                       0, data, digest, pasid, pmr, er)
+            # TC, Attr, AT, TH, LN all 0 and the Length field 1
+            ok = pasid is None and dw0 & 0x0077_3FFF == 1 and not lbe
         else:
+            fbe, lbe, addr, ph = dw1 & 0xF, (dw1 >> 4) & 0xF, dw2 & ~3, dw2 & 3
             tlp = cls(t, dw1 >> 16, tag | ((dw1 >> 8) & 0xFF), tc, attr, at, th, td, ep, ln, length,
-                      dw1 & 0xF, (dw1 >> 4) & 0xF, dw2 & ~3, dw2 & 3, 0, CplStatus.SC, False, 0,
+                      fbe, lbe, addr, ph, 0, CplStatus.SC, False, 0,
                       0, data, digest, pasid, pmr, er)
-        tlp.validate()
+            ok = (at != 3 and (th or not ph) and (hlen == 12 or addr >= _FOUR_GIB)
+                  and (addr & 0xFFF) + length * 4 <= 0x1000 and (not er or not has_data and at != 2)
+                  and (tag < 0x100 if has_data else True)
+                  and (th and not has_data
+                       or (not lbe if length == 1 else fbe in _FIRST_CONTIG and lbe in _LAST_CONTIG)))
+        if not ok:
+            tlp.validate()
         return tlp
 
     # -- constructors ----------------------------------------------------------------------
@@ -636,7 +808,8 @@ class Tlp:
             payload = b""
         tlp = cls(t, operator.index(requester_id), tag, tc, attr, length=ndw, first_be=first_be,
                   last_be=last_be, address=base, data=payload, pasid=pasid, pmr=pmr, er=er)
-        tlp.validate()
+        if not tlp._fast_valid():
+            tlp.validate()
         return tlp
 
     @classmethod
@@ -660,7 +833,8 @@ class Tlp:
         """CfgRd0 of the DW at byte offset ``reg`` (DW aligned, 0..0xFFC) of function ``target``."""
         tlp = cls(TlpType.CFG_READ_0, operator.index(requester_id), tag, length=1, first_be=first_be,
                   address=operator.index(reg), completer_id=operator.index(target))
-        tlp.validate()
+        if not tlp._fast_valid():
+            tlp.validate()
         return tlp
 
     @classmethod
@@ -673,7 +847,8 @@ class Tlp:
         tlp = cls(TlpType.CFG_WRITE_0, operator.index(requester_id), tag, length=1, first_be=first_be,
                   address=operator.index(reg), completer_id=operator.index(target),
                   data=value.to_bytes(4, "little"))
-        tlp.validate()
+        if not tlp._fast_valid():
+            tlp.validate()
         return tlp
 
     @classmethod
@@ -718,7 +893,8 @@ class Tlp:
         cpl = cls(TlpType.CPL_DATA if data else TlpType.CPL, req.requester_id, req.tag, req.tc,
                   req.attr, length=len(data) // 4, completer_id=operator.index(completer_id),
                   status=status, byte_count=bc, lower_address=la, data=data)
-        cpl.validate()
+        if not cpl._fast_valid():
+            cpl.validate()
         return cpl
 
     # -- queries ---------------------------------------------------------------------------
