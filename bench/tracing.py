@@ -52,6 +52,20 @@ def _clean(report: dict, what: str) -> int:
     return sum(r["sent"] for r in rows)
 
 
+def _cpu_s(pid: int) -> float | None:
+    """utime + stime of a process so far (Linux /proc), seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu(lab) -> dict[str, float | None]:
+    return {name: _cpu_s(c.proc.pid) for name, c in lab.children.items()}
+
+
 def _latency(report: dict) -> dict:
     from hdrh.histogram import HdrHistogram
 
@@ -71,9 +85,13 @@ async def _round(lab, p: dict, traced: bool, log: Callable[[str], None]) -> dict
                                 ("latency", p["latency_per_function"], 1)):
         if traced:
             await lab.trace_start()
+        cpu0 = _cpu(lab)
         rep = await lab.run_workload(per_function=per, inflight=inflight)
+        cpu1 = _cpu(lab)
         n = _clean(rep, f"tracing {label} {kind}")
-        fig = {"interrupts": n, "rate_per_s": n / rep["elapsed_s"]}
+        fig = {"interrupts": n, "rate_per_s": n / rep["elapsed_s"],
+               "cpu_us_per_interrupt": {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1
+                                        if cpu0.get(k) is not None and cpu1[k] is not None}}
         if kind == "latency":
             fig["latency"] = _latency(rep)
         if traced:
@@ -130,7 +148,10 @@ async def run(quick: bool = False, progress: Callable[[str], None] = print) -> d
         out[key] = {"rate_per_s": _median(rs, "saturation", "rate_per_s"),
                     "latency_p50_us": _median(rs, "latency", "latency", "p50_us"),
                     "latency_p99_us": _median(rs, "latency", "latency", "p99_us"),
-                    "latency_rate_per_s": _median(rs, "latency", "rate_per_s")}
+                    "latency_rate_per_s": _median(rs, "latency", "rate_per_s"),
+                    "cpu_us_per_interrupt": {k: statistics.median(r["saturation"]["cpu_us_per_interrupt"][k]
+                                                                  for r in rs)
+                                             for k in rs[0]["saturation"]["cpu_us_per_interrupt"]}}
     on = rounds[True]
     out["trace"] = {k: _median(on, "saturation", "trace", k) for k in
                     ("events", "events_per_interrupt", "dropped", "collect_s", "chunks", "wire_bytes",
@@ -153,6 +174,10 @@ def render(res: dict) -> str:
              f"{ov['latency_p50']:.2f}"),
             ("one-way latency p99, µs", f"{off['latency_p99_us']:,.0f}", f"{on['latency_p99_us']:,.0f}",
              f"{ov['latency_p99']:.2f}")]
+    for name in off["cpu_us_per_interrupt"]:
+        a, b = off["cpu_us_per_interrupt"][name], on["cpu_us_per_interrupt"].get(name)
+        if b is not None:
+            rows.append((f"CPU µs per interrupt, {name}", f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}" if a else "-"))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"irqlab tracing cost -- topology {res['topology']!r} ({res['functions']} functions), "
              f"{res['mode']} mode, median of {res['params']['rounds']} round(s), load average "

@@ -20,7 +20,7 @@ from device.sriov_device import SriovDevice
 from fabric import wire
 from fabric.loop import die_with_parent, run
 from fabric.port import Port
-from fabric.tlp import Tlp, TlpError, peek
+from fabric.tlp import Tlp, TlpError, TlpType, peek
 from fabric.trace import TLP_NAMES, Tracer, chunk_budget, flow_id, requested
 
 
@@ -70,7 +70,7 @@ class DeviceShell:
                     if e.origin is None:
                         send(wire.tlp(e.tlp.pack()))
                         if tr.on:
-                            self._trace_tlp("tx", e.tlp.pack())
+                            self._trace_tx(e.tlp)
                     else:
                         t = time.monotonic_ns()
                         send(wire.tlp(e.tlp.pack(), e.origin, t))
@@ -93,6 +93,11 @@ class DeviceShell:
     def _trace_tlp(self, direction: str, raw: bytes) -> None:
         ftype, _, rid, key = peek(raw)
         self.tracer.rec("i", TLP_NAMES.get(ftype, "TLP"), "tlp", None, _TK_TLP, direction, rid, key)
+
+    def _trace_tx(self, tlp: Tlp) -> None:
+        t = tlp.type
+        key = tlp.completer_id if t == TlpType.CPL or t == TlpType.CPL_DATA else tlp.address
+        self.tracer.rec("i", TLP_NAMES.get(t, "TLP"), "tlp", None, _TK_TLP, "tx", tlp.requester_id, key)
 
     def _trace_irq(self, e, t_ns: int) -> None:
         """An interrupt MWr starts its flow, at the very time stamped beside it on the wire."""

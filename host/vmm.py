@@ -62,6 +62,9 @@ COMPOSE_QUOTA = 64
 #: where the model's posted-interrupt descriptors "live" (64 bytes per vCPU, host memory)
 PID_BASE = 0x7F00_0000
 
+#: trace argument names of an injection (fabric.trace.Tracer.rec)
+_TK_INJECT = ("vm", "vcpu", "vector")
+
 
 @dataclass
 class Compose:
@@ -538,7 +541,7 @@ class Vmm:
         vm.injected += 1
         tr = self.host.tracer
         if tr.on:
-            tr.flow("t", f"inject {vm.name} vector 0x{vector:02x}", "irq", flow_id(origin, t_ns), vcpu=apic)
+            tr.rec("t", "inject", "irq", flow_id(origin, t_ns), _TK_INJECT, vm.name, apic, vector)
         self.port.send(wire.inject(vm.name, apic, vector, origin, t_ns))
 
     async def set_vcpu_running(self, name: Any, vcpu: Any, running: bool) -> dict:
