@@ -117,6 +117,43 @@ class Host(OsShell):
         told = await self.vmm.device_removed(buses)
         return {"functions": [rid_str(r) for r in gone], "host_drivers": removed_here, **told}
 
+    def _adi_irqs(self, rid: int, pf, adi: int) -> list[str]:
+        """The ADI's interrupts for the ``adis`` view: IMS kind, the IRTE behind each and what
+        that IRTE checks (the RID only, or RID and PASID), where it points."""
+        from guest.irq.ir import IrteRef
+        k = self.kernel
+
+        def irte(virq: int) -> str:
+            data = k.irq.irq_get_irq_data(virq)
+            ref = next((d.chip_data for d in (data.levels() if data else ())
+                        if isinstance(d.chip_data, IrteRef)), None)
+            if ref is None:
+                return "no IRTE"
+            checks = f"RID {rid_str(ref.sid)} + PASID 0x{ref.pasid:x}" if ref.pasid is not None else \
+                f"RID {rid_str(ref.sid)} only"
+            if ref.irte is None:
+                return f"IRTE {ref.index} (not written), checks {checks}"
+            how = ("posted" if ref.irte.mode else "remapped") + f" vector 0x{ref.irte.vector:02x}"
+            return f"IRTE {ref.index} checks {checks}, {how}"
+
+        inst = pf.engines.get(adi)
+        if inst is not None:                     # the host drives it
+            kind = {"ims": "device IMS", "ims-memory": "memory IMS"}.get(inst.irq_mode, inst.irq_mode)
+            if inst.irq < 0:
+                return [f"{kind}: no interrupt ({inst.ims_error or 'not set up'})"]
+            return [f"{kind} slot {k.irq.irq_get_irq_data(inst.irq).hwirq}: {irte(inst.irq)}"]
+        out = []
+        for vm in self.vmm.vms.values():
+            for vadi in vm.vfs.values():
+                if getattr(vadi, "pf_rid", None) != rid or getattr(vadi, "adi", None) != adi:
+                    continue
+                for c in [c for c in vm.composes.values() if c.vf is vadi]:
+                    pair = "fake pair (case 4: the VMM writes the real slot)" if c.kind == "fake" else \
+                        "real pair stored by the guest"
+                    out.append(f"{vm.name} {rid_str(vadi.guest_rid)} compose handle {c.handle}: {pair}; "
+                               f"{irte(c.virq)} -> vCPU{c.apic} vector 0x{c.vector:02x}")
+        return out
+
     async def op_views(self, args: dict) -> dict:
         views = await super().op_views(args)
         lines = []
@@ -128,6 +165,7 @@ class Host(OsShell):
                 lines.append(f"  ADI {adi}: owner {pf.owner.get(adi, '-')}, PASID "
                              + (f"0x{pasid:x}" if pasid is not None else "-")
                              + f", portal 0x{pf.portal(adi):x}")
+                lines += [f"    {b}" for b in self._adi_irqs(rid, pf, adi)]
         views["adis"] = "\n".join(lines)
         vms = []
         for vm in self.vmm.vms.values():

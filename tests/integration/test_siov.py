@@ -4,6 +4,9 @@ storing another guest's interrupt handle in its memory IMS slot."""
 
 from __future__ import annotations
 
+import io
+import re
+
 import pytest
 
 MEM = {"name": "m0", "kind": "siov", "adis": 2, "ims": "memory", "pasid_interrupts": True}
@@ -25,6 +28,32 @@ def rows(report, os_name=None) -> list[dict]:
 def only(report, os_name) -> dict:
     (r,) = rows(report, os_name)
     return r
+
+
+def rendered(report: dict) -> str:
+    """The text report exactly as ``launch.py run`` prints it (irqlab/report.py)."""
+    from rich.console import Console
+
+    from irqlab.report import render
+    console = Console(record=True, width=240, file=io.StringIO())
+    render(report, console)
+    return console.export_text()
+
+
+def adi_view(view: str) -> dict[tuple[str, int], tuple[str, int | None, list[str]]]:
+    """The host's ``adis`` view parsed: (PF, ADI) -> (owner, PASID, the lines under it)."""
+    out: dict = {}
+    pf = key = None
+    for line in view.splitlines():
+        if not line.startswith(" "):
+            pf = line.split(":", 2)[0] + ":" + line.split(":", 2)[1]     # "01:00.0"
+        elif m := re.fullmatch(r"  ADI (\d+): owner (\S+), PASID (0x[0-9a-f]+|-), portal 0x[0-9a-f]+", line):
+            key = (pf, int(m[1]))
+            out[key] = (m[2], None if m[3] == "-" else int(m[3], 16), [])
+        else:
+            assert key is not None and line.startswith("    "), view
+            out[key][2].append(line.strip())
+    return out
 
 
 async def handle_of(lab, vm: str) -> int:
@@ -50,6 +79,20 @@ async def test_row_1_host_drives_adis_with_both_ims_kinds(start_lab):
     irt = await lab.call("fabric", "irt")
     bound = [line for line in irt[1:] if line.split()[-1] != "-"]
     assert len(bound) == 2 and all(line.split()[1] == "01:00.0" for line in bound), irt
+    # the host's ADI view: each ADI's PASID, IMS kind and IRTE -- bound to the PASID exactly
+    # where the IRT says so (the tagging device's memory-IMS ADIs)
+    irt_pasid = {int(line.split()[0]): line.split()[-1] for line in irt[1:]}
+    seen = adi_view(views["adis"])
+    assert sorted(seen) == [("01:00.0", 0), ("01:00.0", 1), ("02:00.0", 0), ("02:00.0", 1)], views["adis"]
+    for (pf, adi), (owner, pasid, lines) in seen.items():
+        assert owner == "host" and pasid is not None, views["adis"]
+        kind, checks = (("memory", f"RID {pf} + PASID 0x{pasid:x}") if pf == "01:00.0"
+                        else ("device", f"RID {pf} only"))
+        (line,) = lines
+        m = re.fullmatch(rf"{kind} IMS slot 0: IRTE (\d+) checks {re.escape(checks)}, remapped vector 0x[0-9a-f]+",
+                         line)
+        assert m, (line, views["adis"])
+        assert irt_pasid[int(m[1])] == (f"0x{pasid:x}" if kind == "memory" else "-"), (line, irt)
 
 
 async def test_row_3_adi_memory_ims_pasid_checked(start_lab):
@@ -65,6 +108,23 @@ async def test_row_3_adi_memory_ims_pasid_checked(start_lab):
     assert "HCALL-IMS-MEM-0000:00:03.0" in views["domains"], views["domains"]
     assert vms["g1"]["paths"]["00:03.0"] == {"path": "HCALL compose (generic hypercall)",
                                              "device_specific_lines": 0}
+    # the text report: each VM's ADI, its PASID and the IRTE its pair names, which checks that PASID
+    text = rendered(report)
+    adis = adi_view((await lab.call("host", "views"))["adis"])
+    for vm, adi in (("g1", 0), ("g2", 1)):
+        (b,) = vms[vm]["irte_bindings"]
+        pasid = vms[vm]["pasids"]["00:03.0"]
+        assert b["pasid"] == pasid and b["kind"] == "remapped", b
+        assert (f"  {vm}: 00:03.0 = 01:00.0 ADI {adi}, PASID 0x{pasid:x}; HCALL compose (generic hypercall); "
+                f"IRTE {b['irte']} (remapped pair, checks PASID 0x{pasid:x}) -> vCPU{b['vcpu']} "
+                f"vector 0x{b['vector']:02x}") in text.splitlines(), text
+        assert re.search(rf"^  {vm} +ADI 00:03\.0 \(= 01:00\.0 ADI {adi}\) +IMS-MEM +300 +300 +0 ", text, re.M), text
+        # the host's view of the same ADI: owner, PASID, and the IRTE bound to (RID, PASID)
+        owner, view_pasid, lines = adis[("01:00.0", adi)]
+        assert (owner, view_pasid) == (vm, pasid), adis
+        (line,) = lines
+        assert line.startswith(f"{vm} 00:03.0 compose handle {b['handle']}: real pair stored by the guest; "
+                               f"IRTE {b['irte']} checks RID 01:00.0 + PASID 0x{pasid:x}, remapped vector "), line
     # the attack: g1 stores g2's handle in its own memory slot; the PASID check blocks it
     victim = await handle_of(lab, "g2")
     await lab.call("g1", "hostile", {"action": "ims-redirect", "handle": victim})
@@ -97,10 +157,40 @@ async def test_row_4_device_ims_trapped_with_fake_pairs(start_lab):
     (b,) = vms["g1"]["irte_bindings"]
     assert b["kind"] == "fake" and b["pasid"] is None
     assert vms["g1"]["paths"]["00:03.0"]["device_specific_lines"] > 5
-    # the guest cannot write the real slot: a forged pair stays masked and is logged
-    await lab.call("g1", "hostile", {"action": "mmio-outside-ept", "addr": 0xF000_0000})
     views = await lab.call("g1", "views")
     assert "HCALL-IMS-0000:00:03.0" in views["domains"]
+    # the text report names the path, its device-specific cost and the fake pair's IRTE
+    lines = vms["g1"]["paths"]["00:03.0"]["device_specific_lines"]
+    assert (f"  g1: 00:03.0 = 01:00.0 ADI 0, PASID 0x{vms['g1']['pasids']['00:03.0']:x}; case 4 (IMS emulation) "
+            f"[{lines} lines of device-specific VMM code]; IRTE {b['irte']} (fake pair, checks the RID only) "
+            f"-> vCPU{b['vcpu']} vector 0x{b['vector']:02x}") in rendered(report).splitlines(), rendered(report)
+    (owner, _, (line,)) = adi_view((await lab.call("host", "views"))["adis"])[("01:00.0", 0)]
+    assert owner == "g1" and line.startswith(
+        f"g1 00:03.0 compose handle {b['handle']}: fake pair (case 4: the VMM writes the real slot); "
+        f"IRTE {b['irte']} checks RID 01:00.0 only, remapped vector "), line
+
+    # The guest cannot write the real slot.  Before: the VMM wrote the real pair (naming the
+    # fake pair's IRTE) and unmasked it.
+    def real_slot(stats: dict) -> dict:
+        (adi,) = stats["adis"]
+        (slot,) = [s for s in adi["ims"] if s["slot"] == 0]
+        return slot
+    real = real_slot(await lab.call("v0", "stats"))
+    assert not real["masked"] and not real["pending"], real
+    assert (real["address"] >> 5) & 0x7FFF == b["irte"], real
+    # g1 stores a pair nobody composed (naming someone else's IRTE) and rings its doorbell
+    res = await lab.call("g1", "hostile", {"action": "ims-forge-device", "handle": b["irte"] + 1})
+    lo, hi, data = res["pair"]
+    assert res["slot"] == 0 and res["read_back"] == res["pair"], res   # the guest sees its own store
+    vms = await lab.call("host", "vms")
+    assert [x for x in vms["g1"]["refused"] if "a pair the VMM did not compose" in x] == [
+        f"IMS slot 0 of 00:03.0: a pair the VMM did not compose (0x{hi:x}_{lo:08x}/0x{data:x}); "
+        f"the real slot stays masked"], vms["g1"]["refused"]
+    # the real slot: still the VMM's pair, now masked; the doorbell's interrupt is held pending
+    # there (the device answers stats after the doorbell g1 rang before it)
+    forged = real_slot(await lab.call("v0", "stats"))
+    assert forged == {**real, "masked": True, "pending": True}, (real, forged)
+    assert (await lab.call("fabric", "faults"))["by_source"] == {}      # nothing reached the IR unit
 
 
 async def test_row_4_unsafe_breach_is_proven(start_lab):
