@@ -122,6 +122,32 @@ async def test_a_traced_run_has_one_flow_per_interrupt_across_every_process(star
     assert names[(pid["fabric"], "DMAR fault")] == rows["g3"]["sent"]
 
 
+async def test_posted_interrupts_flow_from_the_ir_unit_straight_to_the_vcpu(start_lab):
+    # g1 has posted delivery (the host is off its path), g2 injection, on one platform
+    lab = await start_lab({"platform": {"posted": True},
+                           "guest": [{"name": "g1", "cpus": 2, "assign": ["d0.vf0"]},
+                                     {"name": "g2", "assign": ["d0.vf1"], "delivery": "injection"}]},
+                          trace=True)
+    report = await lab.run_workload(per_function=100, inflight=8)
+    assert report["ok"] and report["total_delivered"] == 300, report["functions"]
+    doc = to_chrome((await lab.trace_collect())["dumps"])
+    assert check_chrome_trace(doc) == []
+    paths = collections.Counter(tuple(f"{e['process']}:{e['hop']}" for e in evs)
+                                for evs in flows_of(doc).values())
+    posted = ("d0:interrupt MWr", "fabric:IR posted", "g1:posted IRQ handler")
+    # a posting that finds its PIR bit still set merges into the next one (the guest counts it)
+    merged = ("d0:interrupt MWr", "fabric:IR posted", "fabric:coalesced in PIR")
+    coalesced = report["oses"]["g1"]["posted_coalesced"]
+    assert paths == {
+        ("d0:interrupt MWr", "fabric:IR remap", "host:IRQ handler"): 100,
+        posted: 100 - coalesced, **({merged: coalesced} if coalesced else {}),
+        ("d0:interrupt MWr", "fabric:IR remap", "host:IRQ handler", "host:inject", "fabric:INJECT",
+         "g2:IRQ handler"): 100}, (paths, coalesced)
+    notes = [e for e in doc["traceEvents"] if e["name"] == "POSTED notification"]
+    assert all(e["args"]["vm"] == "g1" for e in notes)
+    assert sum(e["args"]["vectors"] for e in notes) == 100 - coalesced     # one entry per PIR bit taken
+
+
 async def test_trace_start_records_only_from_then_on(start_lab):
     lab = await start_lab({"guest": [], "workload": {"per_function": 30}})   # case 1, not traced at boot
     started = await lab.trace_start(max_events=100_000)
