@@ -72,8 +72,9 @@ host programs, never from the slot's ctrl PASID field (stored and read back,
 IDXD layout) nor from a memory slot (guest RAM).
 
 *Doorbell.*  A full-DW write to DOORBELL completes one work item if the gate
-(PF BME and ADI EN) is open and the ring is programmed, else it is dropped
-(``doorbells_dropped``).  On the wire, in list order:
+(PF BME and ADI EN) is open, the ring is programmed and the work queue has room
+(``device.engine``: WQ_DEPTH beyond CMPL_HEAD), else it is dropped
+(``doorbells_dropped``; ``wq_full``).  On the wire, in list order:
 
     1. MWr of the completion record (``device.engine``), PASID-tagged as DMA;
     2. IRQ_MODE 0/1: the device-kind IMS slot's MWr (mask -> pending -> replay
@@ -471,7 +472,7 @@ class Adi:
         """One work item: [record MWr, then the device-IMS MWr or the memory-slot MRd], see module doc."""
         self.doorbells += 1
         engine = self.engine
-        if not engine.ring_entries or not self.gate_open:
+        if not engine.ring_entries or not self.gate_open or not engine.accepts():
             self.doorbells_dropped += 1
             return []
         rid = self.host.rid
@@ -561,5 +562,6 @@ class Adi:
             "ims": self.ims.snapshot() if self.ims is not None else [],
             "ims_mem_in_flight": self.host.fetches.in_flight(self.index),
             "completed": e.completed,
+            "wq_full": e.wq_full,
             **self.counters(),
         }

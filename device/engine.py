@@ -25,9 +25,22 @@ vector or an IMS slot.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
                                       IMS detection, like IDXD's GENCAP max_ims_mult
     0x30   IMS_SENT           RO      completion interrupts sent at once from an IMS slot
     0x34   IMS_PENDED         RO      completion interrupts found on a masked IMS slot
+    0x44   CMPL_HEAD          RW      records the driver has consumed (free-running, like
+                                      COMPLETED): frees work-queue space
+    0x48   WQ_DEPTH           RO      work items accepted beyond CMPL_HEAD: min(64, ring size)
     0x60   CMPL_FORMAT        RW      bit 0 DW: 0 = 16-byte completion records, 1 = DWORD
                                       records (the cookie alone, see below); bits 31:1 read 0
     other                     -       read 0, writes ignored
+
+*Work queue.*  Like a real device's work queue (an IDXD WQ's size, an NVMe SQ),
+the engine holds at most WQ_DEPTH work items the driver has not consumed yet:
+a doorbell while ``COMPLETED - CMPL_HEAD >= WQ_DEPTH`` is dropped (counted
+``wq_full`` and ``doorbells_dropped``).  A driver writes CMPL_HEAD as it
+consumes records (it need not on every record) and never rings more than
+WQ_DEPTH ahead of it.  This is what bounds a function's work in flight end to
+end: a guest ringing its doorbell as fast as it can (an interrupt storm) gets no
+more of the device, the bus and the host than a driver that consumes its
+completions, so the others' interrupts never queue behind its flood.
 
 Completion record (16 bytes, little-endian), written to
 ``CMPL_BASE + (seq % CMPL_RING_ENTRIES) * 16``::
@@ -72,6 +85,11 @@ IMS_CAP = 0x2C
 IMS_SENT = 0x30
 IMS_PENDED = 0x34
 CMPL_FORMAT = 0x60
+CMPL_HEAD = 0x44
+WQ_DEPTH = 0x48
+
+#: the work queue's size (WQ_DEPTH reads min(this, CMPL_RING_ENTRIES))
+WQ_SIZE = 64
 
 IRQ_MODE_MSIX = 0
 IRQ_MODE_IMS = 1
@@ -92,7 +110,7 @@ class WorkEngine:
 
     __slots__ = (
         "ims_cap", "cmpl_base", "cmpl_format", "ring_entries", "irq_vector", "irq_mode", "completed",
-        "msix_sent", "msix_pended", "ims_sent", "ims_pended",
+        "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full",
     )
 
     def __init__(self, ims_slots: int = 0) -> None:
@@ -110,6 +128,19 @@ class WorkEngine:
         self.msix_pended = 0
         self.ims_sent = 0
         self.ims_pended = 0
+        self.head = 0
+        self.wq_full = 0
+
+    @property
+    def wq_depth(self) -> int:
+        return min(WQ_SIZE, self.ring_entries)
+
+    def accepts(self) -> bool:
+        """Room in the work queue: fewer than WQ_DEPTH completed records not yet consumed."""
+        if (self.completed - self.head) & 0xFFFFFFFF < min(WQ_SIZE, self.ring_entries):
+            return True
+        self.wq_full += 1
+        return False
 
     def read32(self, off: int) -> int:
         if off == COMPLETED:
@@ -140,6 +171,10 @@ class WorkEngine:
             return self.ims_sent & 0xFFFFFFFF
         if off == IMS_PENDED:
             return self.ims_pended & 0xFFFFFFFF
+        if off == CMPL_HEAD:
+            return self.head
+        if off == WQ_DEPTH:
+            return self.wq_depth
         return 0
 
     def write32(self, off: int, value: int) -> None:
@@ -158,6 +193,11 @@ class WorkEngine:
             self.irq_vector = value & 0xFFFFFFFF
         elif off == IRQ_MODE:
             self.irq_mode = value & IRQ_MODE_IMS
+        elif off == CMPL_HEAD:
+            # a head beyond COMPLETED would grant space for records never written: clamp it
+            value &= 0xFFFFFFFF
+            if (self.completed - value) & 0xFFFFFFFF <= (self.completed - self.head) & 0xFFFFFFFF:
+                self.head = value
 
     @property
     def ring_ready(self) -> bool:

@@ -283,8 +283,8 @@ class Function:
         function's RID (``device.engine``).
 
         The interrupt is MSI-X vector IRQ_VECTOR, or IMS slot IRQ_VECTOR when
-        IRQ_MODE = 1.  Nothing at all without Bus Master Enable or a programmed
-        ring (``doorbells_dropped``).  The interrupt may be pended (masked
+        IRQ_MODE = 1.  Nothing at all without Bus Master Enable, a programmed
+        ring or room in the work queue (``doorbells_dropped``; ``wq_full``).  The interrupt may be pended (masked
         vector / slot), blocked or invalid (no such vector / slot; IRQ_MODE = 1
         without IMS counts ``ims_invalid``), in which case only the DMA write
         is returned.
@@ -292,7 +292,7 @@ class Function:
         self.doorbells += 1
         engine = self.engine
         msix = self.msix
-        if not msix.bus_master or not engine.ring_entries:
+        if not msix.bus_master or not engine.ring_entries or not engine.accepts():
             self.doorbells_dropped += 1
             return []
         address, record = engine.complete(cookie)
@@ -331,6 +331,7 @@ class Function:
             "mem_writes": self.mem_writes,
             "doorbells": self.doorbells,
             "doorbells_dropped": self.doorbells_dropped,
+            "wq_full": self.engine.wq_full,
             "dma_writes": self.dma_writes,
             "flrs": self.flrs,
             "msix_sent": m.sent,

@@ -14,6 +14,9 @@ The driver's own copy of the register map (like a Linux driver's
     BAR0 + 0x2C  IMS_CAP            RO  number of device-kind IMS slots (0: no IMS)
     BAR0 + 0x38  QCTX_BASE_LO/HI    RW  (ADIs) queue context: memory-kind IMS slots, 16 B each
     BAR0 + 0x40  IMS_MEM_SLOTS      RO  (ADIs) memory-kind IMS slots the queue context holds
+    BAR0 + 0x60  CMPL_FORMAT        RW  1 = DWORD records (the cookie alone); the driver keeps 0
+    BAR0 + 0x44  CMPL_HEAD          RW  records consumed: frees work-queue room
+    BAR0 + 0x48  WQ_DEPTH           RO  work items the engine takes beyond CMPL_HEAD
     BAR0 + 0x1000 IMS slots, 16 B each (addr lo, addr hi, data, ctrl)
     completion record (16 B): u32 cookie | u32 status (1 = done) | u64 seq
 
@@ -30,6 +33,7 @@ the lab's check of PCIe ordering end to end.
 
 from __future__ import annotations
 
+import collections
 import struct
 import time
 from typing import Callable
@@ -52,6 +56,9 @@ IMS_CAP = 0x2C
 QCTX_BASE_LO = 0x38
 QCTX_BASE_HI = 0x3C
 IMS_MEM_SLOTS = 0x40
+CMPL_FORMAT = 0x60
+CMPL_HEAD = 0x44
+WQ_DEPTH = 0x48
 IMS_OFFSET = 0x1000
 IMS_SLOT_SIZE = 16
 IRQ_MODE_MSIX, IRQ_MODE_IMS, IRQ_MODE_IMS_MEMORY = 0, 1, 2
@@ -126,6 +133,9 @@ class EngineInstance:
         self.irq = -1
         self.doorbells = 0
         self.completed = 0          # records consumed by the handler
+        self.wq_depth = 1           # read from the engine at setup
+        self.head_written = 0       # the last CMPL_HEAD we wrote
+        self.backlog: collections.deque[int] = collections.deque()   # cookies waiting for WQ room
         self.interrupts = 0
         self.record_missing = 0
         self.latencies_ns: list[int] = []
@@ -163,6 +173,8 @@ class EngineInstance:
         w(self.bar0 + CMPL_RING_ENTRIES, _U32.pack(self.entries))
         w(self.bar0 + IRQ_VECTOR, _U32.pack(index))
         w(self.bar0 + IRQ_MODE, _U32.pack(mode))
+        raw = await k.hw.mmio_read(self.bar0 + WQ_DEPTH, 4)
+        self.wq_depth = max(1, int.from_bytes(raw, "little") if raw else 0)
 
     async def _setup_ims(self) -> tuple[int, int]:
         """Try IMS, the preferred kind first, then the other; keep every refusal's reason.
@@ -226,10 +238,21 @@ class EngineInstance:
             self.on_remove(self)
 
     def ring_doorbell(self, cookie: int) -> None:
+        """Submit one work item; with the work queue full it waits in ``backlog`` (never dropped)."""
         if self.removed:
             return
+        if self.backlog or self.doorbells - self.head_written >= self.wq_depth:
+            self._write_head()                      # give back what we consumed, then retry
+            if self.backlog or self.doorbells - self.completed >= self.wq_depth:
+                self.backlog.append(cookie)
+                return
         self.doorbells += 1
         self.kernel.hw.mmio_write(self.bar0 + DOORBELL, _U32.pack(cookie & 0xFFFF_FFFF))
+
+    def _write_head(self) -> None:
+        if self.completed != self.head_written:
+            self.head_written = self.completed
+            self.kernel.hw.mmio_write(self.bar0 + CMPL_HEAD, _U32.pack(self.completed & 0xFFFF_FFFF))
 
     def handle_irq(self, irq: int, cpu: int) -> None:
         """The interrupt handler: consume every completed record, in order."""
@@ -255,5 +278,15 @@ class EngineInstance:
             # Every interrupt is sent after its record: when the k-th arrives, k records
             # must be in memory.  Fewer means an interrupt overtook its completion record.
             self.record_missing += 1
+        # Give the work queue back its room: in batches of a quarter of it (one MWr per
+        # WQ_DEPTH/4 records), at once when work waits for it.
+        if self.backlog:
+            self._write_head()
+            backlog = self.backlog
+            while backlog and self.doorbells - self.completed < self.wq_depth and not self.removed:
+                self.doorbells += 1
+                self.kernel.hw.mmio_write(self.bar0 + DOORBELL, _U32.pack(backlog.popleft() & 0xFFFF_FFFF))
+        elif self.completed - self.head_written >= max(1, self.wq_depth // 4):
+            self._write_head()
         if self.on_irq is not None:
             self.on_irq(self)

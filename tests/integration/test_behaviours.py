@@ -78,6 +78,8 @@ async def test_storm_from_one_vm_loses_nothing_for_the_others(start_lab):
     # the storm really happened (the topology's behaviour ran with the workload)
     stats = await lab.call("d0", "stats")
     assert stats["functions"]["01:00.1"]["doorbells"] > 2000, stats["functions"]["01:00.1"]
+    # and its work queue held it: what g1 does not consume, the device does not take
+    assert stats["functions"]["01:00.1"]["wq_full"] > 0, stats["functions"]["01:00.1"]
 
 
 async def test_topology_behaviours_run_with_each_workload(start_lab):

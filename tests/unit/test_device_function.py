@@ -9,6 +9,9 @@ import pytest
 from device.caps.sriov import PCI_SRIOV_BAR, PCI_SRIOV_CTRL, PCI_SRIOV_CTRL_MSE, PCI_SRIOV_CTRL_VFE, PCI_SRIOV_NUM_VF
 from device.emit import Emit
 from device.engine import (
+    CMPL_HEAD,
+    WQ_DEPTH,
+    WQ_SIZE,
     CMPL_BASE_HI,
     CMPL_BASE_LO,
     CMPL_FORMAT,
@@ -202,10 +205,35 @@ def test_doorbell_ring_wraps_with_sequence_numbers(h: Host) -> None:
     h.msix_control(PF, enable=True)
     h.program_vector(BAR, 0, MSI, 0)
     h.program_ring(BAR, RING, 2, vector=0)
-    records = [h.w32(BAR + DOORBELL, 100 + i)[0].tlp for i in range(5)]
+    records = []
+    for i in range(5):
+        records.append(h.w32(BAR + DOORBELL, 100 + i)[0].tlp)
+        h.w32(BAR + CMPL_HEAD, i + 1)                 # the driver consumed it
     assert [t.address - RING for t in records] == [0, 16, 0, 16, 0]
     assert [struct.unpack("<IIQ", t.data) for t in records] == [(100 + i, 1, i) for i in range(5)]
     assert h.r32(BAR + COMPLETED) == 5
+
+
+def test_work_queue_holds_wq_depth_unconsumed_items(h: Host) -> None:
+    """A doorbell with WQ_DEPTH completed records not yet consumed (CMPL_HEAD) is dropped;
+    consuming frees room; a head beyond COMPLETED is ignored (it would free room for records
+    never written)."""
+    h.msix_control(PF, enable=True)
+    h.program_vector(BAR, 0, MSI, 0)
+    h.program_ring(BAR, RING, 1024, vector=0)
+    assert h.r32(BAR + WQ_DEPTH) == WQ_SIZE == 64
+    for i in range(WQ_SIZE):
+        assert len(h.w32(BAR + DOORBELL, i)) == 2
+    assert h.w32(BAR + DOORBELL, 999) == []
+    snap = h.dev.pf.counters()
+    assert snap["wq_full"] == 1 and snap["doorbells_dropped"] == 1 and h.r32(BAR + COMPLETED) == WQ_SIZE
+    h.w32(BAR + CMPL_HEAD, WQ_SIZE + 5)              # beyond COMPLETED: ignored
+    assert h.r32(BAR + CMPL_HEAD) == 0 and h.w32(BAR + DOORBELL, 1000) == []
+    h.w32(BAR + CMPL_HEAD, 3)                        # three consumed: three more fit
+    assert [len(h.w32(BAR + DOORBELL, 2000 + i)) for i in range(4)] == [2, 2, 2, 0]
+    assert h.dev.pf.counters()["wq_full"] == 3
+    h.program_ring(BAR, RING, 8, vector=0)           # a small ring: the queue is no deeper than it
+    assert h.r32(BAR + WQ_DEPTH) == 8
 
 
 # ---- DWORD completion records (CMPL_FORMAT.DW) -----------------------------------------------------
