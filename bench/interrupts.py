@@ -15,6 +15,16 @@ ipc://), and runs, in order:
 Each interrupt costs three fabric crossings: the doorbell MWr host -> device,
 then the completion-record DMA MWr and the interrupt MWr device -> host (the
 fabric's TLP counter is read around each saturation run to check it).
+
+``run_injection`` and ``run_posted`` measure the two ways a guest gets its VF's
+interrupts, on the default topology's two guests (the host's PF idle): the
+injection path (IR unit -> host vector -> INJECT -> guest, 4 crossings) and the
+posted path (IR unit -> the vCPU's posted-interrupt descriptor -> POSTED
+notification to the guest, 3 crossings, the host not involved).  Each checks
+that the path it measures is the one taken (the host's injection counter).
+Just these two, briefly::
+
+    python -m bench.interrupts --posted --injection [--quick]
 """
 
 from __future__ import annotations
@@ -67,27 +77,69 @@ async def run_injection(per_function: int = 20_000, inflight: int = 32, latency_
     workload (the host's PF stays idle), so every interrupt measured is remapped to a host
     vector whose handler injects it into a guest: 4 fabric crossings per interrupt.
     """
-    topo = load(None)
+    return await _run_guests(load(None), "injection", per_function, inflight, latency_per_function,
+                             warmup_per_function, progress)
+
+
+def posted_topology() -> Topology:
+    """The default topology on a platform with posted interrupts: both guests' VFs post."""
+    d = load(None).to_dict()
+    d["platform"]["posted"] = True
+    return Topology.from_dict(d, source="bench: default topology, posted interrupts")
+
+
+async def run_posted(per_function: int = 20_000, inflight: int = 32, latency_per_function: int = 10_000,
+                     warmup_per_function: int = 1_000, progress: Callable[[str], None] = print) -> dict:
+    """The posted path: device -> fabric IR unit -> the vCPU's posted-interrupt descriptor ->
+    POSTED notification -> guest.  Same topology, workload and figures as ``run_injection``
+    (saturation interrupts/s; one-way latency device emit -> guest handler at inflight 1),
+    on a platform with posted interrupts: 3 fabric crossings per interrupt, no host hop."""
+    return await _run_guests(posted_topology(), "posted", per_function, inflight, latency_per_function,
+                             warmup_per_function, progress)
+
+
+def _check_path(rep: dict, guests: list[str], delivery: str, what: str) -> None:
+    """The run went the way it claims: injected by the host, or posted with the host idle."""
+    vms = rep["vms"]
+    wrong = [g for g in guests if vms[g]["delivery"] != delivery]
+    if wrong:
+        raise RuntimeError(f"{what}: {wrong} do not use {delivery} delivery")
+    posted = rep["fabric"].get("irq:posted", 0)
+    injected = sum(vms[g]["injected"] for g in guests)
+    if delivery == "posted" and (injected or not posted):
+        raise RuntimeError(f"{what}: the host injected {injected} interrupts, the IR unit posted {posted}")
+    if delivery == "injection" and (posted or not injected):
+        raise RuntimeError(f"{what}: the host injected {injected} interrupts, the IR unit posted {posted}")
+
+
+async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight: int,
+                      latency_per_function: int, warmup_per_function: int,
+                      progress: Callable[[str], None]) -> dict:
     guests = [g.name for g in topo.guests]
-    out: dict = {"topology": topo.name, "guests": guests}
+    out: dict = {"topology": topo.name, "guests": guests, "delivery": delivery}
     async with Lab(topo, on_progress=lambda m: progress(f"lab: {m}")) as lab:
         rep = await lab.run_workload(per_function=warmup_per_function, inflight=inflight, oses=guests)
-        _delivered(rep, "injection warm-up")
-        progress(f"lab: injection saturation: {per_function:,} interrupts on each of {len(guests)} guests")
+        _delivered(rep, f"{delivery} warm-up")
+        _check_path(rep, guests, delivery, f"{delivery} warm-up")
+        progress(f"lab: {delivery} saturation: {per_function:,} interrupts on each of {len(guests)} guests")
+        cpu0 = _cpu(lab)
         rep = await lab.run_workload(per_function=per_function, inflight=inflight, oses=guests)
-        n = _delivered(rep, "injection saturation")
+        cpu1 = _cpu(lab)
+        n = _delivered(rep, f"{delivery} saturation")
+        cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1 if cpu0.get(k) is not None and cpu1[k] is not None}
         out["saturation"] = {"per_function": per_function, "inflight": inflight,
-                             "rate_per_s": n / rep["elapsed_s"], "interrupts": n}
-        progress(f"lab: injection saturation: {out['saturation']['rate_per_s']:,.0f} interrupts/s")
+                             "rate_per_s": n / rep["elapsed_s"], "interrupts": n, "cpu_us_per_interrupt": cpu}
+        progress(f"lab: {delivery} saturation: {out['saturation']['rate_per_s']:,.0f} interrupts/s")
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1, oses=guests)
-        n = _delivered(rep, "injection latency")
+        n = _delivered(rep, f"{delivery} latency")
+        _check_path(rep, guests, delivery, f"{delivery} latency")
         merged = HdrHistogram(*HIST_ARGS)
         for r in rep["functions"]:
             if r["hist"]:
                 merged.add(decode_hist(r["hist"]))
         out["latency"] = {"per_function": latency_per_function, "inflight": 1,
                           "rate_per_s": n / rep["elapsed_s"], "latency": summary(merged)}
-        progress(f"lab: injection latency: p50 {out['latency']['latency']['p50_us']:.0f} µs")
+        progress(f"lab: {delivery} latency: p50 {out['latency']['latency']['p50_us']:.0f} µs")
     return out
 
 
@@ -148,3 +200,52 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
                  f"at {out['latency']['rate_per_s']:,.0f} interrupts/s")
     out["shutdown"] = lab.shutdown_status.value if lab.shutdown_status else None
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.interrupts --posted [--injection] [--quick]``: just the guest paths."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m bench.interrupts",
+                                 description="interrupts/s and one-way latency into guests: posted and/or "
+                                             "injection (the full suite is python -m bench)")
+    ap.add_argument("--posted", action="store_true", help="the posted path (IR unit -> vCPU descriptor)")
+    ap.add_argument("--injection", action="store_true", help="the injection path (IR unit -> host -> guest)")
+    ap.add_argument("--quick", action="store_true", help="small counts (a few seconds each)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args(argv)
+    paths = [p for p in ("posted", "injection") if getattr(args, p)] or ["posted"]
+    counts = (dict(per_function=4_000, latency_per_function=1_000, warmup_per_function=200) if args.quick
+              else dict(per_function=20_000, latency_per_function=10_000, warmup_per_function=1_000))
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    results: dict = {}
+
+    async def go() -> None:
+        for p in paths:
+            fn = run_posted if p == "posted" else run_injection
+            results[p] = await fn(inflight=32, progress=log, **counts)
+
+    from fabric.loop import run as run_loop
+    try:
+        run_loop(go())
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        print(f"bench.interrupts: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for p, r in results.items():
+        lat = r["latency"]["latency"]
+        print(f"{p:>9}: {r['saturation']['rate_per_s']:>9,.0f} interrupts/s at saturation (inflight 32); "
+              f"one-way latency p50 {lat['p50_us']:.0f} µs, p99 {lat['p99_us']:.0f} µs, "
+              f"p99.9 {lat['p999_us']:.0f} µs ({lat['count']:,} samples)")
+    if len(results) == 2:
+        ratio = results["posted"]["saturation"]["rate_per_s"] / results["injection"]["saturation"]["rate_per_s"]
+        print(f"posted / injection interrupts/s: {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
