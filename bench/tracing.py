@@ -116,6 +116,40 @@ async def _round(lab, p: dict, traced: bool, log: Callable[[str], None]) -> dict
     return out
 
 
+def recorder_cost(n: int = 200_000) -> dict:
+    """In-process cost of one recording site, ns per event: disabled (the attribute test),
+    the hot-path form (``Tracer.rec``), the keyword form (``Tracer.instant``); best of 3."""
+    from fabric.trace import Tracer
+    keys = ("src", "rid", "key")
+
+    def off() -> float:
+        tr = Tracer("bench")
+        t = time.perf_counter_ns()
+        for i in range(n):
+            if tr.on:
+                tr.rec("i", "MWr32", "tlp", None, keys, "d0", 0x100, i)
+        return (time.perf_counter_ns() - t) / n
+
+    def rec() -> float:
+        tr = Tracer("bench", on=True, limit=n)
+        t = time.perf_counter_ns()
+        for i in range(n):
+            if tr.on:
+                tr.rec("i", "MWr32", "tlp", None, keys, "d0", 0x100, i)
+        return (time.perf_counter_ns() - t) / n
+
+    def kwargs() -> float:
+        tr = Tracer("bench", on=True, limit=n)
+        t = time.perf_counter_ns()
+        for i in range(n):
+            if tr.on:
+                tr.instant("MWr32", "tlp", src="d0", rid=0x100, key=i)
+        return (time.perf_counter_ns() - t) / n
+
+    return {"off_ns": min(off() for _ in range(3)), "rec_ns": min(rec() for _ in range(3)),
+            "kwargs_ns": min(kwargs() for _ in range(3))}
+
+
 def _median(rounds: list[dict], *path: str) -> float:
     vals = []
     for r in rounds:
@@ -162,6 +196,7 @@ async def run(quick: bool = False, progress: Callable[[str], None] = print) -> d
                        "latency_p50": on_["latency_p50_us"] / off_["latency_p50_us"],
                        "latency_p99": on_["latency_p99_us"] / off_["latency_p99_us"]}
     out["rounds"] = {"off": rounds[False], "on": rounds[True]}
+    out["recorder"] = recorder_cost()
     out["loadavg_1min"] = os.getloadavg()[0]
     return out
 
@@ -186,6 +221,9 @@ def render(res: dict) -> str:
         lines.append("  ".join([r[0].ljust(w[0])] + [c.rjust(w[i]) for i, c in enumerate(r) if i]))
         if n == 0:
             lines.append("  ".join("-" * x for x in w))
+    rc = res["recorder"]
+    lines.append(f"one recording site, in process: {rc['off_ns']:.0f} ns disabled (the test), {rc['rec_ns']:.0f} ns "
+                 f"enabled (Tracer.rec; {rc['kwargs_ns']:.0f} ns with keyword arguments)")
     lines.append(f"trace of one saturation run ({tr['interrupts']:,.0f} interrupts): {tr['events']:,.0f} events "
                  f"({tr['events_per_interrupt']:.1f} per interrupt, {tr['dropped']:,.0f} dropped); collected over "
                  f"the control interface in {tr['collect_s']:.2f} s ({tr['chunks']:,.0f} chunks, "
