@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--inflight", type=int, metavar="N", help="override workload.inflight")
     run.add_argument("--rate", type=float, metavar="R", help="override workload.rate (doorbells/s per function)")
     run.add_argument("--views", action="store_true",
-                     help="also print every OS's /proc/interrupts, irq-domain hierarchy and lspci -vv")
+                     help="also print every OS's /proc/interrupts, irq-domain hierarchy, lspci -vv, ADIs and "
+                          "boot log, and the fabric's DMAR fault log and interrupt remapping table")
     run.add_argument("--hold", action="store_true",
                      help="keep the topology running after the report until Ctrl-C (for 'views' and 'ctl')")
     run.add_argument("--keep-runtime", action="store_true",
@@ -63,11 +64,12 @@ def _parser() -> argparse.ArgumentParser:
                                             "3-noplat 4 4-unsafe 4-noemul mangle")
     mx.add_argument("--json", action="store_true", help="print the results as JSON")
     mx.add_argument("--quiet-only", action="store_true", help="skip the hostile variants")
-    views = sub.add_parser("views", help="print kernel-style views from a running topology ('run --hold')")
+    views = sub.add_parser("views", help="print kernel-style views from a running topology ('run --hold'): "
+                                         "each OS's, then (without OS names) the fabric's DMAR fault log and IRT")
     views.add_argument("oses", nargs="*", help="host and/or guest names (default: all)")
     views.add_argument("--runtime", help="the running topology's runtime directory (default: the newest)")
-    views.add_argument("--only", choices=("interrupts", "domains", "lspci", "adis", "vms", "dmesg", "faults", "irt"),
-                       help="print just one view")
+    views.add_argument("--only", choices=("interrupts", "domains", "lspci", "adis", "vms", "dmesg") + FABRIC_VIEWS,
+                       help="print just one view (faults and irt are the fabric's)")
     ctl = sub.add_parser("ctl", help="send one control request to a process of a running topology")
     ctl.add_argument("peer", help="fabric, host, a device or a guest name")
     ctl.add_argument("op", help="operation, e.g. counters, stats, views, vms, hostile")
@@ -165,6 +167,37 @@ def _print_views(console, name: str, views: dict, only: str | None = None) -> No
         console.print(views.get(field, "").rstrip() or "(empty)", markup=False, highlight=False)
 
 
+#: the fabric's own views: what its IR unit and fault log hold (``fabric`` control ops)
+FABRIC_VIEWS = ("faults", "irt")
+
+
+async def _fabric_views(lab) -> dict:
+    """The fabric's views: the DMAR fault log (``faults``: the fault records still held, totals
+    per reason, overflow) and the IRT (``irt``: a header line, then one line per IRTE)."""
+    return {v: await lab.call("fabric", v) for v in FABRIC_VIEWS}
+
+
+def _print_fabric_views(console, views: dict, only: str | None = None) -> None:
+    """The DMAR fault log as the kernel logs it and the IRT as Linux's debugfs
+    (``intel_iommu/ir_translation_struct``) prints it."""
+    if only in (None, "faults"):
+        faults = views["faults"]
+        console.print("[bold]== fabric: DMAR fault log ==[/]")
+        lines = list(faults.get("lines", []))
+        totals = faults.get("totals", {})
+        if sum(totals.values()) > len(lines) or faults.get("overflow"):
+            lines.append(f"({sum(totals.values())} faults in all, "
+                         + ", ".join(f"reason {r} x{n}" for r, n in sorted(totals.items()))
+                         + f"; the {len(faults.get('lines', []))} fault records above are the ones still held"
+                         + (f"; {faults['overflow']} lost to fault-log overflow" if faults.get("overflow") else "")
+                         + ")")
+        console.print("\n".join(lines) or "(no faults)", markup=False, highlight=False)
+    if only in (None, "irt"):
+        console.print("[bold]== fabric: interrupt remapping table ==[/]")
+        irt = views["irt"]
+        console.print("\n".join(irt) if len(irt) > 1 else "(no IRTE programmed)", markup=False, highlight=False)
+
+
 def _run_matrix(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -259,14 +292,14 @@ def _remote(args) -> int:
                 return EXIT_USAGE
             print(json.dumps(control_request(runtime, args.peer, args.op, cargs), indent=2, default=str))
             return EXIT_OK
-        oses = args.oses or ["host"] + sorted(control_request(runtime, "host", "vms"))
-        if args.only in ("faults", "irt"):
-            res = control_request(runtime, "fabric", args.only)
-            lines = res["lines"] if args.only == "faults" else res
-            console.print("\n".join(lines) or "(none)", markup=False, highlight=False)
+        if args.only in FABRIC_VIEWS:
+            _print_fabric_views(console, {args.only: control_request(runtime, "fabric", args.only)}, args.only)
             return EXIT_OK
+        oses = args.oses or ["host"] + sorted(control_request(runtime, "host", "vms"))
         for name in oses:
             _print_views(console, name, control_request(runtime, name, "views"), args.only)
+        if not args.oses and not args.only:
+            _print_fabric_views(console, {v: control_request(runtime, "fabric", v) for v in FABRIC_VIEWS})
     except LabError as exc:
         print(f"launch.py: {exc}", file=sys.stderr)
         return EXIT_LAB
@@ -320,6 +353,7 @@ async def _run(args, console) -> int:
             if args.views:
                 for name in ["host"] + [g.name for g in topo.guests]:
                     views[name] = await lab.call(name, "views")
+                views["fabric"] = await _fabric_views(lab)
             if args.trace:
                 report["trace"] = await _write_trace(lab, args.trace, progress)
             if args.hold:
@@ -419,7 +453,10 @@ def _show(args, console, report: dict, views: dict) -> int:
         from irqlab.report import render
         render(report, console)
         for name, v in views.items():
-            _print_views(console, name, v)
+            if name == "fabric":
+                _print_fabric_views(console, v)
+            else:
+                _print_views(console, name, v)
     return EXIT_OK if report["ok"] else EXIT_LOST
 
 

@@ -621,7 +621,8 @@ class Lab:
         return f"ipc://{self.runtime}/launcher.sock"
 
     async def serve_control(self) -> None:
-        """Relay requests from ``ipc://<runtime>/launcher.sock`` to the topology until cancelled.
+        """Relay requests from ``ipc://<runtime>/launcher.sock`` to the topology until cancelled,
+        or until the fabric or the host dies: then ``LabError`` names it and says how.
 
         A request is msgpack ``[peer, op, args]``; the answer ``[ok, result]``.  The socket
         lives in the 0700 runtime directory, so only this user can reach it.
@@ -633,9 +634,14 @@ class Lab:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(self.control_endpoint())
+        recv = None
         try:
             while True:
-                ident, _, body = await sock.recv_multipart()
+                recv = asyncio.ensure_future(sock.recv_multipart())
+                await asyncio.wait({recv, self._died}, return_when=asyncio.FIRST_COMPLETED)
+                if not recv.done():          # a fatal death (a guest's or device's is survivable)
+                    raise self._death_error(self._died.result())
+                ident, _, body = recv.result()
                 try:
                     peer, op, args = msgpack.unpackb(body, raw=False)
                     result = [True, await self.call(str(peer), str(op), dict(args or {}))]
@@ -645,6 +651,8 @@ class Lab:
                     result = [False, f"{type(exc).__name__}: {exc}"]
                 await sock.send_multipart([ident, b"", msgpack.packb(result, use_bin_type=True)])
         finally:
+            if recv is not None and not recv.done():
+                recv.cancel()
             sock.close(0)
             ctx.term()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,9 +39,20 @@ def project_processes() -> dict[int, tuple[int, str]]:
     return out
 
 
-async def run_launch(*args: str, timeout: float = 240) -> tuple[int, str, str]:
+def left_behind(before: set[int], launcher_pid: int) -> dict[int, tuple[int, str]]:
+    """Processes of ours that appeared since ``before`` and outlived the launcher ``launcher_pid``:
+    still its children, or orphans (reparented).  Other engineers' labs on this machine have
+    their own live launchers as parents, so they do not count."""
+    return {pid: (ppid, cmd) for pid, (ppid, cmd) in project_processes().items()
+            if pid not in before and (ppid == launcher_pid or not _alive(ppid) or ppid == 1)}
+
+
+async def run_launch(*args: str, timeout: float = 240, pid: list[int] | None = None) -> tuple[int, str, str]:
+    """Run launch.py with ``args``; (exit status, stdout, stderr).  ``pid`` receives its pid."""
     proc = await asyncio.create_subprocess_exec(*LAUNCH, *args, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+    if pid is not None:
+        pid.append(proc.pid)
     try:
         async with asyncio.timeout(timeout):
             out, err = await proc.communicate()
@@ -52,8 +64,8 @@ async def run_launch(*args: str, timeout: float = 240) -> tuple[int, str, str]:
 
 
 async def test_default_run_reports_every_function_and_exits_0():
-    before = set(project_processes())
-    rc, out, err = await run_launch("--per-function", "300")
+    before, launcher = set(project_processes()), []
+    rc, out, err = await run_launch("--per-function", "300", pid=launcher)
     assert rc == 0, (out, err)
     assert "PASS: every outcome as it should be" in out, out
     # the host drives the PF; g1 and g2 each drive the VF assigned to them
@@ -61,7 +73,7 @@ async def test_default_run_reports_every_function_and_exits_0():
     for os_name in ("host", "g1", "g2"):
         assert f"  {os_name} " in out, out
     assert "total: 900 sent, 900 delivered" in out, out
-    assert set(project_processes()) - before == set(), project_processes()
+    assert left_behind(before, launcher[0]) == {}, project_processes()
 
 
 async def test_json_report_is_machine_readable():
@@ -109,6 +121,97 @@ async def test_sigint_stops_everything():
     assert rc == 130
     for pid in kids:
         assert not _alive(pid), pid
+
+
+async def test_run_views_include_the_fault_log_and_the_irt(tmp_path):
+    """``run --views``: after the report, every OS's views, then the fabric's DMAR fault log
+    (a guest that makes its VF DMA outside its memory put a line in it) and its IRT."""
+    topo = tmp_path / "views.toml"
+    topo.write_text('name = "views"\n[[device]]\nname = "d0"\nkind = "sriov"\nvfs = 1\n'
+                    '[[guest]]\nname = "g1"\nassign = ["d0.vf0"]\nbehaviours = ["dma-outside-memory"]\n')
+    rc, out, err = await run_launch("run", str(topo), "--views", "--per-function", "100")
+    assert rc == 0, (out, err)
+    assert "PASS: every outcome as it should be" in out, out
+    for name in ("host", "g1"):
+        for title in ("/proc/interrupts", "irq domains", "lspci -vv", "dmesg"):
+            assert f"== {name}: {title} ==" in out, out
+    faults = out.index("== fabric: DMAR fault log ==")
+    irt = out.index("== fabric: interrupt remapping table ==")
+    assert out.index("== g1: dmesg ==") < faults < irt, out
+    fault_view = out[faults:irt].splitlines()[1:]
+    assert len(fault_view) == 1 and re.fullmatch(
+        r"DMAR: \[DMA Write NO_PASID\] Request device \[01:00\.1\] fault addr 0x[0-9a-f]+ "
+        r"\[fault reason 0x05\] PTE Write access is not set", fault_view[0]), fault_view
+    irt_view = out[irt:].splitlines()[1:]
+    assert irt_view[0].startswith("Entry SrcID"), irt_view
+    sids = {line.split()[1] for line in irt_view[1:] if line.strip() and line.split()[0].isdigit()}
+    assert sids == {"01:00.0", "01:00.1"}, irt_view
+
+    rc, out, err = await run_launch("run", str(topo), "--views", "--json", "--per-function", "50")
+    assert rc == 0, err
+    fabric = json.loads(out)["views"]["fabric"]
+    assert fabric["irt"][0].startswith("Entry SrcID") and len(fabric["irt"]) > 1, fabric
+    assert any("[fault reason 0x05]" in line for line in fabric["faults"]["lines"]), fabric
+
+
+def launcher_children(launcher_pid: int) -> dict[str, int]:
+    """The launcher's children by role (fabric, host, device, guest -> pid; the last of a role)."""
+    kids = {}
+    for pid, (ppid, cmd) in project_processes().items():
+        if ppid == launcher_pid:
+            role = next(m for m in ("fabric", "host", "device", "guest") if f" -m {m} " in cmd)
+            kids[role] = pid
+    return kids
+
+
+async def wait_stderr(proc, marker: str, timeout: float = 120) -> list[str]:
+    """Read the launcher's stderr until a line contains ``marker``; return the lines read."""
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not seen or marker not in seen[-1]:
+                line = (await proc.stderr.readline()).decode()
+                assert line, f"launch.py ended before printing {marker!r}; its stderr:\n" + "".join(seen)
+                seen.append(line)
+    except TimeoutError:
+        raise AssertionError(f"no {marker!r} from launch.py within {timeout} s; its stderr:\n"
+                             + "".join(seen)) from None
+    return seen
+
+
+@pytest.mark.parametrize("victim, hold", [("host", False), ("fabric", True)])
+async def test_a_fatal_death_exits_3_naming_it_and_leaves_nothing(victim, hold):
+    """The host dies mid-run, or the fabric while the topology is held: launch.py says which
+    process died and how (exit status 3), and every other process goes with it."""
+    args = (["run", "--hold", "--per-function", "100"] if hold
+            else ["run", "--per-function", "2000000", "--inflight", "4"])
+    proc = await asyncio.create_subprocess_exec(*LAUNCH, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+    try:
+        seen = await wait_stderr(proc, "holding the topology; runtime " if hold else "running")
+        kids = launcher_children(proc.pid)
+        assert set(kids) == {"fabric", "host", "device", "guest"}, project_processes()
+        everyone = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
+        assert len(everyone) == 5, project_processes()
+        os.kill(kids[victim], signal.SIGKILL)
+        try:
+            async with asyncio.timeout(120):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            raise AssertionError(f"launch.py still running 120 s after the {victim} was killed") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = "".join(seen) + err.decode()
+    assert proc.returncode == 3, (proc.returncode, err)
+    assert f"launch.py: {victim} {victim!r} was killed by SIGKILL unexpectedly" in err, err
+    assert "Traceback" not in err + out.decode(), err
+    for pid in everyone:
+        await wait_exit(pid, 30)
+    if hold:
+        runtime = next(l for l in seen if "holding the topology; runtime " in l).rsplit(" ", 1)[1].strip()
+        assert not os.path.exists(runtime), runtime
 
 
 async def test_a_dying_device_is_named_in_the_report(start_lab):
@@ -194,6 +297,36 @@ async def test_hold_then_views_and_ctl_from_another_command():
         assert rc == 3 and "no such peer 'nobody'" in err, err
         rc, out, err = await run_launch("ctl", "--runtime", runtime, "host", "stats", "[1]")
         assert rc == 2 and "must be a JSON object" in err, err
+        # the fabric's views: the IRT holds the host's PF vectors and the VFs' real MSI-X entries
+        rc, out, err = await run_launch("views", "--runtime", runtime, "--only", "irt")
+        assert rc == 0, err
+        lines = out.splitlines()
+        assert lines[0] == "== fabric: interrupt remapping table ==" and lines[1].startswith("Entry SrcID"), out
+        assert {line.split()[1] for line in lines[2:]} == {"01:00.0", "01:00.1", "01:00.2"}, out
+        rc, out, err = await run_launch("views", "--runtime", runtime, "--only", "faults")
+        assert rc == 0 and out.splitlines() == ["== fabric: DMAR fault log ==", "(no faults)"], (out, err)
+        # g1 makes its VF DMA into the interrupt range: a forged interrupt request the IR unit faults
+        rc, out, err = await run_launch("ctl", "--runtime", runtime, "g1", "hostile",
+                                        '{"action": "dma-into-interrupt-range"}')
+        assert rc == 0, err
+        # barrier: the device answers this after the doorbell g1 rang before it (one queue), and
+        # its DMA write reached the fabric before the answer (one link)
+        rc, out, err = await run_launch("ctl", "--runtime", runtime, "d0", "stats")
+        assert rc == 0, err
+        rc, out, err = await run_launch("views", "--runtime", runtime, "--only", "faults")
+        assert rc == 0, err
+        lines = out.splitlines()
+        assert lines[0] == "== fabric: DMAR fault log ==" and len(lines) >= 2, out
+        assert all(line.startswith("DMAR: [INTR-REMAP] Request device [01:00.1] fault index 0x")
+                   for line in lines[1:]), out
+        assert any("[fault reason 0x20] Detected reserved fields in the decoded interrupt-remapped request"
+                   in line for line in lines[1:]), out        # the 16-byte record: not a DWORD write
+        # without OS names or --only: every OS's views, then the fabric's
+        rc, out, err = await run_launch("views", "--runtime", runtime)
+        assert rc == 0, err
+        assert out.index("== g2: dmesg ==") < out.index("== fabric: DMAR fault log ==") \
+            < out.index("== fabric: interrupt remapping table =="), out
+        assert "[fault reason 0x20]" in out, out
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(60):
