@@ -538,6 +538,8 @@ class Fabric:
             if guest is not None and guest.role == "guest":
                 pid.notified += 1
                 self.irqs_delivered += 1
+                if self.tracer.on:
+                    self.tracer.instant("POSTED notification", "irq", vm=pid.vm, vcpu=pid.vcpu, vectors=1)
                 self.send(guest.identity, wire.posted(pid.vcpu, [[res.vector, origin, t_ns, 1]]))
                 return
         prev = pir.get(res.vector)
