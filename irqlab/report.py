@@ -16,6 +16,9 @@ _OUTCOME_STYLE = {"delivered": "green", "clean error": "yellow", "silent loss de
 
 
 def render(report: dict, console: Console) -> None:
+    """The table, then one line per explanation, DMAR fault, breach, VM and assigned device.
+    Those lines are never folded at the console's width (``soft_wrap``): each stays one line
+    in a pipe or a file, where tools grep them."""
     t = Table(title=f"irqlab: {report['topology']}: interrupts per function "
                     f"(device -> fabric IR unit -> host vector [-> injected into a guest], or posted to a vCPU)",
               title_justify="left", box=box.SIMPLE_HEAD)
@@ -38,7 +41,8 @@ def render(report: dict, console: Console) -> None:
     console.print(t)
     for r in report["functions"]:
         if r["why"]:
-            console.print(f"  {r['os']} {r['function']}: {r['outcome']}: {r['why']}", markup=False, highlight=False)
+            console.print(f"  {r['os']} {r['function']}: {r['outcome']}: {r['why']}", markup=False, highlight=False,
+                          soft_wrap=True)
     fab = report["fabric"]
     faults = report["faults"]
     breaches = sum(o.get("breaches", 0) for o in report.get("oses", {}).values())
@@ -47,17 +51,19 @@ def render(report: dict, console: Console) -> None:
                   f"{fab.get('injected', 0):,}, posted {fab.get('irq:posted', 0):,}, IR faults {fab.get('ir_faults_total', 0)}, DMA faults "
                   f"{fab.get('dma_faults_total', 0)}; isolation breaches {breaches}")
     for line in faults.get("lines", [])[:10]:
-        console.print(f"  {line}", markup=False, highlight=False)
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     for name, o in report.get("oses", {}).items():
         for b in o.get("breach_samples", []):
-            console.print(f"  [bold red]BREACH[/] {name}: {b}")
+            console.print(f"  [bold red]BREACH[/] {name}: {b}", soft_wrap=True)
     for name, vm in report.get("vms", {}).items():
         if vm.get("delivery") == "posted":
             console.print(f"  {name}: interrupt delivery posted (IR unit -> vCPU descriptors, the host not on "
-                          f"the path); {vm.get('injected', 0):,} injected", markup=False, highlight=False)
+                          f"the path); {vm.get('injected', 0):,} injected", markup=False, highlight=False,
+                          soft_wrap=True)
         elif vm.get("delivery"):
             console.print(f"  {name}: interrupt delivery injection (host vector -> injected by the VMM); "
-                          f"{vm.get('injected', 0):,} injected", markup=False, highlight=False)
+                          f"{vm.get('injected', 0):,} injected", markup=False, highlight=False,
+                          soft_wrap=True)
         pasids = vm.get("pasids", {})
         for gdev, phys in vm.get("assigned", {}).items():
             pasid = pasids.get(gdev)
@@ -72,13 +78,13 @@ def render(report: dict, console: Console) -> None:
                 where = "checks PASID 0x%x" % b["pasid"] if b.get("pasid") is not None else "checks the RID only"
                 line += (f"; IRTE {b['irte']} ({b['kind']} pair, {where}) -> vCPU{b['vcpu']} "
                          f"vector 0x{b['vector']:02x}")
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         if vm.get("refused_total"):
             console.print(f"  {name}: the host refused {vm['refused_total']} requests, e.g. "
-                          f"{vm['refused'][0]}", markup=False, highlight=False)
+                          f"{vm['refused'][0]}", markup=False, highlight=False, soft_wrap=True)
     for d in report.get("deaths", []):
         console.print(f"  [bold red]died[/]: {d['role']} {d['name']} ({d['how']}); "
-                      f"host: {d.get('host', d.get('error', '?'))}", highlight=False)
+                      f"host: {d.get('host', d.get('error', '?'))}", highlight=False, soft_wrap=True)
     if report["timed_out"]:
         console.print("[bold red]the workload timed out before every interrupt arrived[/]")
     console.print("[bold green]PASS[/]: every outcome as it should be" if report["ok"] else "[bold red]FAIL[/]")

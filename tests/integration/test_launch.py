@@ -247,10 +247,7 @@ async def wait_exit(pid: int, timeout: float) -> None:
 
 
 async def test_sigkilled_launcher_takes_its_topology_with_it():
-    import glob
     import shutil
-    import tempfile
-    runtimes = set(glob.glob(os.path.join(tempfile.gettempdir(), "irqlab-*")))
     proc = await asyncio.create_subprocess_exec(*LAUNCH, "--per-function", "2000000", "--inflight", "4",
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                                                 cwd=ROOT)
@@ -260,15 +257,17 @@ async def test_sigkilled_launcher_takes_its_topology_with_it():
             line = await proc.stderr.readline()
             seen.append(line)
             assert line, b"".join(seen).decode()
-    kids = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
-    assert len(kids) == 5, project_processes()
+    ours = {pid: cmd for pid, (ppid, cmd) in project_processes().items() if ppid == proc.pid}
+    assert len(ours) == 5, project_processes()
+    # its runtime directory, from its children's command lines (not every new irqlab-* directory:
+    # other labs on this machine have theirs)
+    (runtime,) = {cmd.split(" --runtime ", 1)[1].split()[0] for cmd in ours.values()}
     proc.kill()                      # no chance to clean up: the kernel must do it (PDEATHSIG)
     await proc.wait()
-    for pid in kids:
+    for pid in ours:
         await wait_exit(pid, 30)
     # the launcher could not remove its runtime directory: we do
-    for d in set(glob.glob(os.path.join(tempfile.gettempdir(), "irqlab-*"))) - runtimes:
-        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 async def test_hold_then_views_and_ctl_from_another_command():
