@@ -158,6 +158,27 @@ async def test_injection_stays_available_per_vm_on_a_posted_platform(start_lab):
     assert (await lab.call("host", "vms"))["g2"]["descheduled"] == []
 
 
+async def test_adis_post_too_cases_3_and_4(start_lab):
+    """Messages composed by hypercall post as well: case 3 (memory IMS, PASID-checked IRTE) and
+    case 4 (device IMS, the VMM's fake pair translated into the trapped slot)."""
+    from irqlab.topology import Topology, load
+    d = load(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "siov.toml")).to_dict()
+    d["platform"]["posted"] = True
+    d["guest"] = d["guest"][:2]                          # g1, g2: one ADI of each device each
+    lab = await start_lab(Topology.from_dict(d, source="siov, posted"))
+    report = await lab.run_workload(per_function=200, inflight=8, oses=["g1", "g2"])
+    rows = [r for r in report["functions"] if r["os"] in ("g1", "g2")]
+    assert sorted(r["irq_mode"] for r in rows) == ["ims", "ims", "ims-memory", "ims-memory"], rows
+    for r in rows:
+        assert r["outcome"] == "delivered" and r["sent"] == r["interrupts"] == 200 and r["lost"] == 0, r
+        assert r["record_missing"] == 0 and r["breaches"] == 0, r
+    for name in ("g1", "g2"):
+        vm = report["vms"][name]
+        assert (vm["delivery"], vm["injected"], vm["posted_irtes"]) == ("posted", 0, 2), vm
+        assert sorted(b["kind"] for b in vm["irte_bindings"]) == ["fake", "remapped"], vm["irte_bindings"]
+    assert report["fabric"]["irq:posted"] == 800 and report["fabric"].get("injected", 0) == 0
+
+
 async def test_launch_ctl_deschedules_and_schedules_a_vcpu(tmp_path):
     """The same control ops from a shell: ``launch.py run --hold`` then ``launch.py ctl``."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
