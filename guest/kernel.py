@@ -19,6 +19,7 @@ mismatch is an isolation breach, counted and kept with its path.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -92,7 +93,7 @@ class Ram:
     _next: int = 0x10_0000  # keep the first MiB for "firmware"
 
     def __post_init__(self) -> None:
-        self.data = bytearray(self.size)
+        self.data = mmap.mmap(-1, self.size)   # zero-filled; a page costs memory once written
 
     def alloc(self, size: int, align: int = 4096) -> int:
         addr = (self._next + align - 1) & ~(align - 1)

@@ -34,6 +34,10 @@ from host.vmm import Vmm
 #: the IOMMU domain of the host's own PASID-tagged DMA (identity over host RAM)
 HOST_PASID_DOMAIN = 0x7FFF
 
+#: VMs created at once at boot: each reads its VF's 256-byte config space with 64 CfgRd0s in
+#: flight, and the fabric's root complex has 256 tags for the host's non-posted requests
+VM_CREATE_INFLIGHT = 3
+
 
 class Host(OsShell):
     def __init__(self, cfg: dict, port: Port):
@@ -80,11 +84,29 @@ class Host(OsShell):
         max_bus = int(self.port.info.get("max_bus", 32))
         sriov = {int(b): int(n) for b, n in self.cfg.get("sriov", {}).items()}
         devs = await k.pci_init(range(1, max_bus + 1), sriov)
-        for i, spec in enumerate(self.cfg.get("vms", [])):
-            await self.vmm.create_vm(spec, i)
+        await self._create_vms(self.cfg.get("vms", []))
         k.log.extend(self.vmm.log)
         return {"cpuid": info.describe(), "functions": [rid_str(d.rid) for d in devs],
                 "hierarchy": k.domain_hierarchy(), "vms": sorted(self.vmm.vms)}
+
+    async def _create_vms(self, specs: list[dict]) -> None:
+        """Create the VMs, VM_CREATE_INFLIGHT at a time: each is a dozen round trips to the fabric
+        and the device, so 64 VMs one after another spend the boot waiting on them.  VMs with
+        ADIs are created first, one at a time, so their PASIDs are allocated in topology order;
+        ``vmm.vms`` keeps the topology's order whatever order they finish in."""
+        sem = asyncio.Semaphore(VM_CREATE_INFLIGHT)
+
+        async def create(i: int, spec: dict) -> None:
+            async with sem:
+                await self.vmm.create_vm(spec, i)
+
+        numbered = list(enumerate(specs))
+        for i, spec in numbered:
+            if spec.get("assign_adis"):
+                await self.vmm.create_vm(spec, i)
+        await asyncio.gather(*(create(i, spec) for i, spec in numbered if not spec.get("assign_adis")))
+        vms = self.vmm.vms
+        self.vmm.vms = {spec["name"]: vms[spec["name"]] for spec in specs if spec["name"] in vms}
 
     def counters(self) -> dict:
         c = super().counters()

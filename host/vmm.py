@@ -211,9 +211,9 @@ class Vmm:
 
     async def _make_vf(self, dev: PciDev, guest_rid: int) -> VirtualFunction:
         bus = self.kernel.pci
-        config = bytearray()
-        for reg in range(0, 256, 4):
-            config += (await bus.read32(dev.rid, reg)).to_bytes(4, "little")
+        # the 64 config reads in flight at once (pipelined, a burst of CfgRd0s), not one by one
+        dws = await asyncio.gather(*(bus.read32(dev.rid, reg) for reg in range(0, 256, 4)))
+        config = bytearray(b"".join(v.to_bytes(4, "little") for v in dws))
         msix_pos = dev.caps[R.PCI_CAP_ID_MSIX]
         ctrl = await bus.read16(dev.rid, msix_pos + R.PCI_MSIX_FLAGS)
         bar = dev.bars[0]

@@ -53,8 +53,12 @@ from fabric import wire
 from fabric.port import Port, PortError
 from fabric.provenance import adi_origin, describe
 from irqlab.topology import Topology
+from irqlab.zygote import ZygoteClient
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: a topology with this many guests or more forks them from a zygote (``Lab._want_zygote``)
+FORK_GUESTS_FROM = 4
 
 
 class LabError(RuntimeError):
@@ -119,6 +123,7 @@ class Lab:
         self.local_endpoint: str | None = None
         self.curve: dict[str, dict] = {}
         self.keep_runtime = keep_runtime
+        self._zygote: ZygoteClient | None = None
         self.start_timeout = start_timeout
         self.on_progress = on_progress or (lambda msg: None)
         self.runtime: str | None = None
@@ -254,16 +259,62 @@ class Lab:
         args = [sys.executable, "-m", module, "--runtime", self.runtime]
         if role != "fabric":
             args += ["--name", name]
+        if role == "guest" and self._zygote is not None and name not in self.netns:
+            proc = await self._fork(name, module, args[3:], env, log_path)
+            if proc is not None:
+                return self._adopt(Child(name, role, proc, log_path))
         if name in self.netns:   # ``ip netns exec`` execs in place: the pid is the child's
             args = ["ip", "netns", "exec", self.netns[name]] + args
         with open(log_path, "wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 start_new_session=True, cwd=REPO_ROOT)
-        child = Child(name, role, proc, log_path)
-        self.children[name] = child
+        return self._adopt(Child(name, role, proc, log_path))
+
+    def _adopt(self, child: Child) -> Child:
+        self.children[child.name] = child
         self._watchers.append(asyncio.get_running_loop().create_task(self._watch(child)))
         return child
+
+    # Guests of a topology with FORK_GUESTS_FROM or more of them are forked from a zygote that
+    # has imported the OS model once (irqlab/zygote.py): a new interpreter and its imports cost
+    # ~0.2 s of CPU per guest, most of a 64-VM boot on 2 cores.  IRQLAB_FORK_GUESTS=1 forks
+    # every topology's guests, =0 none (they are exec'd like the other processes).
+
+    def _want_zygote(self) -> bool:
+        guests = [g for g in self.topology.guests if g.name not in self.netns]
+        how = os.environ.get("IRQLAB_FORK_GUESTS", "")
+        if how == "0" or not guests or "guests" not in self.spawn:
+            return False
+        return how == "1" or len(guests) >= FORK_GUESTS_FROM
+
+    async def _start_zygote(self) -> None:
+        env = dict(os.environ)
+        env["IRQLAB_PARENT_PID"] = str(os.getpid())
+        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop("IRQLAB_TOKEN", None)
+        self._zygote = ZygoteClient()
+        try:
+            await self._zygote.start(env, REPO_ROOT, os.path.join(self.runtime, "zygote.log"))
+        except OSError as exc:
+            self.on_progress(f"guests will be exec'd: the zygote did not start ({exc})")
+            self._zygote = None
+
+    async def _fork(self, name: str, module: str, argv: list[str], env: dict, log_path: str):
+        """A guest forked by the zygote, or None (then it is exec'd) if the zygote is not there."""
+        z = self._zygote
+        try:
+            await self._race(z.ready(), "the guest zygote to import the OS model")
+            open(log_path, "wb").close()
+            return await self._race(z.spawn(name, module, argv, env, log_path, REPO_ROOT),
+                                    f"the guest zygote to fork {name}")
+        except (RuntimeError, OSError) as exc:      # LabError included: then exec
+            if self._died.done():
+                raise
+            self.on_progress(f"guests will be exec'd: {exc} (see {os.path.join(self.runtime, 'zygote.log')})")
+            self._zygote = None
+            await z.close()
+            return None
 
     async def _watch(self, child: Child) -> None:
         """Supervise one child.  A guest or device that dies is survivable (like a VM process
@@ -307,6 +358,8 @@ class Lab:
         self._died = loop.create_future()
         self._event_cond = asyncio.Condition()
         tokens = self.tokens = self._plan()
+        if self._want_zygote():
+            await self._start_zygote()     # it imports the OS model while the others boot
         self.on_progress("starting fabric")
         await self._spawn("fabric", "fabric", "fabric", None)
         self.port = Port(self.local_endpoint or self.endpoint, tokens["control"], "control",
@@ -494,14 +547,17 @@ class Lab:
                         break
                     if r["next"] <= offset:
                         raise LabError(f"{name}: trace.dump made no progress at event {offset}")
+                    if len(events) > bound:
+                        raise LabError(f"{name}: trace.dump returned more than the {bound:,} events it may hold")
                     offset = r["next"]
             except LabError as exc:
                 child = self.children[name]
-                if child.role in ("fabric", "host") or child.proc.returncode is None:
+                if child.role in ("fabric", "host"):
                     raise
-                missing[name] = f"died before its trace was collected ({exc})".splitlines()[0]
+                gone = child.proc.returncode is not None
+                missing[name] = (f"died before its trace was collected ({exc})" if gone else str(exc)).splitlines()[0]
                 continue
-            dumps.append({"process": name, "events": events, "dropped": dropped})
+            dumps.append({"process": name, "events": events, "dropped": dropped, "malformed": malformed})
         return {"dumps": dumps, "missing": missing, "chunks": chunks, "bytes": nbytes,
                 "seconds": time.monotonic() - t0}
 
@@ -609,6 +665,8 @@ class Lab:
                 t.cancel()
         if self._watchers:
             await asyncio.gather(*self._watchers, return_exceptions=True)
+        if self._zygote is not None:
+            await self._zygote.close(grace)
         if self.runtime and not self.keep_runtime:
             shutil.rmtree(self.runtime, ignore_errors=True)
         self.shutdown_status = status if self.children else None
@@ -657,7 +715,9 @@ class Lab:
             ctx.term()
 
     def pids(self) -> list[int]:
-        return [c.proc.pid for c in self.children.values()]
+        """Every process this lab started (the guest zygote too, if there is one)."""
+        zygote = [self._zygote.proc.pid] if self._zygote is not None and self._zygote.proc else []
+        return [c.proc.pid for c in self.children.values()] + zygote
 
 
 def _signal_groups(children: list[Child], sig: int) -> None:
