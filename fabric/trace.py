@@ -187,12 +187,38 @@ class Tracer:
         return {"process": self.process, "events": list(self.events), "dropped": self.dropped}
 
 
+_PHASES = frozenset(("i", "s", "t", "f"))
+_ARG = (int, str, float, bool, type(None))
+
+
+def _well_formed(e: object) -> bool:
+    """An event as ``Tracer`` records it (a guest's dump is checked like anything it sends)."""
+    if type(e) is not tuple or len(e) != 7:
+        return False
+    t, ph, name, cat, fid, keys, values = e
+    if type(t) is not int or ph not in _PHASES or type(name) is not str or type(cat) is not str:
+        return False
+    if (fid is None) != (ph == "i") or (fid is not None and type(fid) is not int):
+        return False
+    if keys is None:
+        return type(values) is dict and all(type(k) is str and type(v) in _ARG for k, v in values.items())
+    return (type(keys) is tuple and type(values) is tuple and len(keys) == len(values)
+            and all(type(k) is str for k in keys) and all(type(v) in _ARG for v in values))
+
+
 def unpack_events(blob: bytes) -> list[tuple]:
-    """The events of one ``trace.dump`` chunk."""
+    """The well-formed events of one ``trace.dump`` chunk (anything else is left out)."""
     up = msgpack.Unpacker(raw=False, use_list=False, strict_map_key=False,
                           max_buffer_size=max(len(blob), 1))
     up.feed(blob)
-    return [tuple(e) for e in up]
+    out = []
+    try:
+        for e in up:
+            if _well_formed(e):
+                out.append(e)
+    except Exception:     # noqa: BLE001 - msgpack raises a zoo of exception types on junk
+        pass
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -294,6 +320,7 @@ def to_chrome(dumps: Iterable[dict], meta: dict | None = None) -> dict:
              "processes": [d["process"] for d in dumps],
              "events": {d["process"]: len(d["events"]) for d in dumps},
              "dropped": {d["process"]: d.get("dropped", 0) for d in dumps},
+             "malformed": {d["process"]: d.get("malformed", 0) for d in dumps},
              "flows": flows, "single_hop_interrupts": single,
              "flows_without_recorded_start": no_start, "flows_without_recorded_end": no_end}
     if meta:

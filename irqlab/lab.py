@@ -141,6 +141,7 @@ class Lab:
         self.provenance: dict[str, dict[int, int]] = {}
         self._stopped = False
         self.trace = trace         # every process records a trace from its start (trace_collect)
+        self._trace_max_events = 0
 
     # ------------------------------------------------------------------
     # start
@@ -520,26 +521,36 @@ class Lab:
         """Every live process forgets what it recorded and records from now on (bounded:
         ``max_events`` each, default ``fabric.trace.MAX_EVENTS``)."""
         args = {} if max_events is None else {"max_events": max_events}
+        self._trace_max_events = max_events or 0
         return {name: await self.call(name, "trace.start", args) for name in self.trace_order()}
 
     async def trace_collect(self) -> dict:
         """Stop every process's recording and fetch its events over the control interface,
         chunk by chunk (a device's or guest's reply must fit an 8 KiB frame).
 
-        Returns ``{"dumps": [{"process", "events", "dropped"}, ...] (track order),
-        "missing": {name: why}, "chunks", "bytes", "seconds"}``; ``dumps`` is what
-        ``fabric.trace.to_chrome`` takes.  A guest or device that died is ``missing``; the
-        host or the fabric failing raises ``LabError``."""
+        Returns ``{"dumps": [{"process", "events", "dropped", "malformed"}, ...] (track
+        order), "missing": {name: why}, "chunks", "bytes", "seconds"}``; ``dumps`` is what
+        ``fabric.trace.to_chrome`` takes.  A guest's answers are checked like anything a guest
+        sends: a chunk that is not one, a dump that makes no progress or outgrows the bound
+        the process was given, events that do not decode (dropped, counted as ``malformed``).
+        A guest or device that died or answered nonsense is ``missing`` (with why); the host or
+        the fabric failing raises ``LabError``."""
         t0 = time.monotonic()
         dumps, missing = [], {}
         chunks = nbytes = 0
+        bound = max(self._trace_max_events, tracing.MAX_EVENTS)
         for name in self.trace_order():
             events: list[tuple] = []
-            offset, dropped = 0, 0
+            offset = dropped = malformed = 0
             try:
                 while True:
                     r = await self.call(name, "trace.dump", {"offset": offset})
-                    events.extend(tracing.unpack_events(r["events"]))
+                    if (not isinstance(r, dict) or type(r.get("events")) is not bytes
+                            or not all(type(r.get(k)) is int for k in ("next", "total", "dropped", "count"))):
+                        raise LabError(f"{name}: trace.dump answered something that is not a trace chunk")
+                    got = tracing.unpack_events(r["events"])
+                    events.extend(got)
+                    malformed += max(r["count"] - len(got), 0)
                     chunks += 1
                     nbytes += len(r["events"])
                     dropped = r["dropped"]

@@ -375,6 +375,22 @@ def test_a_dump_comes_back_whole_in_frames_the_fabric_accepts(role):
     assert (frames > 1) == (role in ("device", "guest"))
 
 
+def test_a_lying_dump_loses_only_its_malformed_events():
+    import msgpack
+    pack = msgpack.Packer(use_bin_type=True).pack
+    good = (5, "i", "MWr32", "tlp", None, ("rid",), (0x100,))
+    hop = (6, "f", "IRQ handler", "irq", 77, None, {"apic": 0})
+    bad = [(5, "x", "n", "c", None, None, {}),                  # unknown phase
+           (5, "i", "n", "c", 3, None, {}),                     # an instant with a flow id
+           (5, "s", "n", "c", None, None, {}),                  # a hop without one
+           ("5", "i", "n", "c", None, None, {}),                # time not an int
+           (5, "i", "n", "c", None, ("a", "b"), (1,)),          # keys and values differ
+           (5, "i", "n", "c", None, None, {"a": [1, 2]}),       # a value that is not a scalar
+           [1, 2, 3], "junk"]
+    blob = b"".join(pack(e) for e in [good, *bad, hop]) + b"\xc1\xc1"   # and bytes no msgpack reads
+    assert unpack_events(blob) == [good, hop]
+
+
 def test_a_dump_past_the_end_is_empty_and_bad_offsets_are_refused():
     tr = Tracer("p")
     tr.start()
@@ -404,3 +420,83 @@ async def test_in_memory_machine_trace_has_a_flow_per_delivered_interrupt():
     assert doc["otherData"]["flows_without_recorded_start"] == delivered
     names = {e["name"] for e in doc["traceEvents"] if e["ph"] in "Xi"}
     assert {"IR remap", "IRQ handler", "MWr32"} <= names
+
+
+# ---------------------------------------------------------------------------------------------
+# the launcher's collection, against processes that answer whatever they like
+
+
+class _Proc:
+    def __init__(self, returncode=None):
+        self.returncode = returncode
+
+
+def _lab_with(answers: dict):
+    """A Lab (never started) whose processes answer ``trace.dump`` with ``answers[name](offset)``."""
+    from irqlab.lab import Child, Lab, LabError
+    from irqlab.pytest_plugin import irqlab_topology
+    lab = Lab(irqlab_topology({"guest": [{"name": "g1", "assign": ["d0.vf0"]}]}))
+    roles = {"d0": "device", "fabric": "fabric", "host": "host", "g1": "guest"}
+    lab.children = {n: Child(n, r, _Proc(), "/dev/null") for n, r in roles.items()}
+
+    async def call(peer, op, args=None, timeout=60.0):
+        assert op == "trace.dump"
+        res = answers[peer](args["offset"])
+        if isinstance(res, Exception):
+            raise res
+        return res
+    lab.call = call
+    return lab, LabError
+
+
+def _honest(n: int, budget: int = 200):
+    tr = Tracer("p")
+    tr.start()
+    for i in range(n):
+        tr.rec("i", "MWr32", "tlp", None, ("key",), i)
+    return lambda offset: tr.dump_chunk(offset, budget)
+
+
+async def test_collect_reads_every_process_in_chunks_in_track_order():
+    lab, _ = _lab_with({"d0": _honest(100), "fabric": _honest(50, 1 << 20), "host": _honest(10, 1 << 20),
+                        "g1": _honest(30)})
+    col = await lab.trace_collect()
+    assert [(d["process"], len(d["events"]), d["malformed"]) for d in col["dumps"]] == [
+        ("d0", 100, 0), ("fabric", 50, 0), ("host", 10, 0), ("g1", 30, 0)]
+    assert col["missing"] == {} and col["chunks"] > 4
+
+
+async def test_collect_leaves_out_a_guest_that_lies_and_keeps_the_rest():
+    endless = lambda offset: {"process": "g1", "events": b"", "count": 0, "offset": offset,   # noqa: E731
+                              "next": offset, "total": 10**9, "dropped": 0}
+    for lie, why in ((endless, "no progress"),
+                     (lambda offset: {"events": "not bytes"}, "not a trace chunk"),
+                     (lambda offset: [1, 2], "not a trace chunk")):
+        lab, _ = _lab_with({"d0": _honest(5), "fabric": _honest(5), "host": _honest(5), "g1": lie})
+        col = await lab.trace_collect()
+        assert [d["process"] for d in col["dumps"]] == ["d0", "fabric", "host"]
+        assert why in col["missing"]["g1"], col["missing"]
+
+
+async def test_collect_bounds_what_a_process_may_claim_to_hold(monkeypatch):
+    import fabric.trace as ft
+    monkeypatch.setattr(ft, "MAX_EVENTS", 1000)          # the bound, when trace_start set none
+    tr = Tracer("g1")
+    tr.start()
+    for _ in range(10):
+        tr.rec("i", "x", "tlp", None, ())
+    # the same 10 events again and again, "next" always moving, "total" never reached
+    growing = lambda offset: {**tr.dump_chunk(0, 1 << 20), "next": offset + 10, "total": 10**12}  # noqa: E731
+    lab, _ = _lab_with({"d0": _honest(5), "fabric": _honest(5), "host": _honest(5), "g1": growing})
+    col = await lab.trace_collect()
+    assert "more than the 1,000 events" in col["missing"]["g1"], col["missing"]
+    assert [d["process"] for d in col["dumps"]] == ["d0", "fabric", "host"]
+
+
+async def test_collect_fails_loudly_when_the_fabric_or_host_cannot_answer():
+    for who in ("fabric", "host"):
+        answers = {"d0": _honest(5), "fabric": _honest(5), "host": _honest(5), "g1": _honest(5)}
+        lab, LabError = _lab_with(answers)
+        answers[who] = lambda offset, LabError=LabError: LabError("no answer from it")
+        with pytest.raises(LabError, match="no answer"):
+            await lab.trace_collect()
