@@ -430,7 +430,7 @@ async def _write_trace(lab, path: str, progress) -> dict:
     print(f"launch.py: trace: {summary['events']:,} events from {len(col['dumps'])} processes, "
           f"{summary['flows']:,} interrupt flows"
           + (f", {dropped:,} events dropped (buffer full)" if dropped else "")
-          + (f", no trace from {', '.join(col['missing'])} (died)" if col["missing"] else "")
+          + "".join(f", no trace from {n}: {why}" for n, why in col["missing"].items())
           + f"; collected in {col['seconds']:.1f} s, written in {summary['write_s']:.1f} s "
           f"-> {path} ({summary['bytes'] / 1e6:.1f} MB; open it in https://ui.perfetto.dev)",
           file=sys.stderr, flush=True)
