@@ -1,5 +1,5 @@
 """Tracing: what every process records when ``launch.py --trace FILE`` asks, and the Chrome
-trace-event JSON (the format Perfetto's and chrome://tracing's JSON importers read) it becomes.
+trace-event JSON it becomes (written for Perfetto's JSON importer; docs/tracing.md).
 
 Recording
 ---------
@@ -80,8 +80,8 @@ TLP_NAMES = {0x00: "MRd32", 0x20: "MRd64", 0x40: "MWr32", 0x60: "MWr64", 0x04: "
              0x0A: "Cpl", 0x4A: "CplD"}
 
 #: argument names formatted at export: hex numbers, bus:device.function
-_HEX_ARGS = frozenset(("addr", "data", "vector", "pasid", "key", "handle_raw"))
-_BDF_ARGS = frozenset(("rid", "sid", "requester", "completer"))
+_HEX_ARGS = frozenset(("addr", "data", "vector", "pasid", "key"))
+_BDF_ARGS = frozenset(("rid", "sid"))
 
 
 def flow_id(origin: int | None, t_ns: int) -> int:
