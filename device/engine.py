@@ -30,6 +30,14 @@ vector or an IMS slot.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
     0x48   WQ_DEPTH           RO      work items accepted beyond CMPL_HEAD: min(64, ring size)
     0x60   CMPL_FORMAT        RW      bit 0 DW: 0 = 16-byte completion records, 1 = DWORD
                                       records (the cookie alone, see below); bits 31:1 read 0
+    0x80   DMA_SRC_LO         RW      copy descriptor: source bus address [31:0]
+    0x84   DMA_SRC_HI         RW      source [63:32]
+    0x88   DMA_DST_LO         RW      destination bus address [31:0]
+    0x8C   DMA_DST_HI         RW      destination [63:32]
+    0x90   DMA_LEN            RW      bytes to copy, 1..DMA_MAX_LEN (1 MiB)
+    0x94   DMA_GO             WO      full-DW write = one copy work item, value = cookie
+    0x98   DMA_COPIES         RO      copies completed since reset
+    0x9C   DMA_ERRORS         RO      of those, copies a read of which completed UR/CA
     other                     -       read 0, writes ignored
 
 *Work queue.*  Like a real device's work queue (an IDXD WQ's size, an NVMe SQ),
@@ -57,6 +65,22 @@ block, turns the record into a DMA MWr followed by the MSI-X or IMS MWr
 (IRQ_MODE = 1 on a function without IMS: the record only, counted
 ``ims_invalid``).  The *_SENT / *_PENDED registers restart from 0 on reset.
 
+*DMA copy* (SR-IOV PF and VFs).  DMA_GO is a work item like DOORBELL (same
+checks, same work queue) that first moves data: the function reads DMA_LEN
+bytes at DMA_SRC with memory reads (MRd of at most DMA_MRRS = 512 bytes, never
+crossing 4 KiB, at most DMA_TAGS = 32 outstanding per function; further reads
+wait for a tag), and as each completion (CplD) arrives writes its bytes at the
+same offset from DMA_DST (MWr of at most DMA_MPS = 256 bytes, never crossing
+4 KiB).  Both go through the IOMMU like any DMA of the function, and the reads
+are answered by whoever owns that memory (the host, or a guest's process).  When
+every byte has been written the copy completes like a doorbell: its record, then
+its interrupt -- so, posted ordering, software sees the data before the record.
+Copies complete in the order they were started; a doorbell completes at once, so
+records follow completion order, not submission order (the cookie tells which).
+A read completed with UR or CA (an IOMMU fault, unmapped memory) ends the copy
+early; it still completes (a record, status done) and counts in DMA_ERRORS.  The
+descriptor registers are read at DMA_GO, so software may rewrite them at once.
+
 DWORD records (CMPL_FORMAT.DW = 1, 0 after reset): the record is the u32 cookie
 alone, written to ``CMPL_BASE + (seq % CMPL_RING_ENTRIES) * 4`` with CMPL_BASE
 DWORD-aligned -- one full-DW MWr whose address and data software chose.  Pointed at
@@ -68,6 +92,7 @@ checks are what must stop it.
 
 from __future__ import annotations
 
+import collections
 import struct
 
 ENGINE_ID = 0x00
@@ -87,6 +112,20 @@ IMS_PENDED = 0x34
 CMPL_FORMAT = 0x60
 CMPL_HEAD = 0x44
 WQ_DEPTH = 0x48
+DMA_SRC_LO = 0x80
+DMA_SRC_HI = 0x84
+DMA_DST_LO = 0x88
+DMA_DST_HI = 0x8C
+DMA_LEN = 0x90
+DMA_GO = 0x94
+DMA_COPIES = 0x98
+DMA_ERRORS = 0x9C
+
+#: DMA copy: longest copy, largest read request (MRRS), largest write payload (MPS), reads in flight
+DMA_MAX_LEN = 1 << 20
+DMA_MRRS = 512
+DMA_MPS = 256
+DMA_TAGS = 32
 
 #: the work queue's size (WQ_DEPTH reads min(this, CMPL_RING_ENTRIES))
 WQ_SIZE = 64
@@ -105,12 +144,25 @@ CMPL_DWORD = struct.Struct("<I")
 _ADDR_MASK = (1 << 64) - 1
 
 
+class DmaCopy:
+    """One copy work item in flight."""
+
+    __slots__ = ("cookie", "src", "dst", "length", "issued", "reads_out", "failed")
+
+    def __init__(self, cookie: int, src: int, dst: int, length: int) -> None:
+        self.cookie, self.src, self.dst, self.length = cookie, src, dst, length
+        self.issued = 0          # bytes asked for so far
+        self.reads_out = 0       # reads not completed yet
+        self.failed = False
+
+
 class WorkEngine:
     """Register file and completion bookkeeping of the work engine."""
 
     __slots__ = (
         "ims_cap", "cmpl_base", "cmpl_format", "ring_entries", "irq_vector", "irq_mode", "completed",
         "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full",
+        "dma_src", "dma_dst", "dma_len", "dma_copies", "dma_errors", "copies", "_tags", "_free_tags",
     )
 
     def __init__(self, ims_slots: int = 0) -> None:
@@ -130,6 +182,11 @@ class WorkEngine:
         self.ims_pended = 0
         self.head = 0
         self.wq_full = 0
+        self.dma_src = self.dma_dst = self.dma_len = 0
+        self.dma_copies = self.dma_errors = 0
+        self.copies: collections.deque[DmaCopy] = collections.deque()   # in DMA_GO order
+        self._tags: dict[int, list] = {}            # tag -> [copy, offset in the copy, bytes still due]
+        self._free_tags = list(range(DMA_TAGS - 1, -1, -1))
 
     @property
     def wq_depth(self) -> int:
@@ -137,7 +194,7 @@ class WorkEngine:
 
     def accepts(self) -> bool:
         """Room in the work queue: fewer than WQ_DEPTH completed records not yet consumed."""
-        if (self.completed - self.head) & 0xFFFFFFFF < min(WQ_SIZE, self.ring_entries):
+        if (self.completed + len(self.copies) - self.head) & 0xFFFFFFFF < min(WQ_SIZE, self.ring_entries):
             return True
         self.wq_full += 1
         return False
@@ -175,6 +232,11 @@ class WorkEngine:
             return self.head
         if off == WQ_DEPTH:
             return self.wq_depth
+        if DMA_SRC_LO <= off <= DMA_ERRORS:
+            return {DMA_SRC_LO: self.dma_src & 0xFFFFFFFF, DMA_SRC_HI: self.dma_src >> 32,
+                    DMA_DST_LO: self.dma_dst & 0xFFFFFFFF, DMA_DST_HI: self.dma_dst >> 32,
+                    DMA_LEN: self.dma_len, DMA_COPIES: self.dma_copies & 0xFFFFFFFF,
+                    DMA_ERRORS: self.dma_errors & 0xFFFFFFFF}.get(off, 0)
         return 0
 
     def write32(self, off: int, value: int) -> None:
@@ -193,6 +255,16 @@ class WorkEngine:
             self.irq_vector = value & 0xFFFFFFFF
         elif off == IRQ_MODE:
             self.irq_mode = value & IRQ_MODE_IMS
+        elif off == DMA_SRC_LO:
+            self.dma_src = (self.dma_src & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
+        elif off == DMA_SRC_HI:
+            self.dma_src = (self.dma_src & 0xFFFFFFFF) | (value & 0xFFFFFFFF) << 32
+        elif off == DMA_DST_LO:
+            self.dma_dst = (self.dma_dst & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
+        elif off == DMA_DST_HI:
+            self.dma_dst = (self.dma_dst & 0xFFFFFFFF) | (value & 0xFFFFFFFF) << 32
+        elif off == DMA_LEN:
+            self.dma_len = value & 0xFFFFFFFF
         elif off == CMPL_HEAD:
             # a head beyond COMPLETED would grant space for records never written: clamp it
             value &= 0xFFFFFFFF
@@ -217,3 +289,70 @@ class WorkEngine:
             return (self.cmpl_base + slot * 4) & _ADDR_MASK, CMPL_DWORD.pack(cookie & 0xFFFFFFFF)
         address = ((self.cmpl_base & ~0xF) + slot * CMPL_RECORD_SIZE) & _ADDR_MASK
         return address, CMPL_RECORD.pack(cookie & 0xFFFFFFFF, CMPL_STATUS_DONE, seq)
+
+    # ---- DMA copy (DMA_GO) ----------------------------------------------------------------------
+
+    def copy_start(self, cookie: int) -> list[tuple[int, int, int]] | None:
+        """A DMA_GO: queue a copy of the descriptor as it reads now; return the reads to issue,
+        ``(bus address, bytes, tag)``.  None (nothing queued) for DMA_LEN 0 or > DMA_MAX_LEN.
+        The caller checks Bus Master Enable, the ring and ``accepts()`` first."""
+        length = self.dma_len
+        if not 0 < length <= DMA_MAX_LEN:
+            return None
+        self.copies.append(DmaCopy(cookie & 0xFFFFFFFF, self.dma_src, self.dma_dst, length))
+        return self._issue()
+
+    def _issue(self) -> list[tuple[int, int, int]]:
+        out = []
+        free = self._free_tags
+        for c in self.copies:
+            while free and c.issued < c.length:
+                addr = (c.src + c.issued) & _ADDR_MASK
+                n = min(DMA_MRRS, c.length - c.issued, 0x1000 - (addr & 0xFFF), (1 << 64) - addr)
+                tag = free.pop()
+                self._tags[tag] = [c, c.issued, n]
+                c.issued += n
+                c.reads_out += 1
+                out.append((addr, n, tag))
+            if not free:
+                break
+        return out
+
+    def copy_data(self, tag: int, ok: bool, data: bytes):
+        """A completion for read ``tag``: ``(writes, reads, done)`` -- the ``(bus address, bytes)``
+        to write (each at most DMA_MPS, never crossing 4 KiB), the reads the freed tag lets out,
+        and the cookies of the copies now complete, in order, each ``(cookie, ok)``.  None for a
+        tag with no read outstanding (the device counts it as an unexpected completion)."""
+        entry = self._tags.get(tag)
+        if entry is None:
+            return None
+        c, off, due = entry
+        writes = []
+        if ok:
+            data = data[:due]
+            n = len(data)
+            pos = 0
+            while pos < n:
+                addr = (c.dst + off + pos) & _ADDR_MASK
+                k = min(DMA_MPS, n - pos, 0x1000 - (addr & 0xFFF), (1 << 64) - addr)
+                writes.append((addr, data[pos:pos + k]))
+                pos += k
+            entry[1] = off + n
+            entry[2] = due = due - n
+        else:
+            c.failed = True
+            c.issued = c.length          # ask for nothing more of a failed copy
+            due = 0
+        if due:
+            return writes, [], []        # more completions of this read are coming
+        del self._tags[tag]
+        self._free_tags.append(tag)
+        c.reads_out -= 1
+        done = []
+        copies = self.copies
+        while copies and copies[0].issued == copies[0].length and not copies[0].reads_out:
+            first = copies.popleft()
+            self.dma_copies += 1
+            self.dma_errors += first.failed
+            done.append((first.cookie, not first.failed))
+        return writes, self._issue(), done

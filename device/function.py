@@ -53,11 +53,11 @@ from device.config import (
     ConfigSpace,
 )
 from device.emit import Emit, mem_write_dw
-from device.engine import DOORBELL, WorkEngine
+from device.engine import DMA_GO, DOORBELL, WorkEngine
 from device.ims import ImsStore
 from device.msix import MsixTable
 from fabric.bdf import rid_str
-from fabric.tlp import Tlp
+from fabric.tlp import CplStatus, Tlp
 
 BAR0_SIZE = 0x4000
 ENGINE_OFFSET = 0x0000
@@ -89,7 +89,7 @@ class Function:
     __slots__ = (
         "_rid", "is_vf", "vf_index", "cfg", "pcie", "msix_cap", "msix", "ims", "engine", "on_flr",
         "cfg_reads", "cfg_writes", "mem_reads", "mem_writes", "doorbells", "doorbells_dropped",
-        "dma_writes", "flrs", "ims_invalid",
+        "dma_writes", "flrs", "ims_invalid", "dma_read_tlps", "dma_write_tlps", "dma_dropped",
     )
 
     def __init__(
@@ -119,6 +119,7 @@ class Function:
         self.on_flr = on_flr
         self.cfg_reads = self.cfg_writes = self.mem_reads = self.mem_writes = 0
         self.doorbells = self.doorbells_dropped = self.dma_writes = self.flrs = self.ims_invalid = 0
+        self.dma_read_tlps = self.dma_write_tlps = self.dma_dropped = 0
 
         cfg = self.cfg = ConfigSpace()
         cfg.init_header(
@@ -251,6 +252,8 @@ class Function:
             if off == DOORBELL:
                 # Only a full-DW write carries a cookie; a partial one is ignored.
                 return self.doorbell(value) if be == 0xF else []
+            if off == DMA_GO:
+                return self.dma_go(value) if be == 0xF else []
             if be != 0xF:
                 m = BE_MASK[be]
                 value = (self.engine.read32(off) & ~m) | (value & m)
@@ -295,6 +298,12 @@ class Function:
         if not msix.bus_master or not engine.ring_entries or not engine.accepts():
             self.doorbells_dropped += 1
             return []
+        return self._finish(cookie)
+
+    def _finish(self, cookie: int) -> list[Emit]:
+        """A work item ends: ``[record MWr, interrupt MWr]`` (see ``doorbell``)."""
+        engine = self.engine
+        msix = self.msix
         address, record = engine.complete(cookie)
         self.dma_writes += 1
         out = [Emit(mem_write_dw(address, record, self._rid), None)]
@@ -319,6 +328,45 @@ class Function:
             engine.msix_pended += 1
         return out
 
+    # ---- DMA copy (device.engine: DMA_GO) ---------------------------------------------------------
+
+    def dma_go(self, cookie: int) -> list[Emit]:
+        """A copy work item: the first memory reads (MRd) of DMA_LEN bytes at DMA_SRC.  Dropped
+        like a doorbell (``dma_dropped``) without Bus Master Enable, a ring, room in the work
+        queue, or with a DMA_LEN of 0 or over DMA_MAX_LEN."""
+        engine = self.engine
+        if not self.msix.bus_master or not engine.ring_entries or not engine.accepts():
+            self.dma_dropped += 1
+            return []
+        reads = engine.copy_start(cookie)
+        if reads is None:
+            self.dma_dropped += 1
+            return []
+        return self._reads(reads)
+
+    def _reads(self, reads) -> list[Emit]:
+        rid = self._rid
+        self.dma_read_tlps += len(reads)
+        return [Emit(Tlp.mem_read(addr, n, rid, tag=tag), None) for addr, n, tag in reads]
+
+    def dma_completion(self, cpl: Tlp) -> list[Emit] | None:
+        """A completion of one of the copy's reads: ``[MWr of its bytes ..., next MRds ...,
+        record + interrupt of every copy now complete]``; None if no such read is outstanding."""
+        ok = cpl.status == CplStatus.SC
+        got = self.engine.copy_data(cpl.tag, ok, cpl.payload_bytes() if ok else b"")
+        if got is None:
+            return None
+        writes, reads, done = got
+        rid = self._rid
+        out = [Emit(mem_write_dw(addr, data, rid), None) for addr, data in writes]
+        self.dma_write_tlps += len(writes)
+        if reads:
+            out += self._reads(reads)
+        if done and self.msix.bus_master and self.engine.ring_entries:
+            for cookie, _ok in done:
+                out += self._finish(cookie)
+        return out
+
     # ---- observation -----------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
@@ -333,6 +381,11 @@ class Function:
             "doorbells_dropped": self.doorbells_dropped,
             "wq_full": self.engine.wq_full,
             "dma_writes": self.dma_writes,
+            "dma_copies": self.engine.dma_copies,
+            "dma_errors": self.engine.dma_errors,
+            "dma_dropped": self.dma_dropped,
+            "dma_read_tlps": self.dma_read_tlps,
+            "dma_write_tlps": self.dma_write_tlps,
             "flrs": self.flrs,
             "msix_sent": m.sent,
             "msix_pended": m.pended,

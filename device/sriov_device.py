@@ -203,8 +203,12 @@ class SriovDevice:
     def _completion(self, tlp: Tlp) -> list[Emit]:
         if self.on_completion is not None:
             return self.on_completion(tlp)
-        self.cpl_unexpected += 1
-        return []
+        fn = self._by_rid.get(tlp.requester_id)     # a read of a DMA copy (device.engine DMA_GO)
+        out = fn.dma_completion(tlp) if fn is not None else None
+        if out is None:
+            self.cpl_unexpected += 1
+            return []
+        return out
 
     # ---- SR-IOV ----------------------------------------------------------------------------------
 
