@@ -46,6 +46,7 @@ class Guest(OsShell):
         import collections
         port.recent = collections.deque(maxlen=64)   # for a replay-frames misbehaviour
         self.ctl_ops["hostile"] = self.op_hostile
+        self.ctl_ops["dma.copy"] = self.op_dma_copy
 
     async def before_workload(self, args: dict):
         """Topology ``behaviours``: committed at the start of every workload run; a storm runs
@@ -69,6 +70,11 @@ class Guest(OsShell):
     def on_platform_event(self, ev: dict) -> None:
         if ev.get("event") == "surprise-removal" and type(ev.get("rid")) is int:
             self.kernel.surprise_removal([ev["rid"]])
+
+    async def op_dma_copy(self, args: dict) -> dict:
+        """DMA copies by an assigned function's engine, through the IOMMU (``guest.dma``)."""
+        from guest import dma
+        return await dma.run(self, args)
 
     async def op_hostile(self, args: dict) -> dict:
         """Commit one misbehaviour by name (``guest.hostile.ACTIONS``)."""
