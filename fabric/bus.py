@@ -1143,7 +1143,18 @@ class Fabric:
                     self.send(requester.identity, wire.tlp(_ur_for_tag(orig_tag)))
                     completed += 1
         for key in [k for k in self._guest_reads if k[0] == peer.identity]:
-            del self._guest_reads[key]
+            # a device's DMA read of the dead guest's RAM: nobody will answer it, so the root
+            # complex does (UR) -- else the device's tag stays taken for good (an SIOV PF's
+            # fetch tags are shared by all its ADIs: other guests' interrupts would stall)
+            n = self._guest_reads.pop(key)
+            _, rid, tag = key
+            dest = self.bus_owner[(rid >> 8) & 0xFF]
+            if dest is not None:
+                ur = T.Tlp(T.TlpType.CPL, requester_id=rid, tag=tag, completer_id=ROOT_COMPLEX_RID,
+                           status=T.CplStatus.UR, byte_count=4).pack()
+                for _ in range(n):
+                    self.send(dest.identity, wire.tlp(ur))
+                completed += n
         for rid in [r for r, (_, _, p) in self._ctl_routes.items() if p is peer]:
             ctl_peer, req_id, _ = self._ctl_routes.pop(rid)
             self.send(ctl_peer.identity, wire.ctl_rep(req_id, False, f"{name} is gone"))

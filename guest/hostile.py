@@ -12,7 +12,8 @@ from __future__ import annotations
 import struct
 
 from fabric import hypercall as hc
-from guest.drivers.engine import CMPL_BASE_HI, CMPL_BASE_LO, CMPL_RING_ENTRIES, DOORBELL, IMS_OFFSET
+from guest.drivers.engine import (CMPL_BASE_HI, CMPL_BASE_LO, CMPL_FORMAT, CMPL_RING_ENTRIES, COMPLETED, DOORBELL,
+                                  IMS_OFFSET)
 
 
 async def mmio_outside_ept(shell, args: dict) -> dict:
@@ -27,15 +28,9 @@ async def dma_outside_memory(shell, args: dict) -> dict:
     """Point the assigned function's completion ring outside guest RAM and ring it."""
     inst = _engine(shell)
     target = int(args.get("addr", shell.kernel.ram.size + 0x10_0000)) & ~0xF
-    w = shell.hw.mmio_write
-    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", target & 0xFFFF_FFFF))
-    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", target >> 32))
-    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
-    w(inst.bar0 + DOORBELL, struct.pack("<I", 0xBAD))
-    # put the ring back so the driver keeps working
-    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", inst.ring & 0xFFFF_FFFF))
-    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", inst.ring >> 32))
-    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", inst.entries))
+    await _aim_record(shell, inst, target, dword=False)
+    shell.hw.mmio_write(inst.bar0 + DOORBELL, struct.pack("<I", 0xBAD))
+    _restore_ring(shell, inst)              # put the ring back so the driver keeps working
     # That work item's record went elsewhere (or nowhere): its sequence number is spent.
     inst.completed += 1
     return {"dma_target": target}
@@ -52,31 +47,77 @@ async def compose_foreign(shell, args: dict) -> dict:
 
 
 async def dma_into_interrupt_range(shell, args: dict) -> dict:
-    """Make the assigned device DMA its completion record into 0xFEE0_0000-0xFEEF_FFFF.
+    """Make the assigned device DMA-write into 0xFEE0_0000-0xFEEF_FFFF: forged interrupt requests.
 
-    The record is 16 bytes of the guest's choosing-ish (cookie, status, seq): on the bus it is
-    a MemWr to the interrupt range from the device's RID, i.e. a forged interrupt request.
+    Two work items whose completion records the device writes where the guest aimed its ring
+    (on the bus: a MemWr to the interrupt range with the device's RID):
+
+    1. the usual 16-byte record at 0xFEE0_0000 -- four DWs are no interrupt request: fault
+       0x20 (``"record": false`` skips it);
+    2. with DWORD records (the engine's CMPL_FORMAT) one DW of the guest's choosing: a
+       remappable message naming IRTE ``handle`` (default 0) + ``subhandle`` (default 0, in
+       the data), or exactly ``addr``/``data`` when given.  Now the IR unit's IRTE checks
+       decide: 0x26 for someone else's entry (source-id), 0x22 for a free one, 0x21 past the
+       table, 0x25 for a compatibility-format ``addr``.
+
+    Returns once the IR unit has ruled on both (a read of its own registers comes back after
+    the device's writes have reached the fabric).
     """
+    from fabric.ir import compose_remappable
     inst = _engine(shell)
-    target = int(args.get("addr", 0xFEE0_0000)) & ~0xF
     w = shell.hw.mmio_write
-    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", target & 0xFFFF_FFFF))
-    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", 0))
-    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
-    w(inst.bar0 + DOORBELL, struct.pack("<I", int(args.get("cookie", 0x21))))
+    writes = []
+    if args.get("record", True):
+        await _aim_record(shell, inst, 0xFEE0_0000, dword=False)
+        w(inst.bar0 + DOORBELL, struct.pack("<I", int(args.get("cookie", 0x21)) & 0xFFFF_FFFF))
+        inst.completed += 1               # its record goes elsewhere (before its interrupt comes in)
+        writes.append({"addr": 0xFEE0_0000, "bytes": 16})
+    if "addr" in args:
+        addr, data = int(args["addr"]) & 0xFFFF_FFFC, int(args.get("data", 0)) & 0xFFFF_FFFF
+    else:
+        addr, _hi, data = compose_remappable(int(args.get("handle", 0)), int(args.get("subhandle", 0)), shv=True)
+    await _aim_record(shell, inst, addr, dword=True)
+    w(inst.bar0 + DOORBELL, struct.pack("<I", data))
+    inst.completed += 1
+    writes.append({"addr": addr, "data": data, "bytes": 4})
+    _restore_ring(shell, inst)
+    await shell.hw.mmio_read(inst.bar0 + COMPLETED, 4)
+    return {"writes": writes}
+
+
+async def _aim_record(shell, inst, target: int, *, dword: bool) -> int:
+    """Make the engine's next completion record land at bus address ``target``, as a guest can:
+    read COMPLETED (the next record's sequence number) and place the ring so that its slot is
+    ``target``; with ``dword`` the record is the 4-byte cookie alone (CMPL_FORMAT).  Returns
+    the sequence number."""
+    raw = await shell.hw.mmio_read(inst.bar0 + COMPLETED, 4)
+    seq = int.from_bytes(raw, "little") if raw else 0
+    base = (target - (seq % inst.entries) * (4 if dword else 16)) & (1 << 64) - 1
+    w = shell.hw.mmio_write
+    w(inst.bar0 + CMPL_FORMAT, struct.pack("<I", int(dword)))
+    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", base & 0xFFFF_FFFF))
+    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", base >> 32))
+    return seq
+
+
+def _restore_ring(shell, inst) -> None:
+    """The driver's own ring and 16-byte records again."""
+    w = shell.hw.mmio_write
+    w(inst.bar0 + CMPL_FORMAT, struct.pack("<I", 0))
     w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", inst.ring & 0xFFFF_FFFF))
     w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", inst.ring >> 32))
     w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", inst.entries))
-    inst.completed += 1
-    return {"dma_target": target}
 
 
 async def ims_steal_device(shell, args: dict) -> dict:
     """Write IRTE ``handle`` (someone else's) into this VM's device-kind IMS slot, ring the doorbell.
 
     Where the slot page is passed through (a VF's IMS), the device sends it with the VF's
-    RID: the IRTE's source-id check must catch it.  Where it is trapped (case 4), the VMM
-    sees a pair it did not compose and keeps the real slot masked.
+    RID: the IRTE's source-id check must catch it (fault 0x26 at that IRTE's index).  Where it
+    is trapped (case 4), the VMM sees a pair it did not compose and keeps the real slot masked:
+    the doorbell's interrupt waits there, pending.  Then our own message is put back (unless
+    ``"restore": false``, which leaves the forged pair -- and, in case 4, the masked real
+    slot -- to be inspected).  Returns once the doorbell's interrupt has been sent or pended.
     """
     from fabric.ir import compose_remappable
     inst = _engine(shell)
@@ -89,12 +130,15 @@ async def ims_steal_device(shell, args: dict) -> dict:
     shell.hw.mmio_write(addr, struct.pack("<III", lo, hi, data))
     shell.hw.mmio_write(inst.bar0 + DOORBELL, struct.pack("<I", 0x57EA1))
     inst.completed += 1
-    # put our own message back (the device raised the doorbell's interrupt before this store)
+    # the device raised (or pended) the doorbell's interrupt before it answers this read
+    await shell.hw.mmio_read(inst.bar0 + COMPLETED, 4)
+    restore = bool(args.get("restore", True))
     own = shell.kernel.irq.irq_get_irq_data(inst.irq).chip_data
-    if own.msg is not None:
+    if restore and own.msg is not None:
+        # put our own message back
         shell.hw.mmio_write(addr, struct.pack("<III", own.msg.address_lo, own.msg.address_hi, own.msg.data))
         shell.hw.mmio_write(addr + 12, struct.pack("<I", own.ctrl))
-    return {"slot": slot, "handle": handle}
+    return {"slot": slot, "handle": handle, "restored": restore}
 
 
 async def ims_forge_device(shell, args: dict) -> dict:
@@ -238,10 +282,12 @@ async def campaign(shell, args: dict) -> dict:
     """``count`` random misbehaviours in a row, fast (no waiting between them), for the bench.
 
     Kinds: forged messages in its IMS storage (random handles and data), DMA into the
-    interrupt range and outside its memory, stores outside its EPT, malformed and spoofed
-    frames, and every ``hypercall_every``-th action a random hypercall (those wait for
-    their answer).  Returns how many of each it tried.  Legitimate work of the same guest
-    is not expected to survive it; everyone else's is.
+    interrupt range (a 16-byte record, or -- with DWORD records -- one forged remappable or
+    compatibility-format message with random handle and data, which reaches the IRTE checks)
+    and outside its memory, stores outside its EPT, malformed and spoofed frames, and every
+    ``hypercall_every``-th action a random hypercall (those wait for their answer; so does
+    the read of COMPLETED that aims each DMA).  Returns how many of each it tried.
+    Legitimate work of the same guest is not expected to survive it; everyone else's is.
     """
     import asyncio
     import random
@@ -287,13 +333,21 @@ async def campaign(shell, args: dict) -> dict:
                 w(inst.bar0 + IMS_OFFSET + slot * 16, struct.pack("<III", lo, hi, data))
                 w(inst.bar0 + DOORBELL, struct.pack("<I", i))
             elif kind == "dma-irq-range":
-                target = 0xFEE0_0000 | rng.randrange(1 << 20) & ~0xF
-                w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", target))
-                w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
-                w(inst.bar0 + DOORBELL, struct.pack("<I", i))
+                r = rng.random()
+                if r < 0.25:        # a 16-byte record: no interrupt request at all (0x20)
+                    target, dword, cookie = 0xFEE0_0000 | rng.randrange(1 << 20) & ~0xF, False, i
+                elif r < 0.35:      # one DWORD in compatibility format (0x25 with IR on)
+                    target, dword, cookie = 0xFEE0_0000 | rng.randrange(1 << 20) & ~0x13, True, rng.randrange(1 << 32)
+                else:               # one DWORD naming a random IRTE (0x21 / 0x22 / 0x26 ...)
+                    target, _, cookie = compose_remappable(rng.randrange(max_handle), rng.randrange(4),
+                                                           shv=rng.random() < 0.8)
+                    dword = True
+                    if rng.random() < 0.1:
+                        cookie = rng.randrange(1 << 32)      # reserved data bits
+                await _aim_record(shell, inst, target, dword=dword)
+                w(inst.bar0 + DOORBELL, struct.pack("<I", cookie))
             elif kind == "dma-outside":
-                w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", (k.ram.size + rng.randrange(1 << 24)) & ~0xF))
-                w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", 1))
+                await _aim_record(shell, inst, (k.ram.size + rng.randrange(1 << 24)) & ~0xF, dword=False)
                 w(inst.bar0 + DOORBELL, struct.pack("<I", i))
             elif kind == "mmio-outside":
                 w(0xF000_0000 + rng.randrange(1 << 20) * 4, struct.pack("<I", rng.randrange(1 << 32)))
@@ -309,9 +363,7 @@ async def campaign(shell, args: dict) -> dict:
         if i % 256 == 255:
             await asyncio.sleep(0)        # let the answers in
     # restore the ring and our own slot so the guest itself can go on
-    w(inst.bar0 + CMPL_BASE_LO, struct.pack("<I", inst.ring & 0xFFFF_FFFF))
-    w(inst.bar0 + CMPL_BASE_HI, struct.pack("<I", inst.ring >> 32))
-    w(inst.bar0 + CMPL_RING_ENTRIES, struct.pack("<I", inst.entries))
+    _restore_ring(shell, inst)
     own = k.irq.irq_get_irq_data(inst.irq).chip_data if inst.irq >= 0 else None
     if own is not None and getattr(own, "msg", None) is not None:
         m = own.msg
@@ -320,6 +372,60 @@ async def campaign(shell, args: dict) -> dict:
         elif inst.irq_mode == "ims":
             w(inst.bar0 + IMS_OFFSET + slot * 16, struct.pack("<III", m.address_lo, m.address_hi, m.data))
     return {"tried": tried, "total": count}
+
+
+async def sigkill(shell, args: dict) -> dict:
+    """Die by SIGKILL in the middle of its own operations (DESIGN.md §6: dying mid-operation).
+
+    A process cannot answer a request after it is dead, so this answers at once (its pid and
+    what it will do), then works from the event loop: ``after`` operations (default 64) on its
+    assigned functions -- doorbells through its driver, and every 8th a compose hypercall for
+    one of them (an IRTE and a host vector the host has to take back) -- then starts one more
+    hypercall and rings one more doorbell and, with both in flight, sends itself SIGKILL from a
+    loop callback.  Nothing answers after that: the launcher sees the process die, the fabric
+    forgets its port and the host reclaims the VM (``reclaimed`` event, the report's ``deaths``).
+    As a topology ``behaviours`` entry it is committed at the start of a workload run, so the
+    guest dies in the middle of that run.
+    """
+    import asyncio
+    import os
+    import signal
+    after = int(args.get("after", 64))
+    if not 1 <= after <= 100_000:
+        raise ValueError(f"after={after}: between 1 and 100000 operations")
+    engines = [e for e in shell.engines() if not e.removed]
+    loop = asyncio.get_running_loop()
+
+    async def compose(i: int) -> None:
+        if not engines:
+            await shell.hw.hypercall(hc.HC_QUERY_FEATURES)
+            return
+        inst = engines[i // 8 % len(engines)]
+        cookie = hc.COOKIE_MEMORY if inst.irq_mode == "ims-memory" else 0   # as its driver would ask
+        try:
+            await shell.hw.hypercall(hc.HC_MSI_COMPOSE, inst.dev.rid, hc.FIRST_VECTOR + 0x20 + i % 64, 0, cookie)
+        except hc.HypercallError:
+            pass                        # refused (quota, no compose in this VM): still an operation
+
+    async def work() -> None:
+        try:
+            # one round trip first: the answer to whoever asked left this process before it
+            await shell.hw.hypercall(hc.HC_QUERY_FEATURES)
+            for i in range(after):
+                if engines and i % 8 != 7:
+                    engines[i % len(engines)].ring_doorbell(0x5161_0000 | i & 0xFFFF)
+                else:
+                    await compose(i)
+                await asyncio.sleep(0)  # let the interrupts of the doorbells in
+            loop.create_task(compose(after))          # a VM exit on its way to the host ...
+            if engines:
+                engines[0].ring_doorbell(0x5161_FFFF)  # ... and a work item in the device
+        finally:
+            loop.call_soon(os.kill, os.getpid(), signal.SIGKILL)
+
+    shell.dying = loop.create_task(work())
+    return {"pid": os.getpid(), "after": after, "functions": [e.name for e in engines],
+            "then": "SIGKILL, with a hypercall and a doorbell in flight"}
 
 
 def _target_handle(shell, inst, args: dict) -> int:
@@ -344,11 +450,12 @@ ACTIONS = {
     "compose-foreign": ("hypercall: compose an interrupt for a device the VM does not own", compose_foreign),
     "hypercall-raw": ("issue a hypercall with arbitrary number and arguments", hypercall_raw),
     "ims-redirect": ("point the memory IMS slot at another IRTE handle and ring a doorbell", ims_redirect),
-    "ims-steal-device": ("store another IRTE handle in the device IMS slot and ring a doorbell", ims_steal_device),
+    "ims-steal-device": ("store another IRTE handle in the device IMS slot and ring a doorbell (then restore it "
+                         "unless restore=false)", ims_steal_device),
     "ims-forge-device": ("store a pair nobody composed in the device IMS slot, leave it there, ring a doorbell",
                          ims_forge_device),
-    "dma-into-interrupt-range": ("make the assigned device DMA into 0xFEEx_xxxx (a forged interrupt)",
-                                 dma_into_interrupt_range),
+    "dma-into-interrupt-range": ("make the assigned device DMA into 0xFEEx_xxxx: a 16-byte record, then one DWORD "
+                                 "(a forged interrupt naming IRTE handle)", dma_into_interrupt_range),
     "malformed-frames": ("send junk frames on the socket (bad msgpack, shapes, types, sizes, multipart)",
                          malformed_frames),
     "spoof-identity": ("claim other identities: another VM's name, another device's RID, host-only messages",
@@ -356,4 +463,6 @@ ACTIONS = {
     "replay-frames": ("send the guest's last frames again (old exits, doorbells, table writes)", replay_frames),
     "storm": ("ring the assigned function's doorbell as fast as possible (an interrupt storm)", storm),
     "campaign": ("many random misbehaviours in a row (bench/campaign.py)", campaign),
+    "sigkill": ("answer, then ring doorbells and compose hypercalls and SIGKILL itself after `after` (64) of them, "
+                "one of each still in flight", sigkill),
 }

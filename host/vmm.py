@@ -229,8 +229,8 @@ class Vmm:
     def on_exit(self, msg: list) -> None:
         _, vm_name, seq, reason, args = msg
         vm = self.vms.get(vm_name)
-        if vm is None:
-            return
+        if vm is None or vm.state == "dead":
+            return          # (a VM exit that was on its way when the VM died: nobody to resume)
         vm.exits[reason] = vm.exits.get(reason, 0) + 1
         if self.host.tracer.on:
             detail = {"nr": args.get("nr")} if reason == "hypercall" and isinstance(args, dict) else {}
@@ -588,6 +588,28 @@ class Vmm:
         k = self.kernel
         reg = self.port.reg
         out = {"irtes": 0, "vfs_reset": [], "adis_reset": [], "pasids": []}
+        from guest.drivers.siov import ADI_TABLE
+        # First silence every source at the device (ADI reset, VF FLR), each followed by a
+        # non-posted access to that device: its completion comes back behind every interrupt
+        # the function sent before (one link, in order), so none of them is still on its way
+        # when the IRTEs and host vectors are freed below (Linux frees an IRQ after
+        # synchronize_irq for the same reason: a message landing on a freed vector reaches a
+        # vector its emitter does not own).
+        for dev in list(vm.vfs.values()):
+            if isinstance(dev, VirtualAdi):
+                pf = self.host.siov.pfs.get(dev.pf_rid)
+                if pf is not None:
+                    pf.reset_adi(dev.adi)
+                    pf.owner[dev.adi] = "free"
+                    await k.hw.mmio_read(pf.bar0 + ADI_TABLE + 8 * dev.adi, 4)
+                await self.host.hw.iommu_pasid(dev.pf_rid, dev.pasid, None)
+                out["adis_reset"].append(_phys(dev))
+                out["pasids"].append(dev.pasid)
+            else:
+                phys = k.pci.devices.get(dev.host_rid)
+                if phys is not None and dev.host_rid not in k.removed:
+                    await k.pci.function_reset(phys)        # config writes are non-posted
+                out["vfs_reset"].append(rid_str(dev.host_rid))
         for c in list(vm.composes.values()):
             self._release(c.virq)
             out["irtes"] += 1
@@ -595,33 +617,27 @@ class Vmm:
         for virq in [v for v, (owner, _, _) in self.by_irq.items() if owner is vm]:
             del self.by_irq[virq]
             k.irq.free_irq(virq)
-        for dev in list(vm.vfs.values()):
+        for dev in vm.vfs.values():
             if isinstance(dev, VirtualAdi):
                 backing = getattr(dev, "backing_virq", None)
                 if backing is not None:
                     self._release(backing)
                     out["irtes"] += 1
-                pf = self.host.siov.pfs.get(dev.pf_rid)
-                if pf is not None:
-                    pf.reset_adi(dev.adi)
-                    pf.owner[dev.adi] = "free"
-                await self.host.hw.iommu_pasid(dev.pf_rid, dev.pasid, None)
-                out["adis_reset"].append(_phys(dev))
-                out["pasids"].append(dev.pasid)
-            else:
-                phys = k.pci.devices.get(dev.host_rid)
-                if phys is not None and dev.host_rid not in k.removed:
-                    if phys.msix_enabled:
-                        out["irtes"] += len(phys.msi_irqs)
-                        await pci_free_irq_vectors(k.pci, phys)
-                    await k.pci.function_reset(phys)
-                await reg("context.set", {"rid": dev.host_rid, "mode": "block"})
-                out["vfs_reset"].append(rid_str(dev.host_rid))
+                continue
+            phys = k.pci.devices.get(dev.host_rid)
+            if phys is not None and dev.host_rid not in k.removed and phys.msix_enabled:
+                out["irtes"] += len(phys.msi_irqs)
+                await pci_free_irq_vectors(k.pci, phys)
+            await reg("context.set", {"rid": dev.host_rid, "mode": "block"})
         for pda in vm.pids.values():
             await reg("pid.clear", {"pda": pda})
-        await reg("ept.destroy", {"vm": name})
+        # the fabric's answers: True if it had this VM's EPT and dropped it; destroying a domain
+        # that does not exist is an error (so a reply at all means it was there and is gone)
+        out["ept"] = bool(await reg("ept.destroy", {"vm": name}))
         await reg("iommu.domain", {"domain": vm.domain, "op": "destroy"})
+        out["iommu_domain"] = vm.domain
         await reg("mem.unmap", {"owner": name})
+        out["ram_window"] = [vm.hpa, vm.mem_size]
         vm.reclaimed = out
         self.log.append(f"vm {name}: died; reclaimed {out['irtes']} IRTEs, PASIDs {out['pasids']}, "
                         f"reset {out['vfs_reset'] + out['adis_reset']}")

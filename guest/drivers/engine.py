@@ -9,6 +9,7 @@ The driver's own copy of the register map (like a Linux driver's
     BAR0 + 0x10  CMPL_RING_ENTRIES  RW  power of two
     BAR0 + 0x14  IRQ_VECTOR         RW  MSI-X entry raised on completion
     BAR0 + 0x18  DOORBELL           WO  cookie: one work item
+    BAR0 + 0x1C  COMPLETED          RO  work items completed (= the next record's sequence number)
     BAR0 + 0x28  IRQ_MODE           RW  0 = raise MSI-X entry IRQ_VECTOR, 1 = IMS slot IRQ_VECTOR,
                                         2 = memory IMS slot IRQ_VECTOR (ADIs)
     BAR0 + 0x2C  IMS_CAP            RO  number of device-kind IMS slots (0: no IMS)
@@ -51,6 +52,7 @@ CMPL_BASE_HI = 0x0C
 CMPL_RING_ENTRIES = 0x10
 IRQ_VECTOR = 0x14
 DOORBELL = 0x18
+COMPLETED = 0x1C
 IRQ_MODE = 0x28
 IMS_CAP = 0x2C
 QCTX_BASE_LO = 0x38

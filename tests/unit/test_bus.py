@@ -2054,6 +2054,26 @@ def test_dma_to_a_guest_that_is_not_connected_is_unclaimed_by_anyone() -> None:
     assert cpl.status == CplStatus.UR and cpl.tag == 2 and b.c["dma:owner_absent"] == 2
 
 
+def test_dma_reads_waiting_on_a_guest_that_dies_are_completed_with_ur() -> None:
+    """The device's reads of g1's RAM that g1 never answered (it was SIGKILLed): peer.gone
+    completes each with UR from the root complex, so the device gets its tags back (an SIOV
+    PF's fetch tags are shared by all its ADIs); a late answer from g1's identity is not routed."""
+    b = vm_bench()
+    reads = [Tlp.mem_read(0x2000, 16, D0_VF, tag=t) for t in (5, 5, 0x201)]
+    for rd in reads:
+        b.tlp(D0, rd)
+        assert b.one_tlp(G1) == rd
+    b.frame(CTL, wire.ctl(7, "fabric", "peer.gone", {"name": "g1"}))
+    out = b.take()
+    (gone,) = [msg for ident, msg in out if ident == CTL and msg[0] == wire.CTL_REP]
+    assert gone[2] is True and gone[3]["requests_completed"] == 3, gone
+    cpls = [(ident, Tlp.unpack(msg[1])) for ident, msg in out if msg[0] == wire.TLP]
+    assert [(ident, c.type, c.status, c.requester_id, c.tag, c.completer_id) for ident, c in cpls] == [
+        (D0, TlpType.CPL, CplStatus.UR, D0_VF, tag, 0) for tag in (5, 5, 0x201)], cpls
+    b.tlp(G1, Tlp.completion(reads[0], 0, CplStatus.SC, b"late" * 4))
+    assert [m for _, m in b.take() if m[0] == wire.TLP] == []
+
+
 # -- what a hostile guest must not be able to do -------------------------------------------------
 
 
