@@ -241,6 +241,9 @@ _P4 = struct.Struct(">IIIQ")  # prefix + 4DW header
 
 _ADDR64_MASK = 0xFFFF_FFFF_FFFF_FFFC
 
+# pack()'s hot path: a memory request's td, bcm, digest, completer_id, status, byte_count, lower_address
+_MEM_UNUSED = (False, False, None, 0, 0, 0, 0)
+
 # pack()'s hot path: TlpType -> (kind, header bytes, has payload, byte 0 << 24, header struct,
 # header struct after a PASID prefix)
 _FAST: dict[TlpType, tuple] = {
@@ -605,16 +608,22 @@ class Tlp:
                 v = (rid >> 16 | tag >> (8 if has_data else 10) | tc >> 3 | attr >> 3 | at >> 2
                      | (th | ep | ln) >> 1 | ph >> 2 | fbe >> 4 | lbe >> 4 | (length - 1) >> 10 | addr & 3
                      | (addr >> 64 if hlen == 16 else addr >> 32))
-                if (v or type(v) is not int or at == 3 or self.td is not False or self.bcm is not False
-                        or type(data) is not bytes or (len(data) != length << 2 if has_data else data)
+                # the fields a memory request does not carry, at their defaults (== as validate()'s
+                # truthiness and flag rules see them: 0, 0.0 and False alike)
+                if (v or type(v) is not int or at == 3 or type(data) is not bytes
+                        or (self.td, self.bcm, self.digest, self.completer_id, self.status, self.byte_count,
+                            self.lower_address) != _MEM_UNUSED
+                        or (len(data) != length << 2 if has_data else data)
                         or (addr & 0xFFF) + (length << 2) > 0x1000 or (hlen == 16 and addr < _FOUR_GIB)
-                        or (ph and not th) or self.digest is not None
-                        or self.completer_id or self.status or self.byte_count or self.lower_address
+                        or (ph and not th)
                         or not (th and not has_data
                                 or (not lbe if length == 1 else fbe in _FIRST_CONTIG and lbe in _LAST_CONTIG))):
                     return self._pack_checked()
-                dw0 = (b0 | (tag & 0x200) << 14 | tc << 20 | (tag & 0x100) << 11 | (attr & 4) << 16 | ln << 17
-                       | th << 16 | ep << 14 | (attr & 3) << 12 | at << 10 | (length & 0x3FF))
+                dw0 = b0 | length & 0x3FF
+                if tag >> 8:
+                    dw0 |= (tag & 0x200) << 14 | (tag & 0x100) << 11
+                if tc or attr or at or th or ep or ln:
+                    dw0 |= tc << 20 | (attr & 4) << 16 | ln << 17 | th << 16 | ep << 14 | (attr & 3) << 12 | at << 10
                 dw1 = rid << 16 | (tag & 0xFF) << 8 | lbe << 4 | fbe
                 pasid = self.pasid
                 if pasid is None:
