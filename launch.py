@@ -204,7 +204,6 @@ def _run_matrix(args) -> int:
 
     from fabric.loop import run
     from irqlab import matrix
-    from irqlab.lab import LabError
 
     try:
         rows = matrix.select(args.rows)
@@ -228,13 +227,8 @@ def _run_matrix(args) -> int:
             bar = progress.add_task("matrix", total=len(jobs))
             for row, hostile in jobs:
                 progress.update(bar, description=f"row {row.id}{' + hostile guest' if hostile else ''}")
-                try:
-                    results.append(await matrix.run_row(row, hostile))
-                except LabError as exc:
-                    results.append({"row": row.id, "title": row.title, "hostile": hostile,
-                                    "expected": row.expected_hostile if hostile else row.expected,
-                                    "observed": "lab failed", "why": str(exc).splitlines()[0], "ok": False,
-                                    "breaches": 0, "faults": {}, "refused": {}, "attacks": [], "seconds": 0})
+                # whatever a row raises is reported as a row that did not pass (matrix.NOT_RUN)
+                results.append(await matrix.run_row_reported(row, hostile))
                 progress.advance(bar)
 
     from rich.console import Console
@@ -252,7 +246,7 @@ def _run_matrix(args) -> int:
             t.add_column(col, overflow="fold")
         for r in results:
             mark = "[green]✓[/]" if r["ok"] else "[bold red]✗[/]"
-            how = matrix.explain(r) if r["hostile"] else r["why"]
+            how = matrix.how(r)
             t.add_row(r["row"], r["title"], "hostile" if r["hostile"] else "quiet", r["expected"],
                       r["observed"], mark, how)
         console.print(t)

@@ -479,7 +479,8 @@ class Adi:
         dma_pasid = self.dma_pasid
         address, record = engine.complete(cookie)
         self.dma_writes += 1
-        out = [Emit(mem_write_dw(address, record, rid, dma_pasid), None)]
+        # a DWORD record (CMPL_FORMAT) can be an interrupt request: it carries the ADI's provenance
+        out = [Emit(mem_write_dw(address, record, rid, dma_pasid), self.origin if engine.cmpl_format else None)]
         vector = engine.irq_vector
         if engine.irq_mode == IRQ_MODE_IMS_MEMORY:
             if vector >= engine.ims_mem_slots or not self.ctrl & ADI_CTRL_MEM_IMS_ENABLE:

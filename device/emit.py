@@ -17,8 +17,10 @@ class Emit(NamedTuple):
 
     ``origin`` is the RID of the function whose MSI-X table or IMS produced an
     interrupt MWr: out-of-band provenance for the lab's isolation oracle
-    (DESIGN.md §6).  The fabric and the IR unit never read it.  ``None`` for
-    every other TLP (completions, DMA writes).
+    (DESIGN.md §6).  The fabric and the IR unit never read it.  A DWORD
+    completion record (``device.engine`` CMPL_FORMAT) carries it too: that DMA
+    write is an interrupt request if software aimed it at 0xFEEx_xxxx.  ``None``
+    for every other TLP (completions, other DMA writes).
     """
 
     tlp: Tlp

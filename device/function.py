@@ -306,7 +306,9 @@ class Function:
         msix = self.msix
         address, record = engine.complete(cookie)
         self.dma_writes += 1
-        out = [Emit(mem_write_dw(address, record, self._rid), None)]
+        # A DWORD record is the one DMA write that can be an interrupt request: it carries its
+        # provenance like an interrupt message, so the oracle sees it if it is taken for one.
+        out = [Emit(mem_write_dw(address, record, self._rid), self._rid if engine.cmpl_format else None)]
         vector = engine.irq_vector
         if engine.irq_mode:
             ims = self.ims

@@ -13,14 +13,18 @@ classifies what the lab *observed* — never what the guest was told:
 
 The hostile variant adds a VM ``evil`` sharing the subject's device and commits every
 misbehaviour that applies (stolen handles in its IMS/MSI-X storage, DMA into the interrupt
-range, DMA and MMIO outside its mappings, hostile hypercalls) before the same workload.  In
-a secure row the subject's outcome must not change and no breach may occur; each attack is
-reported with what stopped it (a fault reason, a refusal).  In row 4-unsafe the attack is
-expected to succeed.
+range -- a forged DWORD naming the subject's IRTE --, DMA and MMIO outside its mappings,
+hostile hypercalls) before the same workload.  In a secure row the subject's outcome must
+not change and no breach may occur; each attack is reported with what stopped it (a fault
+reason, a refusal).  In row 4-unsafe the attack is expected to succeed.
+
+A row that does not run to a verdict is never passing: ``run_row_reported`` turns whatever
+it raises into a row observed "lab failed", "not implemented" or "error", with the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -135,7 +139,8 @@ async def attack(lab: Lab, row: Row) -> list[dict]:
         await act("ims-redirect", handle=victim[0])
     if victim and "ims" in modes:
         await act("ims-steal-device", handle=victim[0])
-    await act("dma-into-interrupt-range")
+    # a 16-byte record, then one DWORD naming the subject's IRTE (the IRTE checks must stop it)
+    await act("dma-into-interrupt-range", **({"handle": victim[0]} if victim else {}))
     await act("dma-outside-memory")
     await act("mmio-outside-ept", addr=0xF000_0000)
     await act("compose-foreign", dev=0x0100)
@@ -145,10 +150,19 @@ async def attack(lab: Lab, row: Row) -> list[dict]:
 
 
 async def run_row(row: Row, hostile: bool, on_progress: Callable[[str], None] | None = None) -> dict:
+    """Start the row's topology, run it (``observe_row``), stop it.  Raises what goes wrong;
+    ``run_row_reported`` turns that into a row that says so."""
     t0 = time.monotonic()
     async with Lab(row.topology(hostile), on_progress=on_progress or (lambda m: None)) as lab:
-        attacks = await attack(lab, row) if hostile else []
-        report = await lab.run_workload(per_function=300, inflight=8, stall_s=2.0)
+        return await observe_row(lab, row, hostile, t0)
+
+
+async def observe_row(lab: Lab, row: Row, hostile: bool, t0: float | None = None) -> dict:
+    """On a running topology of ``row``: the attacks (hostile variant), the workload, and what
+    was observed against what the row expects."""
+    t0 = time.monotonic() if t0 is None else t0
+    attacks = await attack(lab, row) if hostile else []
+    report = await lab.run_workload(per_function=300, inflight=8, stall_s=2.0)
     outcome, why = observed(report, row.subject)
     expected = row.expected_hostile if hostile else row.expected
     breaches = sum(o.get("breaches", 0) for o in report["oses"].values())
@@ -158,6 +172,40 @@ async def run_row(row: Row, hostile: bool, on_progress: Callable[[str], None] | 
     return {"row": row.id, "title": row.title, "hostile": hostile, "expected": expected, "observed": outcome,
             "why": why, "ok": ok, "breaches": breaches, "faults": faults, "refused": refused,
             "attacks": attacks, "seconds": round(time.monotonic() - t0, 2)}
+
+
+#: what ``observed`` says for a row that did not run to a verdict (never as expected)
+NOT_RUN = ("lab failed", "not implemented", "error")
+
+
+async def run_row_reported(row: Row, hostile: bool, on_progress: Callable[[str], None] | None = None) -> dict:
+    """``run_row``, but a row that raises anything is reported, never raised and never passing:
+    observed "lab failed" (a process died or the topology could not start), "not implemented"
+    (NotImplementedError), or "error" (anything else, with its type), and ``why`` its first line."""
+    t0 = time.monotonic()
+    try:
+        return await run_row(row, hostile, on_progress)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:          # noqa: BLE001 -- the point: no row may crash the matrix
+        if isinstance(exc, LabError):
+            what, why = "lab failed", str(exc)
+        elif isinstance(exc, NotImplementedError):
+            what, why = "not implemented", str(exc) or f"row {row.id} is not implemented"
+        else:
+            what, why = "error", f"{type(exc).__name__}: {exc}"
+        return {"row": row.id, "title": row.title, "hostile": hostile,
+                "expected": row.expected_hostile if hostile else row.expected, "observed": what,
+                "why": (why.splitlines() or [""])[0], "ok": False, "breaches": 0, "faults": {}, "refused": {},
+                "attacks": [], "seconds": round(time.monotonic() - t0, 2)}
+
+
+def how(result: dict) -> str:
+    """The table's "how" column: why a row did not run, what stopped the attacks, or the
+    explanation of the outcome."""
+    if result["observed"] in NOT_RUN:
+        return result["why"]
+    return explain(result) if result["hostile"] else result["why"]
 
 
 def select(ids: list[str] | None) -> list[Row]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 
 from irqlab import matrix
@@ -30,3 +32,62 @@ async def test_matrix_every_row_observed_as_expected():
 async def test_matrix_rejects_unknown_rows():
     rc, out, err = await run_launch("matrix", "9-nonexistent")
     assert rc == 2 and "unknown row(s) 9-nonexistent" in err and "Traceback" not in err
+
+
+# -- rows that do not pass are reported, never raised and never counted as passing -------------
+
+
+#: row 2 with a device kind nobody knows: its topology cannot even be built
+BROKEN = dataclasses.replace(matrix.ROWS[1], id="2-broken", devices=({"name": "d0", "kind": "no-such-kind"},))
+
+
+async def test_a_row_whose_topology_cannot_start_is_an_error_row():
+    res = await matrix.run_row_reported(BROKEN, False)
+    assert res["observed"] == "error" and res["ok"] is False, res
+    assert res["why"].startswith("TopologyError: ") and "no-such-kind" in res["why"], res
+    assert matrix.how(res) == res["why"] and matrix.to_json([res])["mismatches"] == ["2-broken"]
+
+
+async def test_a_row_that_is_not_implemented_says_so(monkeypatch):
+    async def not_yet(row, hostile, on_progress=None):
+        raise NotImplementedError("row 5: no model of it yet")
+    monkeypatch.setattr(matrix, "run_row", not_yet)
+    res = await matrix.run_row_reported(matrix.ROWS[0], True)
+    assert (res["observed"], res["why"], res["ok"], res["hostile"]) == (
+        "not implemented", "row 5: no model of it yet", False, True), res
+
+
+async def test_a_wrong_expectation_is_a_mismatch(start_lab):
+    """Row 2 delivers; told to expect a clean error, the matrix reports the mismatch."""
+    row = dataclasses.replace(matrix.ROWS[1], id="2-wrong", expected="clean error")
+    lab = await start_lab(row.topology(False))
+    res = await matrix.observe_row(lab, row, False)
+    assert (res["expected"], res["observed"], res["ok"]) == ("clean error", "delivered", False), res
+    assert matrix.to_json([res]) == {"rows": [res], "ok": False, "mismatches": ["2-wrong"]}
+
+
+def test_launch_matrix_reports_failing_rows_and_exits_1(monkeypatch, capsys):
+    """``launch.py matrix`` with a row that raises (not a LabError) and a row observed wrong:
+    both are reported (JSON and table), the matrix finishes, and the exit status is 1.  The
+    rows' runs are replaced (no processes): what is tested is the launcher's handling."""
+    import launch
+    rows = [dataclasses.replace(matrix.ROWS[0], id="boom"), dataclasses.replace(matrix.ROWS[1], id="wrong")]
+
+    async def run_row(row, hostile, on_progress=None):
+        if row.id == "boom":
+            raise RuntimeError("kaput\nsecond line")
+        return {"row": row.id, "title": row.title, "hostile": hostile, "expected": row.expected,
+                "observed": "silent loss detected", "why": "300 sent, 0 delivered", "ok": False, "breaches": 0,
+                "faults": {}, "refused": {}, "attacks": [], "seconds": 0.1}
+
+    monkeypatch.setattr(matrix, "select", lambda ids: rows)
+    monkeypatch.setattr(matrix, "run_row", run_row)
+    rc = launch._run_matrix(argparse.Namespace(rows=[], quiet_only=True, json=True))
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 1 and result["ok"] is False and result["mismatches"] == ["boom", "wrong"], result
+    boom = result["rows"][0]
+    assert (boom["observed"], boom["why"], boom["ok"]) == ("error", "RuntimeError: kaput", False), boom
+    rc = launch._run_matrix(argparse.Namespace(rows=[], quiet_only=True, json=False))
+    out, err = capsys.readouterr()
+    assert rc == 1 and "0/2 as expected; mismatches: boom, wrong" in out, out
+    assert "RuntimeError: kaput" in out and "silent loss detected" in out and "Traceback" not in out + err, out
