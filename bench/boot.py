@@ -17,7 +17,9 @@ each with one VF assigned (case 2).  Measured:
   (``/proc/PID/smaps_rollup``), which splits pages shared between processes
   (the guests forked from one pre-imported parent share their code) among them.
 * **CPU** used by each process until ready (utime + stime), which says where the
-  boot time goes on a machine with fewer cores than processes.
+  boot time goes on a machine with fewer cores than processes.  With 4 VMs or more
+  the guests are forked from the lab's zygote (``irqlab/zygote.py``), which did
+  their imports: it is listed beside the fabric, the device and the host.
 
 Goal (issue 7): 64 VMs boot in <= 10 s on a 2-core machine.
 """
@@ -100,6 +102,9 @@ async def boot_once(n: int, progress: Callable[[str], None] = print) -> dict:
         await lab.start()
         wall = time.monotonic() - t0
         pids = {name: c.proc.pid for name, c in lab.children.items()}
+        zygote = getattr(lab, "_zygote", None)          # the guests' pre-imported parent, if any
+        if zygote is not None and zygote.proc is not None:
+            pids["zygote"] = zygote.proc.pid
         rss = {name: _status_kib(pid, "VmRSS") for name, pid in pids.items()}
         pss = {name: _pss_kib(pid) for name, pid in pids.items()}
         cpu = {name: _cpu_s(pid) for name, pid in pids.items()}
