@@ -244,6 +244,8 @@ def build_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         rc = ((relay.get("throughput") or {}).get("cpu_us_per_msg") or {}).get("relay")
         rows.append(("  relay | fabric CPU µs per frame", _fmt(rc, ".2f"), _fmt(None if fc is None else fc / 3, ".2f"),
                      _fmt(_r(None if fc is None else fc / 3, rc), ".2f"), ""))
+        rows.append(("  rate in the latency run (/s)", _fmt((relay.get("latency") or {}).get("rate_per_s")),
+                     _fmt(c1["latency"].get("rate_per_s")), "", ""))
 
     head("into a guest: injection (via the host) and posted (IR unit -> vCPU)")
     inj_rate = None
