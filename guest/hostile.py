@@ -141,37 +141,6 @@ async def ims_steal_device(shell, args: dict) -> dict:
     return {"slot": slot, "handle": handle, "restored": restore}
 
 
-async def ims_forge_device(shell, args: dict) -> dict:
-    """Store a pair nobody composed in this VM's device-kind IMS slot and leave it there.
-
-    The pair is a remappable message naming IRTE ``handle`` (default: our own + 1), or exactly
-    ``addr_lo``/``addr_hi``/``data`` when given.  Unlike ``ims-steal-device`` it does not put
-    its own message back, so what became of the slot can be inspected afterwards: where the
-    page is trapped (case 4) the VMM logs "a pair the VMM did not compose" and keeps the real
-    slot masked.  The slot is read back (a load from a trapped page completes after the VM exit
-    of the store before it), then, unless ``doorbell`` is false, the doorbell is rung once: a
-    masked real slot holds that interrupt pending in the device.
-    """
-    from fabric.ir import compose_remappable
-    inst = _engine(shell)
-    if inst.irq_mode != "ims":
-        raise RuntimeError(f"{inst.name} does not use device IMS (it uses {inst.irq_mode})")
-    slot = shell.kernel.irq.irq_get_irq_data(inst.irq).hwirq
-    addr = inst.bar0 + IMS_OFFSET + slot * 16
-    handle = _target_handle(shell, inst, args)
-    lo, hi, data = compose_remappable(handle, 0, shv=True)
-    pair = [int(args.get("addr_lo", lo)) & 0xFFFF_FFFF, int(args.get("addr_hi", hi)) & 0xFFFF_FFFF,
-            int(args.get("data", data)) & 0xFFFF_FFFF]
-    shell.hw.mmio_write(addr, struct.pack("<III", *pair))
-    seen = await shell.hw.mmio_read(addr, 12)
-    rang = bool(args.get("doorbell", True))
-    if rang:
-        shell.hw.mmio_write(inst.bar0 + DOORBELL, struct.pack("<I", 0xF0E6E))
-        inst.completed += 1      # that work item's interrupt is held (or sent) elsewhere
-    return {"slot": slot, "handle": handle, "pair": pair,
-            "read_back": None if seen is None else list(struct.unpack("<III", seen)), "doorbell": rang}
-
-
 async def ims_redirect(shell, args: dict) -> dict:
     """Point this VM's memory-IMS slot at IRTE ``handle`` (someone else's), ring the doorbell.
 
@@ -452,8 +421,6 @@ ACTIONS = {
     "ims-redirect": ("point the memory IMS slot at another IRTE handle and ring a doorbell", ims_redirect),
     "ims-steal-device": ("store another IRTE handle in the device IMS slot and ring a doorbell (then restore it "
                          "unless restore=false)", ims_steal_device),
-    "ims-forge-device": ("store a pair nobody composed in the device IMS slot, leave it there, ring a doorbell",
-                         ims_forge_device),
     "dma-into-interrupt-range": ("make the assigned device DMA into 0xFEEx_xxxx: a 16-byte record, then one DWORD "
                                  "(a forged interrupt naming IRTE handle)", dma_into_interrupt_range),
     "malformed-frames": ("send junk frames on the socket (bad msgpack, shapes, types, sizes, multipart)",

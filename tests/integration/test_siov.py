@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+from fabric.ir import compose_remappable
+
 MEM = {"name": "m0", "kind": "siov", "adis": 2, "ims": "memory", "pasid_interrupts": True}
 DEV = {"name": "v0", "kind": "siov", "adis": 2, "ims": "device", "pasid_interrupts": False}
 
@@ -30,12 +32,12 @@ def only(report, os_name) -> dict:
     return r
 
 
-def rendered(report: dict) -> str:
+def rendered(report: dict, width: int = 240) -> str:
     """The text report exactly as ``launch.py run`` prints it (irqlab/report.py)."""
     from rich.console import Console
 
     from irqlab.report import render
-    console = Console(record=True, width=240, file=io.StringIO())
+    console = Console(record=True, width=width, file=io.StringIO())
     render(report, console)
     return console.export_text()
 
@@ -163,7 +165,8 @@ async def test_row_4_device_ims_trapped_with_fake_pairs(start_lab):
     lines = vms["g1"]["paths"]["00:03.0"]["device_specific_lines"]
     assert (f"  g1: 00:03.0 = 01:00.0 ADI 0, PASID 0x{vms['g1']['pasids']['00:03.0']:x}; case 4 (IMS emulation) "
             f"[{lines} lines of device-specific VMM code]; IRTE {b['irte']} (fake pair, checks the RID only) "
-            f"-> vCPU{b['vcpu']} vector 0x{b['vector']:02x}") in rendered(report).splitlines(), rendered(report)
+            f"-> vCPU{b['vcpu']} vector 0x{b['vector']:02x}") in rendered(report, 100).splitlines(), \
+        rendered(report, 100)           # one line, even on a console narrower than it
     (owner, _, (line,)) = adi_view((await lab.call("host", "views"))["adis"])[("01:00.0", 0)]
     assert owner == "g1" and line.startswith(
         f"g1 00:03.0 compose handle {b['handle']}: fake pair (case 4: the VMM writes the real slot); "
@@ -178,16 +181,18 @@ async def test_row_4_device_ims_trapped_with_fake_pairs(start_lab):
     real = real_slot(await lab.call("v0", "stats"))
     assert not real["masked"] and not real["pending"], real
     assert (real["address"] >> 5) & 0x7FFF == b["irte"], real
-    # g1 stores a pair nobody composed (naming someone else's IRTE) and rings its doorbell
-    res = await lab.call("g1", "hostile", {"action": "ims-forge-device", "handle": b["irte"] + 1})
-    lo, hi, data = res["pair"]
-    assert res["slot"] == 0 and res["read_back"] == res["pair"], res   # the guest sees its own store
+    # g1 stores a pair nobody composed (naming someone else's IRTE), rings its doorbell and
+    # leaves the pair there
+    res = await lab.call("g1", "hostile", {"action": "ims-steal-device", "handle": b["irte"] + 1,
+                                           "restore": False})
+    assert res == {"slot": 0, "handle": b["irte"] + 1, "restored": False}, res
+    lo, hi, data = compose_remappable(b["irte"] + 1, 0, shv=True)
     vms = await lab.call("host", "vms")
     assert [x for x in vms["g1"]["refused"] if "a pair the VMM did not compose" in x] == [
         f"IMS slot 0 of 00:03.0: a pair the VMM did not compose (0x{hi:x}_{lo:08x}/0x{data:x}); "
         f"the real slot stays masked"], vms["g1"]["refused"]
     # the real slot: still the VMM's pair, now masked; the doorbell's interrupt is held pending
-    # there (the device answers stats after the doorbell g1 rang before it)
+    # there (the action returns once the device has sent or pended it)
     forged = real_slot(await lab.call("v0", "stats"))
     assert forged == {**real, "masked": True, "pending": True}, (real, forged)
     assert (await lab.call("fabric", "faults"))["by_source"] == {}      # nothing reached the IR unit
