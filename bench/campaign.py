@@ -2,7 +2,12 @@
 
     python -m bench.campaign                 # >= 100,000 actions against a secure topology,
                                              # then the 4-unsafe topology
-    python -m bench.campaign --actions 20000 # smaller
+    python -m bench.campaign --actions 20000 # a quick run: below the issue's bar, said so
+
+Exit status: 0 "as expected" -- the secure topology took at least 100,000 hostile actions
+(issue 6's bar) with 0 breaches, 0 lost legitimate interrupts and no process death, and the
+4-unsafe topology was breached; 2 when all of that held but the secure run was below the
+bar (a quick ``--actions`` run: it proves less, and says so); 1 otherwise.
 
 Per configuration it prints the actions tried (by kind), what the platform blocked (IR and
 DMA faults by reason, EPT violations, refusals, dropped frames), the isolation breaches,
@@ -30,6 +35,9 @@ if __package__ in (None, ""):
 
 from irqlab.lab import Lab  # noqa: E402
 from irqlab.topology import Topology  # noqa: E402
+
+#: issue 6: "the process-level campaign runs >= 100,000 hostile actions against a secure topology"
+ISSUE_BAR = 100_000
 
 SECURE = {
     "name": "campaign-secure",
@@ -108,9 +116,34 @@ def render(res: dict, console) -> None:
         console.print(f"    {b}", highlight=False)
 
 
+def verdict(secure: dict, unsafe: dict) -> tuple[int, str]:
+    """(exit status, the line to print) for the two configurations' results (module doc)."""
+    wrong = []
+    if secure["breaches"]:
+        wrong.append(f"{secure['breaches']} breach(es) in the secure topology")
+    if secure["lost"]:
+        wrong.append(f"{secure['lost']} legitimate interrupt(s) lost")
+    if secure["deaths"]:
+        wrong.append(f"{len(secure['deaths'])} process(es) died")
+    bad = sorted({v["outcome"] for v in secure["victims"].values()} - {"delivered"})
+    if bad or secure["settle_outcomes"] != ["delivered"]:
+        wrong.append("victims' outcomes " + ", ".join(bad or secure["settle_outcomes"]))
+    if not unsafe["breaches"]:
+        wrong.append("no breach found in 4-unsafe")
+    if wrong:
+        return 1, "NOT as expected: " + "; ".join(wrong)
+    if secure["actions"] < ISSUE_BAR:
+        return 2, (f"held, and 4-unsafe was breached, but only {secure['actions']:,} hostile actions against "
+                   f"the secure topology: below the issue's bar of {ISSUE_BAR:,} (a quick run, not the campaign)")
+    return 0, (f"as expected: the secure topology held through {secure['actions']:,} hostile actions, "
+               f"4-unsafe was breached")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.campaign", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--actions", type=int, default=102_000, help="hostile actions against the secure topology")
+    ap.add_argument("--actions", type=int, default=102_000,
+                    help=f"hostile actions against the secure topology (the issue's bar: {ISSUE_BAR:,}; "
+                         "fewer is a quick run, exit status 2)")
     ap.add_argument("--unsafe-actions", type=int, default=5_000, help="hostile actions against 4-unsafe")
     ap.add_argument("--victim-interrupts", type=int, default=5_000, help="legitimate interrupts per function")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -129,16 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     for res in out:
         render(res, console)
     secure, unsafe = out
-    ok = (secure["breaches"] == 0 and secure["lost"] == 0 and not secure["deaths"]
-          and all(v["outcome"] == "delivered" for v in secure["victims"].values())
-          and secure["settle_outcomes"] == ["delivered"]
-          and unsafe["breaches"] > 0)
-    console.print("[bold green]as expected[/]: the secure topology held, 4-unsafe was breached" if ok
-                  else "[bold red]NOT as expected[/]")
+    rc, line = verdict(secure, unsafe)
+    console.print(line, style={0: "bold green", 1: "bold red", 2: "bold yellow"}[rc], highlight=False)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return 0 if ok else 1
+            json.dump({"configs": out, "status": rc, "verdict": line}, f, indent=2)
+    return rc
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 
 from fabric import hypercall as hc
-from guest.drivers.engine import (CMPL_BASE_HI, CMPL_BASE_LO, CMPL_FORMAT, CMPL_RING_ENTRIES, COMPLETED, DOORBELL,
-                                  IMS_OFFSET)
+from guest.drivers.engine import (CMPL_BASE_HI, CMPL_BASE_LO, CMPL_FORMAT, CMPL_HEAD, CMPL_RING_ENTRIES, COMPLETED,
+                                  DOORBELL, IMS_OFFSET)
 
 
 async def mmio_outside_ept(shell, args: dict) -> dict:
@@ -255,7 +255,8 @@ async def campaign(shell, args: dict) -> dict:
     compatibility-format message with random handle and data, which reaches the IRTE checks)
     and outside its memory, stores outside its EPT, malformed and spoofed frames, and every
     ``hypercall_every``-th action a random hypercall (those wait for their answer; so does
-    the read of COMPLETED that aims each DMA).  Returns how many of each it tried.
+    the read of COMPLETED that aims each DMA).  It tells its device every record was
+    consumed (CMPL_HEAD), so its work queue never fills.  Returns how many of each it tried.
     Legitimate work of the same guest is not expected to survive it; everyone else's is.
     """
     import asyncio
@@ -296,7 +297,9 @@ async def campaign(shell, args: dict) -> dict:
                 w(inst.bar0 + DOORBELL, struct.pack("<I", i))
                 # a read of our own portal returns after the device's slot fetch has been
                 # answered from RAM (same path, in order): the forged value is what it read
-                await shell.hw.mmio_read(inst.bar0, 4)
+                done = await shell.hw.mmio_read(inst.bar0 + COMPLETED, 4)
+                if done:
+                    w(inst.bar0 + CMPL_HEAD, done)   # "all consumed": its work queue never fills
             elif kind == "ims-device":
                 lo, hi, data = compose_remappable(rng.randrange(max_handle), 0, shv=True)
                 w(inst.bar0 + IMS_OFFSET + slot * 16, struct.pack("<III", lo, hi, data))
@@ -313,10 +316,12 @@ async def campaign(shell, args: dict) -> dict:
                     dword = True
                     if rng.random() < 0.1:
                         cookie = rng.randrange(1 << 32)      # reserved data bits
-                await _aim_record(shell, inst, target, dword=dword)
+                seq = await _aim_record(shell, inst, target, dword=dword)
+                w(inst.bar0 + CMPL_HEAD, struct.pack("<I", seq & 0xFFFF_FFFF))
                 w(inst.bar0 + DOORBELL, struct.pack("<I", cookie))
             elif kind == "dma-outside":
-                await _aim_record(shell, inst, (k.ram.size + rng.randrange(1 << 24)) & ~0xF, dword=False)
+                seq = await _aim_record(shell, inst, (k.ram.size + rng.randrange(1 << 24)) & ~0xF, dword=False)
+                w(inst.bar0 + CMPL_HEAD, struct.pack("<I", seq & 0xFFFF_FFFF))
                 w(inst.bar0 + DOORBELL, struct.pack("<I", i))
             elif kind == "mmio-outside":
                 w(0xF000_0000 + rng.randrange(1 << 20) * 4, struct.pack("<I", rng.randrange(1 << 32)))

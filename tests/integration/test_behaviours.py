@@ -38,6 +38,15 @@ def test_every_behaviour_has_a_help_line_and_a_test():
     assert untested({**ACTIONS, fake: None}, sources) == [fake]
 
 
+def test_docs_list_every_behaviour_and_nothing_else():
+    """docs/misbehaviours.md has one table row per name in ACTIONS, and no row for anything else."""
+    import re
+    with open(os.path.join(ROOT, "docs", "misbehaviours.md")) as f:
+        rows = re.findall(r"^\| (\S+) \|", f.read(), re.M)
+    names = [r.strip("`") for r in rows if r not in ("name", "---")]
+    assert sorted(names) == sorted(ACTIONS) and all(r.startswith("`") for r in rows if r.strip("`") in ACTIONS), rows
+
+
 async def hostile(lab, action, **args):
     return await lab.call("g1", "hostile", {"action": action, **args})
 
