@@ -1,4 +1,4 @@
-"""DMA copies by the work engine, driven from an OS (the ``dma.copy`` control operation).
+"""DMA copies by the work engine, driven from an OS (the guest's ``dma.copy`` control operation).
 
 The driver's own copy of the engine's copy-descriptor registers (the OS never
 imports the device model)::
@@ -9,20 +9,21 @@ imports the device model)::
     BAR0 + 0x94       DMA_GO         WO  cookie: one copy work item (a record + interrupt when done)
     BAR0 + 0x9C       DMA_ERRORS     RO  copies a read of which failed (UR/CA)
 
-``run`` fills a source buffer in this OS's RAM with random bytes, points the
-descriptor at it and at a destination buffer (bus addresses are this OS's
-physical addresses: in a VM the IOMMU translates them, IOVA = GPA), and keeps
+``DmaRun`` (pure: it only calls the kernel's hardware hooks, like the driver)
+fills a source buffer in this OS's RAM with random bytes, points the descriptor
+at it and at a destination buffer (bus addresses are this OS's physical
+addresses: in a VM the IOMMU translates them, IOVA = GPA), and keeps
 ``inflight`` copies going until ``copies`` have completed -- each completion is
 the engine's ordinary record and interrupt, seen by the driver's handler.  Then
-it checks the destination holds the source.
+it checks that the destination holds the source.  The shell
+(``guest.process``) does the waiting.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
-import time
+from typing import Callable
 
 DMA_SRC_LO, DMA_SRC_HI, DMA_DST_LO, DMA_DST_HI, DMA_LEN, DMA_GO, DMA_ERRORS = (
     0x80, 0x84, 0x88, 0x8C, 0x90, 0x94, 0x9C)
@@ -30,82 +31,59 @@ MAX_BYTES = 1 << 20
 _U32 = struct.Struct("<I")
 
 
-async def run(shell, args: dict) -> dict:
-    """``dma.copy``: ``bytes`` per copy (1..1 MiB), ``copies``, ``inflight``, ``timeout_s``,
-    ``function`` (a driver instance name; default the first), ``src`` (a bus address to copy
-    from instead of this OS's own buffer).  Returns counts, elapsed time, whether the
-    destination holds the source (None with ``src``), and the engine's DMA_ERRORS increase."""
-    size = int(args.get("bytes", 65536))
-    copies = int(args.get("copies", 100))
-    inflight = int(args.get("inflight", 4))
-    timeout_s = float(args.get("timeout_s", 60.0))
-    if not 1 <= size <= MAX_BYTES or copies < 1 or inflight < 1 or timeout_s <= 0:
-        raise ValueError(f"1 <= bytes <= {MAX_BYTES}, copies >= 1, inflight >= 1 and timeout_s > 0 are required")
-    if shell.workload is not None and not shell.workload.finished:
-        raise RuntimeError("a workload is running on this OS")
-    engines = [e for e in shell.engines() if e.irq >= 0 and not e.removed]
-    name = args.get("function")
-    inst = next((e for e in engines if name is None or e.name == name), None)
-    if inst is None:
-        raise ValueError(f"no engine function {name!r} here (have: {', '.join(e.name for e in engines)})")
-    if getattr(inst, "dma_busy", False):
-        raise RuntimeError(f"{inst.name}: a DMA run is already going")
-    # at most half the work queue: the rest is room for records consumed but not yet given back
-    inflight = min(inflight, copies, max(1, inst.wq_depth // 2))
-    k = shell.kernel
-    bufs = getattr(shell, "dma_buffers", None)
-    if bufs is None:
-        bufs = shell.dma_buffers = {}
-    if size not in bufs:
-        bufs[size] = (k.ram.alloc(size), k.ram.alloc(size))
-    src, dst = bufs[size]
-    pattern = os.urandom(size)
-    k.ram.write(src, pattern)
-    k.ram.write(dst, bytes(size))
-    own = "src" not in args
-    if not own:           # any bus address: what the IOMMU makes of a copy from outside this OS's RAM
-        src = int(args["src"]) & 0xFFFF_FFFF_FFFF_FFFF
-    w, bar = k.hw.mmio_write, inst.bar0
-    for reg, v in ((DMA_SRC_LO, src & 0xFFFF_FFFF), (DMA_SRC_HI, src >> 32), (DMA_DST_LO, dst & 0xFFFF_FFFF),
-                   (DMA_DST_HI, dst >> 32), (DMA_LEN, size)):
-        w(bar + reg, _U32.pack(v))
-    raw = await k.hw.mmio_read(bar + DMA_ERRORS, 4)
-    errors0 = int.from_bytes(raw or b"\0\0\0\0", "little")
+class DmaRun:
+    """One ``dma.copy`` run on one engine instance: ``begin()``, then the driver's handler
+    calls back on every completion until ``on_done``; ``end()`` restores the driver and
+    reports.  ``src`` (a bus address) copies from there instead of this OS's own buffer."""
 
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    state = {"sent": 0, "completed": 0}
+    def __init__(self, kernel, inst, size: int, copies: int, inflight: int, buffers: dict,
+                 src: int | None = None) -> None:
+        if not 1 <= size <= MAX_BYTES or copies < 1 or inflight < 1:
+            raise ValueError(f"1 <= bytes <= {MAX_BYTES}, copies >= 1 and inflight >= 1 are required")
+        if getattr(inst, "dma_busy", False):
+            raise RuntimeError(f"{inst.name}: a DMA run is already going")
+        self.kernel, self.inst, self.size, self.copies = kernel, inst, size, copies
+        # at most half the work queue: the rest is room for records consumed but not given back
+        self.inflight = min(inflight, copies, max(1, inst.wq_depth // 2))
+        if size not in buffers:                  # allocated once per size: RAM is a bump allocator
+            buffers[size] = (kernel.ram.alloc(size), kernel.ram.alloc(size))
+        self.src, self.dst = buffers[size]
+        self.pattern = os.urandom(size)
+        kernel.ram.write(self.src, self.pattern)
+        kernel.ram.write(self.dst, bytes(size))
+        self.own = src is None
+        if not self.own:
+            self.src = src & 0xFFFF_FFFF_FFFF_FFFF
+        self.sent = self.completed = 0
+        self.on_done: Callable[[], None] | None = None
+        self._old = None
 
-    def go() -> None:
-        state["sent"] += 1
-        inst.doorbells += 1           # the driver's work-queue accounting counts every work item
-        w(bar + DMA_GO, _U32.pack(state["sent"] & 0xFFFF_FFFF))
+    def begin(self) -> None:
+        w, bar = self.kernel.hw.mmio_write, self.inst.bar0
+        for reg, v in ((DMA_SRC_LO, self.src & 0xFFFF_FFFF), (DMA_SRC_HI, self.src >> 32),
+                       (DMA_DST_LO, self.dst & 0xFFFF_FFFF), (DMA_DST_HI, self.dst >> 32), (DMA_LEN, self.size)):
+            w(bar + reg, _U32.pack(v))
+        self._old = self.inst.on_complete
+        self.inst.on_complete = self._complete
+        self.inst.dma_busy = True
+        for _ in range(self.inflight):
+            self._go()
 
-    def on_complete(_inst, cookie: int) -> None:
-        state["completed"] += 1
-        if state["sent"] < copies:
-            go()
-        elif state["completed"] >= copies and not done.done():
-            done.set_result(True)
+    def _go(self) -> None:
+        self.sent += 1
+        self.inst.doorbells += 1       # the driver's work-queue accounting counts every work item
+        self.kernel.hw.mmio_write(self.inst.bar0 + DMA_GO, _U32.pack(self.sent & 0xFFFF_FFFF))
 
-    old = inst.on_complete
-    inst.on_complete = on_complete
-    inst.dma_busy = True
-    t0 = time.monotonic()
-    timed_out = False
-    try:
-        for _ in range(inflight):
-            go()
-        try:
-            await asyncio.wait_for(done, timeout_s)
-        except TimeoutError:
-            timed_out = True
-        elapsed = time.monotonic() - t0
-    finally:
-        inst.on_complete = old
-        inst.dma_busy = False
-    raw = await k.hw.mmio_read(bar + DMA_ERRORS, 4)
-    errors = int.from_bytes(raw or b"\0\0\0\0", "little") - errors0
-    return {"function": inst.name, "bytes": size, "copies": state["completed"], "sent": state["sent"],
-            "inflight": inflight, "elapsed_s": elapsed, "timed_out": timed_out, "dma_errors": errors,
-            "verified": k.ram.read(dst, size) == pattern if own else None, "src": src, "dst": dst}
+    def _complete(self, _inst, cookie: int) -> None:
+        self.completed += 1
+        if self.sent < self.copies:
+            self._go()
+        elif self.completed >= self.copies and self.on_done is not None:
+            self.on_done()
+
+    def end(self) -> dict:
+        self.inst.on_complete = self._old
+        self.inst.dma_busy = False
+        return {"function": self.inst.name, "bytes": self.size, "copies": self.completed, "sent": self.sent,
+                "inflight": self.inflight, "src": self.src, "dst": self.dst,
+                "verified": self.kernel.ram.read(self.dst, self.size) == self.pattern if self.own else None}

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 
 from fabric import wire
@@ -72,9 +73,40 @@ class Guest(OsShell):
             self.kernel.surprise_removal([ev["rid"]])
 
     async def op_dma_copy(self, args: dict) -> dict:
-        """DMA copies by an assigned function's engine, through the IOMMU (``guest.dma``)."""
-        from guest import dma
-        return await dma.run(self, args)
+        """DMA copies by an assigned function's engine, through the IOMMU (``guest.dma``): ``bytes``
+        per copy, ``copies``, ``inflight``, ``timeout_s``, ``function`` (default the first
+        engine), ``src`` (a bus address instead of this guest's own buffer)."""
+        from guest.dma import DMA_ERRORS, DmaRun
+        if self.workload is not None and not self.workload.finished:
+            raise RuntimeError("a workload is running on this OS")
+        engines = [e for e in self.engines() if e.irq >= 0 and not e.removed]
+        name = args.get("function")
+        inst = next((e for e in engines if name is None or e.name == name), None)
+        if inst is None:
+            raise ValueError(f"no engine function {name!r} here (have: {', '.join(e.name for e in engines)})")
+        timeout_s = float(args.get("timeout_s", 60.0))
+        if timeout_s <= 0:
+            raise ValueError("timeout_s > 0 is required")
+        k = self.kernel
+        run = DmaRun(k, inst, int(args.get("bytes", 65536)), int(args.get("copies", 100)),
+                     int(args.get("inflight", 4)), self.__dict__.setdefault("dma_buffers", {}),
+                     None if args.get("src") is None else int(args["src"]))
+        errors0 = int.from_bytes(await k.hw.mmio_read(inst.bar0 + DMA_ERRORS, 4) or bytes(4), "little")
+        done = asyncio.get_running_loop().create_future()
+        run.on_done = lambda: done.done() or done.set_result(True)
+        t0 = time.monotonic()
+        timed_out = False
+        try:
+            run.begin()
+            try:
+                await asyncio.wait_for(done, timeout_s)
+            except TimeoutError:
+                timed_out = True
+        finally:
+            elapsed = time.monotonic() - t0
+            out = run.end()
+        errors = int.from_bytes(await k.hw.mmio_read(inst.bar0 + DMA_ERRORS, 4) or bytes(4), "little") - errors0
+        return {**out, "elapsed_s": elapsed, "timed_out": timed_out, "dma_errors": errors}
 
     async def op_hostile(self, args: dict) -> dict:
         """Commit one misbehaviour by name (``guest.hostile.ACTIONS``)."""
