@@ -25,7 +25,7 @@ plus the real-hardware compatibility block).  The first rule that applies decide
 10. reserved bits / reserved encodings    -> fault 0x24 (see ``Irte.reserved_bits_set``)
 11. SVT=1: (sid & m) != (IRTE.SID & m), m from SQ; SVT=2: bus outside [start, end]
                                           -> fault 0x26
-12. optional lab PASID check (``pasid_check``)  -> fault 0x26
+12. PASID: a tagged request needs an entry bound to its PASID (``pasid_check``) -> fault 0x26
 13. IM=0 -> ``Remapped``; IM=1 -> ``Posted``
 
 Choices (where QEMU, Linux and the spec differ or are silent):
@@ -504,10 +504,13 @@ class InterruptRemapper:
         Lab platform capability ``pasid_ir`` (real VT-d lacks it).  When set, an IRTE written
         with ``write_irte(..., pasid=P)`` accepts only requests carrying PASID P; any other
         (or none) faults 0x26 with detail ``"pasid"``.  An entry written without a PASID
-        accepts only requests *without* one: otherwise an ADI, which shares its PF's RID,
-        could name the PF's own entries (or any RID-only entry of that RID) from a message
-        its guest stored in memory — found by ``bench/campaign.py``.  The expected PASID
-        lives in a side table, not in the 128-bit IRTE (AVAIL has only 4 bits).
+        accepts only requests *without* one -- with or without the capability, so without
+        it every PASID-tagged request faults 0x26.  Otherwise an ADI, which shares its PF's
+        RID, could name the PF's own entries (or any RID-only entry of that RID): from a
+        message its guest stored in memory (found by ``bench/campaign.py``), or by a DMA
+        write of chosen data into the interrupt range, which its PASID tags (found by the
+        matrix).  The expected PASID lives in a side table, not in the 128-bit IRTE (AVAIL
+        has only 4 bits).
     ext_dest_id:
         For ``Passthrough`` only: honour the 15-bit extended destination ID in addr[11:5]
         (what a KVM/Hyper-V platform advertising MSI_EXT_DEST_ID does).
@@ -735,9 +738,12 @@ class InterruptRemapper:
             if not a <= sid >> 8 <= b:
                 return self._fault(_R_SID_ERR, sid, index, addr, data, pasid, do_fault, fpd,
                                    "bus")
-        if self.pasid_check and pasid != epasid:
-            return self._fault(_R_SID_ERR, sid, index, addr, data, pasid, do_fault, fpd,
-                               "pasid")
+        if pasid is not None or self.pasid_check:
+            # A tagged request names (RID, PASID): only an entry bound to that PASID may take
+            # it.  Without the capability no entry is, so every tagged request faults.
+            if not self.pasid_check or pasid != epasid:
+                return self._fault(_R_SID_ERR, sid, index, addr, data, pasid, do_fault, fpd,
+                                   "pasid")
         return result
 
     def _passthrough(self, addr: int, data: int) -> Passthrough:

@@ -147,6 +147,7 @@ class Kernel:
         self.probe_failures: dict[int, str] = {}  # rid -> why the driver could not bind
         self.removed: set[int] = set()            # functions surprise-removed (their device died)
         self.pasid_ir = False                   # the platform's IRTEs can check PASIDs
+        self.pasid_interrupts = True            # the root complex accepts PASID-tagged interrupts
         self._next_pasid = 1
         self.irq_owner: dict[int, int] = {}     # virq -> RID that may raise it
         self.breaches: list[Breach] = []

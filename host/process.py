@@ -48,6 +48,7 @@ class Host(OsShell):
         self.cfg = cfg
         self.platform = dict(port.info)
         kernel.pasid_ir = bool(self.platform.get("pasid_ir"))
+        kernel.pasid_interrupts = bool(self.platform.get("pasid_interrupts", True))
         kernel.drivers.append(EngineDriver(cfg.get("irq_mode", "msix")))
         kernel.claimed.update(int(r) for vm in cfg.get("vms", []) for r in vm.get("assign_rids", []))
         # Scalable-IOV PFs: per-PF options and the ADIs the VMM keeps for VMs

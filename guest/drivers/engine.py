@@ -114,7 +114,8 @@ class EngineInstance:
 
     def __init__(self, kernel, dev: PciDev, irq_mode: str = "msix", *, bar0: int | None = None,
                  label: str | None = None, ims_kind: str = "device", origin: int | None = None,
-                 msix: bool = True, domain_name: str | None = None, bind_pasid: int | None = None):
+                 msix: bool = True, domain_name: str | None = None, bind_pasid: int | None = None,
+                 mem_ims: bool = True):
         self.kernel = kernel
         self.dev = dev
         self.want_mode = irq_mode
@@ -129,6 +130,7 @@ class EngineInstance:
         self._domain_name = domain_name or dev.name
         self._action = domain_name or str(dev)
         self.bind_pasid = bind_pasid   # bare metal: IRTEs also check this PASID
+        self.mem_ims = mem_ims         # False: never memory-kind IMS (its messages would fault)
         self.ring = 0
         self.qctx = 0
         self.entries = RING_ENTRIES
@@ -193,6 +195,8 @@ class EngineInstance:
             self.ims_error = "the device's SIOV capability does not offer IMS"
             return 0, IRQ_MODE_MSIX
         kinds = [self.ims_kind] + [x for x in ("device", "memory") if x != self.ims_kind]
+        if not self.mem_ims:
+            kinds.remove("memory")
         for kind in kinds:
             reg = IMS_CAP if kind == "device" else IMS_MEM_SLOTS
             raw = await k.hw.mmio_read(self.bar0 + reg, 4)

@@ -110,6 +110,16 @@ class SiovPfDriver:
         await pf_engine.setup()
         kernel.bound[dev.rid] = pf_engine
         kind = self.ims_kind.get(dev.rid, "device")
+        # A memory-kind message goes out PASID-tagged when the device tags interrupts; only an
+        # IRTE bound to that PASID takes a tagged request, so the platform must both accept
+        # (pasid_interrupts) and check (pasid_ir) them.  Otherwise the host's ADIs use
+        # device-kind slots, written untagged (ctrl PASID-enable clear).
+        mem_ok = not pf.pasid_interrupts or (kernel.pasid_ir and getattr(kernel, "pasid_interrupts", True))
+        if kind == "memory" and not mem_ok:
+            kind = "device"
+            kernel.log.append(f"{self.name} {dev}: memory IMS not used: its interrupt messages carry "
+                              f"PASIDs and this platform cannot "
+                              f"{'check' if getattr(kernel, 'pasid_interrupts', True) else 'receive'} them")
         for adi in range(pf.count):
             if adi in self.claimed.get(dev.rid, set()):
                 pf.owner[adi] = "vmm"
@@ -123,7 +133,7 @@ class SiovPfDriver:
             bind = pasid if (pf.pasid_interrupts and kernel.pasid_ir) else None
             inst = EngineInstance(kernel, dev, self.irq_mode, bar0=pf.portal(adi), label=f"adi{adi} {dev}",
                                   ims_kind=kind, origin=origin, msix=False,
-                                  domain_name=f"{dev.name}.adi{adi}", bind_pasid=bind)
+                                  domain_name=f"{dev.name}.adi{adi}", bind_pasid=bind, mem_ims=mem_ok)
             await inst.setup()
             pf.engines[adi] = inst
             kernel.bound[origin] = inst

@@ -158,16 +158,35 @@ async def test_0x20_pasid_tagged_request_on_a_platform_that_cannot_receive_them(
     assert s.irqs[-1][1:4] == [0, GOOD_VECTOR, DEV_RID], s.irqs[-1]
 
 
-async def test_pasid_tagged_request_is_remapped_where_the_platform_receives_them(stubs):
-    """The contrast: the same tagged MWr on a platform that accepts PASID-tagged interrupts
-    (and IRTEs that do not check PASIDs) is remapped like any other."""
+async def test_0x26_pasid_tagged_request_needs_an_irte_bound_to_its_pasid(stubs):
+    """The contrast: a platform that accepts PASID-tagged interrupts but whose IRTEs cannot
+    check PASIDs (no ``pasid_ir``, like real VT-d).  The tagged MWr names a good, RID-only IRTE
+    and still faults 0x26: a RID-only entry takes only untagged requests, else an ADI (which
+    shares its PF's RID and tags its DMA) could raise any entry of that RID."""
     await program(stubs)
-    await write_irte(stubs, 8, Irte.remapped(0x44, 0, DEV_RID).pack())
-    lo, _, data = compose_remappable(8)
+    lo, _, data = compose_remappable(GOOD_INDEX)
     stubs.interrupt(lo, data, pasid=PASID)
-    got = await stubs.barrier()               # per-source order: the tagged one arrives first
+    await expect_fault(stubs, 0x26, "Blocked an interrupt request due to source-id verification failure",
+                       index=GOOD_INDEX)
+
+
+@pytest.fixture
+async def pasid_ir_stubs(start_lab):
+    """IRTEs that can be bound to a PASID (the lab's ``pasid_ir`` platform capability)."""
+    async for s in _stubs(start_lab, {"pasid_ir": True}):
+        yield s
+
+
+async def test_pasid_tagged_request_is_remapped_by_an_irte_bound_to_its_pasid(pasid_ir_stubs):
+    s = pasid_ir_stubs
+    await program(s)
+    raw = Irte.remapped(0x44, 0, DEV_RID).pack()
+    await s.host.reg("irte.write", {"index": 8, "lo": raw & (1 << 64) - 1, "hi": raw >> 64, "pasid": PASID})
+    lo, _, data = compose_remappable(8)
+    s.interrupt(lo, data, pasid=PASID)
+    got = await s.barrier()                   # per-source order: the tagged one arrives first
     assert [m[2] for m in got] == [0x44, GOOD_VECTOR], got
-    assert await stubs.faults() == []
+    assert await s.faults() == []
 
 
 async def test_0x21_index_beyond_table(stubs):
@@ -189,6 +208,14 @@ async def test_0x23_irt_pointer_not_programmed(stubs):
     await stubs.host.reg("ir.enable", {"on": True})       # IR on, IRTA never programmed
     lo, _, data = compose_remappable(1)
     stubs.interrupt(lo, data)
+    # The device's MWr and the host's REG travel from two ports, in no set order: wait until
+    # the fabric has handled the MWr (its fault counted) before programming the table.
+    deadline = time.monotonic() + WAIT_S
+    while (c := await stubs.lab.call("fabric", "counters")).get("irq:fault:0x23", 0) < 1:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no fault 0x23 counted within {WAIT_S} s; IR counters: "
+                                 f"{ {k: v for k, v in c.items() if k.startswith('irq:')} }")
+        await asyncio.sleep(0.01)
     # the barrier interrupt faults too: program the table afterwards and look at the first line only
     await stubs.host.reg("ir.table", {"entries": 16})
     await write_irte(stubs, GOOD_INDEX, Irte.remapped(GOOD_VECTOR, 0, DEV_RID).pack())

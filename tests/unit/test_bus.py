@@ -1034,12 +1034,27 @@ def test_interrupt_provenance_is_sanitised_not_trusted() -> None:
         assert b.one(HOST) == [wire.IRQ, 2, 0x41, None, 5 if t_ns == 5 else 0, 5]
 
 
-def test_interrupt_with_pasid_prefix_delivered() -> None:
-    b = Bench()
+def test_interrupt_with_pasid_prefix_needs_an_entry_bound_to_its_pasid() -> None:
+    """A PASID-tagged interrupt request is delivered only through an IRTE bound to that PASID
+    (platform ``pasid_ir``); a RID-only entry refuses it (0x26), and without ``pasid_ir`` no
+    entry can take it -- else an ADI's DMA, tagged with its PASID, could use any entry of the
+    RID it shares with its PF."""
+    b = Bench(Platform(pasid_ir=True))
     b.program_ir()
-    b.write_irte(9, Irte.remapped(0x51, 1, D0_RID))
+    b.reg_ok("irte.write", {"index": 9, "lo": Irte.remapped(0x51, 1, D0_RID).pack() & MASK64, "hi": 0,
+                            "pasid": 0x1234})
+    b.write_irte(10, Irte.remapped(0x52, 1, D0_RID))
     b.tlp(D0, msi(D0_RID, 9, pasid=0x1234), origin=1, t_ns=2)
     assert b.one(HOST) == [wire.IRQ, 1, 0x51, 1, 2, 9]
+    b.tlp(D0, msi(D0_RID, 10, pasid=0x1234))
+    assert b.take() == [] and b.c["irq:fault:0x26"] == 1
+    b.tlp(D0, msi(D0_RID, 10))                     # untagged: the RID-only entry takes it
+    assert b.one(HOST)[1:3] == [1, 0x52]
+    plain = Bench()                                 # no pasid_ir: every tagged request faults
+    plain.program_ir()
+    plain.write_irte(9, Irte.remapped(0x51, 1, D0_RID))
+    plain.tlp(D0, msi(D0_RID, 9, pasid=0x1234))
+    assert plain.take() == [] and plain.c["irq:fault:0x26"] == 1
 
 
 def test_interrupt_from_any_function_of_the_port_validated_by_irte_sid() -> None:

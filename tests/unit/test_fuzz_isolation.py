@@ -130,6 +130,10 @@ class RecordingHw:
         for i, b in enumerate(data):
             self.mem[addr + i] = b
 
+    async def mmio_read(self, addr: int, size: int) -> bytes:
+        """A non-posted read (destroy_vm flushes each reset device's interrupts with one)."""
+        return bytes(self.mem.get(addr + i, 0) for i in range(size))
+
     async def iommu_pasid(self, rid: int, pasid: int, domain) -> None:
         """``host.hw.iommu_pasid`` (destroy_vm clears the dead VM's PASID entries)."""
         self.pasid_log.append((rid, pasid, domain))
@@ -160,6 +164,7 @@ class FakeSiovPf:
     def __init__(self, lab: "Lab", rid: int) -> None:
         self.lab, self.rid, self.owner = lab, rid, {}
         self.mem_ims: dict[int, bool] = {}
+        self.bar0 = 0xD000_0000 + (rid << 12)     # the ADI table's BAR (read back after a reset)
 
     def set_mem_ims(self, adi: int, on: bool) -> None:
         self.mem_ims[adi] = on
@@ -318,8 +323,18 @@ class Lab:
         for sid in (SRIOV_PF, SIOV_PF, SIOV_PF2, HOST_VF):
             self.host_alloc("host", sid)
         self.host_alloc("host", SIOV_PF)                       # host ADI 3, device IMS: untagged
-        bind = HOST_ADI_PASID if self.tags and self.platform["pasid_ir"] else None
-        self.host_alloc("host", SIOV_PF, bind, HOST_ADI_PASID if self.tags else None)   # memory IMS
+        self.host_adi_memory_ims()
+
+    def host_adi_memory_ims(self) -> None:
+        """The host's ADI with memory IMS, as guest/drivers/siov.py does it: a tagged message needs
+        an IRTE bound to its PASID, so with a tagging device the host uses memory IMS only if the
+        platform accepts and checks tags; otherwise device IMS, untagged."""
+        if not self.tags:
+            self.host_alloc("host", SIOV_PF)
+        elif self.platform["pasid_ir"] and self.platform["pasid_interrupts"]:
+            self.host_alloc("host", SIOV_PF, HOST_ADI_PASID, HOST_ADI_PASID)
+        else:
+            self.host_alloc("host", SIOV_PF)                   # fell back to device IMS
 
 
 IR_FAULTS = {FaultReason.IR_REQ_RSVD, FaultReason.IR_INDEX_OVER, FaultReason.IR_ENTRY_P,
@@ -612,8 +627,7 @@ class IsolationMachine(RuleBasedStateMachine):
         if who == "host":
             lab.host_alloc("host", data.draw(st.sampled_from([SRIOV_PF, SIOV_PF, SIOV_PF2, HOST_VF]), label="sid"))
         elif who == "host-adi-mem":
-            bind = HOST_ADI_PASID if lab.tags and lab.platform["pasid_ir"] else None
-            lab.host_alloc("host", SIOV_PF, bind, HOST_ADI_PASID if lab.tags else None)
+            lab.host_adi_memory_ims()
         else:   # vfio enabling a guest VF's MSI-X: host vectors (sid = the VF) forwarding to that guest
             vm = self._vm(data)
             lab.host_alloc(vm.name, lab.vf_of(vm).host_rid)

@@ -500,8 +500,10 @@ def test_pasid_check_hook() -> None:
     ir.write_irte(5, Irte.remapped(0x41, 3, DEV), pasid=0x42)
     ir.write_irte(6, Irte.remapped(0x41, 3, DEV))
     assert ir.expected_pasid(5) == 0x42 and ir.expected_pasid(6) is None
-    # capability off: PASID ignored
-    assert isinstance(ir.remap(DEV, *_msg(5), pasid=0x7), Remapped)
+    # capability off: no entry takes a PASID-tagged request (0x26), untagged ones pass
+    r = ir.remap(DEV, *_msg(6), pasid=0x7)
+    assert isinstance(r, IrFault) and r.reason == 0x26 and r.detail == "pasid"
+    assert isinstance(ir.remap(DEV, *_msg(6)), Remapped)
     ir.pasid_check = True
     assert isinstance(ir.remap(DEV, *_msg(5), pasid=0x42), Remapped)
     for bad in (0x7, None):
