@@ -13,7 +13,7 @@ import signal
 
 from fabric.ir import compose_remappable
 from guest.hostile import ACTIONS
-from tests.integration.test_launch import LAUNCH, ROOT, project_processes, run_launch
+from tests.integration.test_launch import LAUNCH, ROOT, project_processes, run_launch, wait_stderr
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # tests/
 
@@ -277,15 +277,10 @@ async def test_sigkill_through_launch_py_ctl():
     proc = await asyncio.create_subprocess_exec(*LAUNCH, "run", "--hold", "--per-function", "100",
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                 cwd=ROOT)
-    runtime, seen = None, []
+    runtime, kids = None, []
     try:
-        async with asyncio.timeout(120):
-            while runtime is None:
-                line = (await proc.stderr.readline()).decode()
-                seen.append(line)
-                assert line, "".join(seen)
-                if "holding the topology; runtime " in line:
-                    runtime = line.rsplit(" ", 1)[1].strip()
+        seen = await wait_stderr(proc, "holding the topology; runtime ")
+        runtime = seen[-1].rsplit(" ", 1)[1].strip()
         kids = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
         rc, out, err = await run_launch("ctl", "--runtime", runtime, "g1", "hostile", '{"action": "sigkill"}')
         assert rc == 0, err
@@ -304,8 +299,12 @@ async def test_sigkill_through_launch_py_ctl():
         assert rc == 0 and list(json.loads(out)["functions"]) == ["vf 00:03.0"], (out, err)
     finally:
         proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(60):
+        try:
+            await asyncio.wait_for(proc.wait(), 60)
+        except TimeoutError:
+            proc.kill()
             await proc.wait()
+            raise AssertionError("launch.py still running 60 s after Ctrl-C") from None
     assert runtime is not None and not os.path.exists(runtime)
     alive = [pid for pid in kids if pid in project_processes()]
     assert alive == [], alive
