@@ -280,6 +280,10 @@ class EngineInstance:
             self.completed = seq
             if self.on_complete is not None:
                 self.on_complete(self, cookie)
+        if seq > self.doorbells:
+            # records for work we did not submit (a frame replayed on our link, a copy): the
+            # device took them, so they occupy its work queue as ours do
+            self.doorbells = seq
         if self.completed < self.interrupts:
             # Every interrupt is sent after its record: when the k-th arrives, k records
             # must be in memory.  Fewer means an interrupt overtook its completion record.
