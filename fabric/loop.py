@@ -27,7 +27,8 @@ from fabric.wire import BATCH_MAX
 #: every process a Lab starts: bench/ compares both).
 COALESCE = os.environ.get("IRQLAB_COALESCE", "1") != "0"
 
-#: How many frames one wake-up drains before yielding to other callbacks.
+#: How many frames (message parts) one wake-up drains before yielding to other callbacks --
+#: and, with coalescing, the most a frame sent during a drain waits for the drain's flush.
 DRAIN_BATCH = 512
 
 
@@ -77,11 +78,13 @@ class SocketReader:
         if sender is not None:
             sender.cork()
         try:
-            for _ in range(DRAIN_BATCH):
+            budget = DRAIN_BATCH              # frames, not messages: a message may be a batch
+            while budget > 0:
                 try:
                     parts = recv(_NOBLOCK)
                 except zmq.Again:
                     break
+                budget -= len(parts)
                 on_message(parts)
             else:
                 if sender is not None:

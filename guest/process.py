@@ -153,8 +153,9 @@ async def main_async(cfg: dict, token: str, name: str) -> int:
     return 0
 
 
-#: CPU niceness of a guest process (its vCPUs), above the fabric's, the devices' and the host's 0.
-VCPU_NICE = 10
+#: CPU niceness of a guest process (its vCPUs), above the fabric's, the devices' and the host's 0
+#: (``IRQLAB_VCPU_NICE`` in the launcher's environment overrides it; 0 = as everyone else).
+VCPU_NICE = int(os.environ.get("IRQLAB_VCPU_NICE", "10"))
 
 
 def vcpu_priority() -> None:
