@@ -247,13 +247,21 @@ class EngineInstance:
         """Submit one work item; with the work queue full it waits in ``backlog`` (never dropped)."""
         if self.removed:
             return
-        if self.backlog or self.doorbells - self.head_written >= self.wq_depth:
+        limit = self._limit
+        if self.backlog or self.doorbells - self.head_written >= limit:
             self._write_head()                      # give back what we consumed, then retry
-            if self.backlog or self.doorbells - self.completed >= self.wq_depth:
+            if self.backlog or self.doorbells - self.completed >= limit:
                 self.backlog.append(cookie)
                 return
         self.doorbells += 1
         self.kernel.hw.mmio_write(self.bar0 + DOORBELL, _U32.pack(cookie & 0xFFFF_FFFF))
+
+    @property
+    def _limit(self) -> int:
+        """Work items we keep in the device's queue beyond CMPL_HEAD: three quarters of it,
+        the last quarter for work we could not see coming (records of replayed doorbells
+        still on their way to us)."""
+        return max(1, self.wq_depth - self.wq_depth // 4)
 
     def _write_head(self) -> None:
         if self.completed != self.head_written:
@@ -270,6 +278,7 @@ class EngineInstance:
         data = self._ram.data
         base = self.ring - self._ram.base
         seq = self.completed
+        cookies = []
         while True:
             off = base + (seq % self.entries) * 16
             cookie, status, rseq = _RECORD.unpack_from(data, off)
@@ -277,13 +286,18 @@ class EngineInstance:
                 break
             data[off + 4:off + 8] = b"\0\0\0\0"  # consumed
             seq += 1
-            self.completed = seq
-            if self.on_complete is not None:
-                self.on_complete(self, cookie)
+            cookies.append(cookie)
+        # Account for everything consumed before anyone rings again: records for work we did
+        # not submit (a doorbell frame replayed on our link) occupied the device's work queue
+        # as ours do, and the room they free must be given back first.
+        self.completed = seq
         if seq > self.doorbells:
-            # records for work we did not submit (a frame replayed on our link, a copy): the
-            # device took them, so they occupy its work queue as ours do
             self.doorbells = seq
+        if seq - self.head_written >= max(1, self.wq_depth // 4):
+            self._write_head()
+        if self.on_complete is not None:
+            for cookie in cookies:
+                self.on_complete(self, cookie)
         if self.completed < self.interrupts:
             # Every interrupt is sent after its record: when the k-th arrives, k records
             # must be in memory.  Fewer means an interrupt overtook its completion record.
@@ -293,7 +307,7 @@ class EngineInstance:
         if self.backlog:
             self._write_head()
             backlog = self.backlog
-            while backlog and self.doorbells - self.completed < self.wq_depth and not self.removed:
+            while backlog and self.doorbells - self.completed < self._limit and not self.removed:
                 self.doorbells += 1
                 self.kernel.hw.mmio_write(self.bar0 + DOORBELL, _U32.pack(backlog.popleft() & 0xFFFF_FFFF))
         elif self.completed - self.head_written >= max(1, self.wq_depth // 4):

@@ -91,6 +91,10 @@ async def test_replayed_frames_do_no_harm(start_lab):
     await lab.run_workload(per_function=100, inflight=4)
     res = await hostile(lab, "replay-frames", count=32)
     assert res["replayed"] == 32
+    # The replayed doorbells' interrupts are still on their way: a short run rings after them
+    # on the same path (g1 -> fabric -> device -> host -> g1, each hop in order), so once it
+    # completes they have all arrived and cannot be counted in the run we judge.
+    await lab.run_workload(per_function=50, inflight=4)
     report = await lab.run_workload(per_function=300, inflight=8)
     for r in report["functions"]:
         assert r["lost"] == 0 and r["record_missing"] == 0 and r["outcome"] == "delivered", r
