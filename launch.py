@@ -213,10 +213,8 @@ def _run_matrix(args) -> int:
     console = _console()
     jobs = [(row, hostile) for row in rows for hostile in ((False,) if args.quiet_only else (False, True))]
     results: list[dict] = []
-    rc = EXIT_OK
 
     async def go():
-        nonlocal rc
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -303,7 +301,6 @@ def _remote(args) -> int:
 async def _run(args, console) -> int:
     from rich.console import Console
     from irqlab.lab import Lab, LabError
-    from irqlab.report import render
     from irqlab.topology import TopologyError, load
 
     try:

@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Callable
 
+from bench.interrupts import _cpu_s
 from irqlab.lab import Lab
 from irqlab.topology import Topology
 
@@ -72,9 +73,6 @@ def _pss_kib(pid: int) -> int | None:
     return None
 
 
-def _cpu_s(pid: int) -> float | None:
-    from bench.interrupts import _cpu_s as cpu
-    return cpu(pid)
 
 
 def summarize(values: list[float]) -> dict:

@@ -21,19 +21,9 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hdrh.histogram import HdrHistogram  # noqa: E402
-
-from bench.relay import HIST_ARGS, decode_hist, summary  # noqa: E402
+from bench.relay import merged_latency  # noqa: E402
 from irqlab.lab import Lab  # noqa: E402
 from irqlab.topology import load  # noqa: E402
-
-
-def merged_latency(report: dict, oses: set[str]) -> dict:
-    h = HdrHistogram(*HIST_ARGS)
-    for r in report["functions"]:
-        if r["os"] in oses and r["hist"]:
-            h.add(decode_hist(r["hist"]))
-    return summary(h)
 
 
 async def run(rate: float, seconds: float, log) -> dict:
@@ -43,7 +33,7 @@ async def run(rate: float, seconds: float, log) -> dict:
         await lab.run_workload(per_function=200, inflight=1, oses=["host", "g2"])   # warm-up
         log(f"quiet: host and g2 at {rate:,.0f} interrupts/s each for {seconds} s")
         quiet = await lab.run_workload(per_function=per_function, inflight=1, rate=rate, oses=["host", "g2"])
-        log(f"storm: the same, while g1 rings its doorbell as fast as it can")
+        log("storm: the same, while g1 rings its doorbell as fast as it can")
         storm_call = lab.call("g1", "hostile", {"action": "storm", "seconds": seconds + 1}, timeout=seconds + 60)
         work = lab.run_workload(per_function=per_function, inflight=1, rate=rate, oses=["host", "g2"])
         storm_res, stormy = await asyncio.gather(storm_call, work)

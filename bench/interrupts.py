@@ -32,9 +32,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from hdrh.histogram import HdrHistogram
-
-from bench.relay import HIST_ARGS, decode_hist, summary
+from bench.relay import merged_latency
 from irqlab.lab import Lab
 from irqlab.topology import Topology, load
 
@@ -133,12 +131,8 @@ async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1, oses=guests)
         n = _delivered(rep, f"{delivery} latency")
         _check_path(rep, guests, delivery, f"{delivery} latency")
-        merged = HdrHistogram(*HIST_ARGS)
-        for r in rep["functions"]:
-            if r["hist"]:
-                merged.add(decode_hist(r["hist"]))
         out["latency"] = {"per_function": latency_per_function, "inflight": 1,
-                          "rate_per_s": n / rep["elapsed_s"], "latency": summary(merged)}
+                          "rate_per_s": n / rep["elapsed_s"], "latency": merged_latency(rep)}
         progress(f"lab: {delivery} latency: p50 {out['latency']['latency']['p50_us']:.0f} µs")
     return out
 
@@ -188,13 +182,9 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
         progress(f"lab: latency: {latency_per_function:,} interrupts on each of {functions} functions, inflight 1")
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1)
         n = _delivered(rep, "latency")
-        merged = HdrHistogram(*HIST_ARGS)
-        for r in rep["functions"]:
-            if r["hist"]:
-                merged.add(decode_hist(r["hist"]))
         out["latency"] = {"per_function": latency_per_function, "inflight": 1,
                           "rate_per_s": n / rep["elapsed_s"],
-                          "latency": summary(merged),
+                          "latency": merged_latency(rep),
                           "functions": {r["function"]: r["latency"] for r in rep["functions"]}}
         progress(f"lab: latency: p50 {out['latency']['latency']['p50_us']:.0f} µs "
                  f"at {out['latency']['rate_per_s']:,.0f} interrupts/s")

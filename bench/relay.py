@@ -298,6 +298,16 @@ def decode_hist(hist: str) -> HdrHistogram:
     return HdrHistogram.decode(hist.encode() if isinstance(hist, str) else hist)
 
 
+def merged_latency(report: dict, oses: set[str] | None = None) -> dict:
+    """One latency summary for a lab report: every function's histogram (of ``oses`` only, if
+    given) merged."""
+    h = HdrHistogram(*HIST_ARGS)
+    for r in report["functions"]:
+        if r["hist"] and (oses is None or r["os"] in oses):
+            h.add(decode_hist(r["hist"]))
+    return summary(h)
+
+
 def summary(h: HdrHistogram | None) -> dict:
     if h is None or h.get_total_count() == 0:
         return {"count": 0, "p50_us": None, "p99_us": None, "p999_us": None, "max_us": None}

@@ -35,46 +35,13 @@ from typing import Callable
 if __package__ in (None, ""):          # python bench/tracing.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.interrupts import _cpu, _delivered  # noqa: E402
+from bench.relay import merged_latency  # noqa: E402
+
 FULL = {"per_function": 10_000, "inflight": 32, "latency_per_function": 2_000, "warmup_per_function": 500,
         "rounds": 3}
 QUICK = {"per_function": 2_000, "inflight": 32, "latency_per_function": 400, "warmup_per_function": 200,
          "rounds": 1}
-
-
-def _clean(report: dict, what: str) -> int:
-    """Interrupts of a clean run (every function sent and completed its target, in order)."""
-    rows = report["functions"]
-    short = [r["function"] for r in rows if r["sent"] != r["target"] or r["delivered"] != r["target"]
-             or r["record_missing"] or r.get("breaches")]
-    if report["timed_out"] or short or not rows:
-        raise RuntimeError(f"{what}: the lab run was not clean (timed_out={report['timed_out']}, "
-                           f"functions short or out of order: {short})")
-    return sum(r["sent"] for r in rows)
-
-
-def _cpu_s(pid: int) -> float | None:
-    """utime + stime of a process so far (Linux /proc), seconds."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _cpu(lab) -> dict[str, float | None]:
-    return {name: _cpu_s(c.proc.pid) for name, c in lab.children.items()}
-
-
-def _latency(report: dict) -> dict:
-    from hdrh.histogram import HdrHistogram
-
-    from bench.relay import HIST_ARGS, decode_hist, summary
-    merged = HdrHistogram(*HIST_ARGS)
-    for r in report["functions"]:
-        if r["hist"]:
-            merged.add(decode_hist(r["hist"]))
-    return summary(merged)
 
 
 async def _round(lab, p: dict, traced: bool, log: Callable[[str], None]) -> dict:
@@ -88,12 +55,12 @@ async def _round(lab, p: dict, traced: bool, log: Callable[[str], None]) -> dict
         cpu0 = _cpu(lab)
         rep = await lab.run_workload(per_function=per, inflight=inflight)
         cpu1 = _cpu(lab)
-        n = _clean(rep, f"tracing {label} {kind}")
+        n = _delivered(rep, f"tracing {label} {kind}")
         fig = {"interrupts": n, "rate_per_s": n / rep["elapsed_s"],
                "cpu_us_per_interrupt": {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1
                                         if cpu0.get(k) is not None and cpu1[k] is not None}}
         if kind == "latency":
-            fig["latency"] = _latency(rep)
+            fig["latency"] = merged_latency(rep)
         if traced:
             col = await lab.trace_collect()
             t0 = time.monotonic()
@@ -172,7 +139,7 @@ async def run(quick: bool = False, progress: Callable[[str], None] = print) -> d
     rounds: dict[bool, list[dict]] = {False: [], True: []}
     async with Lab(topo, on_progress=lambda m: progress(f"lab: {m}")) as lab:
         progress(f"warm-up: {p['warmup_per_function']:,} interrupts per function")
-        _clean(await lab.run_workload(per_function=p["warmup_per_function"], inflight=p["inflight"]), "warm-up")
+        _delivered(await lab.run_workload(per_function=p["warmup_per_function"], inflight=p["inflight"]), "warm-up")
         for i in range(p["rounds"]):
             for traced in ((False, True) if i % 2 == 0 else (True, False)):
                 progress(f"round {i + 1}/{p['rounds']}, tracing {'on' if traced else 'off'}")

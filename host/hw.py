@@ -15,7 +15,7 @@ import asyncio
 
 from fabric import wire
 from fabric.port import Port
-from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
+from fabric.tlp import CplStatus, Tlp
 
 #: Generous: a busy 2-core machine can stall a process for seconds.
 CFG_TIMEOUT_S = 30.0

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -807,7 +807,6 @@ def build_report(topo: Topology, results: dict, before: dict, after: dict, fabri
     rows = []
     by_source = faults.get("by_source", {})
     for os_name, res in results.items():
-        os_counters = res.get("os", {})
         for fname, f in res.get("functions", {}).items():
             phys = f.get("origin", provenance.get(os_name, {}).get(f["rid"], f["rid"]))
             sent = sent_by_rid.get(phys, 0)
