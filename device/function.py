@@ -293,12 +293,15 @@ class Function:
         is returned.
         """
         self.doorbells += 1
-        engine = self.engine
-        msix = self.msix
-        if not msix.bus_master or not engine.ring_entries or not engine.accepts():
+        if not self._admits():
             self.doorbells_dropped += 1
             return []
         return self._finish(cookie)
+
+    def _admits(self) -> bool:
+        """A work item may start: Bus Master Enable, a programmed ring, room in the work queue."""
+        engine = self.engine
+        return self.msix.bus_master and engine.ring_entries != 0 and engine.accepts()
 
     def _finish(self, cookie: int) -> list[Emit]:
         """A work item ends: ``[record MWr, interrupt MWr]`` (see ``doorbell``)."""
@@ -336,11 +339,10 @@ class Function:
         """A copy work item: the first memory reads (MRd) of DMA_LEN bytes at DMA_SRC.  Dropped
         like a doorbell (``dma_dropped``) without Bus Master Enable, a ring, room in the work
         queue, or with a DMA_LEN of 0 or over DMA_MAX_LEN."""
-        engine = self.engine
-        if not self.msix.bus_master or not engine.ring_entries or not engine.accepts():
+        if not self._admits():
             self.dma_dropped += 1
             return []
-        reads = engine.copy_start(cookie)
+        reads = self.engine.copy_start(cookie)
         if reads is None:
             self.dma_dropped += 1
             return []

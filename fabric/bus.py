@@ -54,7 +54,7 @@ from fabric.dmar import FaultLog, FaultReason, FaultRecord
 from fabric.ept import Ept, EptHit
 from fabric.iommu import DmaFault, Iommu, MemoryMap, Translation
 from fabric.ir import Irte, InterruptRemapper, IrFault, Passthrough, Posted, Remapped
-from fabric.trace import Tracer, chunk_budget, flow_id
+from fabric.trace import TLP_NAMES as _TLP_NAMES, Tracer, chunk_budget, flow_id
 
 MSI_LO = 0xFEE0_0000
 MSI_HI = 0xFEEF_FFFF
@@ -77,9 +77,6 @@ _TK_REMAP = ("sid", "addr", "data", "pasid", "irte", "apic", "vector")
 _TK_PASSTHROUGH = ("sid", "addr", "data", "pasid", "apic", "vector")
 _TK_POSTED = ("sid", "addr", "data", "pasid", "irte", "vector", "vm", "vcpu")
 _TK_INJECT = ("vm", "apic", "vector")
-#: trace names of the TLP kinds, as engineers write them
-_TLP_NAMES = {0x00: "MRd32", 0x20: "MRd64", 0x40: "MWr32", 0x60: "MWr64", 0x04: "CfgRd0", 0x44: "CfgWr0",
-              0x0A: "Cpl", 0x4A: "CplD"}
 
 ROOT_COMPLEX_RID = 0x0000
 RC_TAGS = 256
@@ -531,17 +528,10 @@ class Fabric:
         pid.posted += 1
         self.irqs_posted += 1
         pir = pid.pir
-        if not pir and not pid.sn and not pid.on:
+        if not pir and not pid.sn and not pid.on and self._send_posted(pid, [[res.vector, origin, t_ns, 1]]):
             # the common case, a running vCPU with nothing pending: the bit goes into PIR and
             # the notification takes it at once (no PIR bookkeeping on the hot path)
-            guest = self.by_name.get(pid.vm)
-            if guest is not None and guest.role == "guest":
-                pid.notified += 1
-                self.irqs_delivered += 1
-                if self.tracer.on:
-                    self.tracer.instant("POSTED notification", "irq", vm=pid.vm, vcpu=pid.vcpu, vectors=1)
-                self.send(guest.identity, wire.posted(pid.vcpu, [[res.vector, origin, t_ns, 1]]))
-                return
+            return
         prev = pir.get(res.vector)
         if prev is None:
             pir[res.vector] = (origin, t_ns, 1)
@@ -562,17 +552,23 @@ class Fabric:
         self._notify(pid)
 
     def _notify(self, pid: PostedDescriptor) -> None:
+        """Posted-interrupt processing: hand every PIR bit to the vCPU and clear ON (when its VM
+        is gone, PIR keeps the bits until it is back)."""
+        if self._send_posted(pid, [[v, o, t, n] for v, (o, t, n) in sorted(pid.pir.items())]):
+            pid.pir.clear()
+            pid.on = False
+
+    def _send_posted(self, pid: PostedDescriptor, entries: list) -> bool:
+        """The POSTED notification carrying ``entries`` to the vCPU; False if its VM is gone."""
         guest = self.by_name.get(pid.vm)
         if guest is None or guest.role != "guest":
-            return                       # PIR keeps the bits until the VM is back
-        entries = [[v, o, t, n] for v, (o, t, n) in sorted(pid.pir.items())]
-        pid.pir.clear()
-        pid.on = False                   # the vCPU's posted-interrupt processing ran
+            return False
         pid.notified += 1
         self.irqs_delivered += len(entries)
         if self.tracer.on:
             self.tracer.instant("POSTED notification", "irq", vm=pid.vm, vcpu=pid.vcpu, vectors=len(entries))
         self.send(guest.identity, wire.posted(pid.vcpu, entries))
+        return True
 
     def _trace_remap(self, tr: Tracer, res, rid: int, addr: int, data: int, pasid, origin, t_ns) -> None:
         fid = flow_id(origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
