@@ -13,7 +13,8 @@ import signal
 
 from fabric.ir import compose_remappable
 from guest.hostile import ACTIONS
-from tests.integration.test_launch import LAUNCH, ROOT, project_processes, run_launch, wait_stderr
+from tests.integration.launcher import ROOT, run_launch, start_held, wait_exit
+from tests.integration.test_launch import project_processes
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # tests/
 
@@ -256,41 +257,19 @@ async def test_sigkill_mid_operation_is_reclaimed_and_costs_the_others_nothing(s
     assert [d["name"] for d in report["deaths"]] == ["g1"]
 
 
-async def wait_pid_exit(pid: int, timeout: float = 120) -> None:
-    """Await a process's exit through a pidfd (readable when it has exited)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    gone = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(True))
-    try:
-        await asyncio.wait_for(gone, timeout)
-    except TimeoutError:
-        raise AssertionError(f"process {pid} still alive {timeout} s after it was to SIGKILL itself") from None
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
 async def test_sigkill_through_launch_py_ctl():
     """The documented way: ``launch.py ctl g1 hostile '{"action": "sigkill"}'`` on a held
     topology answers (exit 0, what it will do), the guest dies, the host marks the VM dead,
     the other guest still answers, and Ctrl-C still takes everything down."""
-    proc = await asyncio.create_subprocess_exec(*LAUNCH, "run", "--hold", "--per-function", "100",
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                cwd=ROOT)
-    runtime, kids = None, []
+    proc, runtime, _ = await start_held("--per-function", "100")
+    kids = []
     try:
-        seen = await wait_stderr(proc, "holding the topology; runtime ")
-        runtime = seen[-1].rsplit(" ", 1)[1].strip()
         kids = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
         rc, out, err = await run_launch("ctl", "--runtime", runtime, "g1", "hostile", '{"action": "sigkill"}')
         assert rc == 0, err
         res = json.loads(out)
         assert res["after"] == 64 and res["pid"] in kids and res["functions"] == ["vf 00:03.0"], res
-        await wait_pid_exit(res["pid"])
+        await wait_exit(res["pid"], 120, "it was to SIGKILL itself")
         # g1 is gone: asking it fails -- once the fabric has forgotten it (peer.gone), and the
         # launcher sends the host vm.died right after that answer, before it relays another request
         rc, out, err = await run_launch("ctl", "--runtime", runtime, "g1", "status")

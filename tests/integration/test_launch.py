@@ -7,16 +7,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from irqlab.lab import LabError
 from tests.conftest import _alive
+from tests.integration.launcher import HOLDING, LAUNCH, ROOT, run_launch, start_held, wait_exit, wait_stderr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LAUNCH = [sys.executable, os.path.join(ROOT, "launch.py")]
 
 
 def project_processes() -> dict[int, tuple[int, str]]:
@@ -45,22 +41,6 @@ def left_behind(before: set[int], launcher_pid: int) -> dict[int, tuple[int, str
     their own live launchers as parents, so they do not count."""
     return {pid: (ppid, cmd) for pid, (ppid, cmd) in project_processes().items()
             if pid not in before and (ppid == launcher_pid or not _alive(ppid) or ppid == 1)}
-
-
-async def run_launch(*args: str, timeout: float = 240, pid: list[int] | None = None) -> tuple[int, str, str]:
-    """Run launch.py with ``args``; (exit status, stdout, stderr).  ``pid`` receives its pid."""
-    proc = await asyncio.create_subprocess_exec(*LAUNCH, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, cwd=ROOT)
-    if pid is not None:
-        pid.append(proc.pid)
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"launch.py {' '.join(args)} did not finish within {timeout} s")
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_default_run_reports_every_function_and_exits_0():
@@ -164,21 +144,6 @@ def launcher_children(launcher_pid: int) -> dict[str, int]:
     return kids
 
 
-async def wait_stderr(proc, marker: str, timeout: float = 120) -> list[str]:
-    """Read the launcher's stderr until a line contains ``marker``; return the lines read."""
-    seen: list[str] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while not seen or marker not in seen[-1]:
-                line = (await proc.stderr.readline()).decode()
-                assert line, f"launch.py ended before printing {marker!r}; its stderr:\n" + "".join(seen)
-                seen.append(line)
-    except TimeoutError:
-        raise AssertionError(f"no {marker!r} from launch.py within {timeout} s; its stderr:\n"
-                             + "".join(seen)) from None
-    return seen
-
-
 @pytest.mark.parametrize("victim, hold", [("host", False), ("fabric", True)])
 async def test_a_fatal_death_exits_3_naming_it_and_leaves_nothing(victim, hold):
     """The host dies mid-run, or the fabric while the topology is held: launch.py says which
@@ -188,7 +153,7 @@ async def test_a_fatal_death_exits_3_naming_it_and_leaves_nothing(victim, hold):
     proc = await asyncio.create_subprocess_exec(*LAUNCH, *args, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
-        seen = await wait_stderr(proc, "holding the topology; runtime " if hold else "running")
+        seen = await wait_stderr(proc, HOLDING if hold else "running")
         kids = launcher_children(proc.pid)
         assert set(kids) == {"fabric", "host", "device", "guest"}, project_processes()
         everyone = [pid for pid, (ppid, _) in project_processes().items() if ppid == proc.pid]
@@ -208,9 +173,9 @@ async def test_a_fatal_death_exits_3_naming_it_and_leaves_nothing(victim, hold):
     assert f"launch.py: {victim} {victim!r} was killed by SIGKILL unexpectedly" in err, err
     assert "Traceback" not in err + out.decode(), err
     for pid in everyone:
-        await wait_exit(pid, 30)
+        await wait_exit(pid, 30, "its launcher died")
     if hold:
-        runtime = next(l for l in seen if "holding the topology; runtime " in l).rsplit(" ", 1)[1].strip()
+        runtime = next(l for l in seen if HOLDING in l).rsplit(" ", 1)[1].strip()
         assert not os.path.exists(runtime), runtime
 
 
@@ -224,26 +189,6 @@ async def test_a_dying_device_is_named_in_the_report(start_lab):
     # every function of the default topology lives on d0: all report the surprise removal
     assert report["functions"] and all(r["outcome"] == "clean error" and "surprise removal" in r["why"]
                                        for r in report["functions"]), report["functions"]
-
-
-async def wait_exit(pid: int, timeout: float) -> None:
-    """Await the death of a process that is not our child (pidfd becomes readable on exit)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    gone = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
-    try:
-        async with asyncio.timeout(timeout):
-            await gone
-    except TimeoutError:
-        raise AssertionError(f"process {pid} still alive {timeout} s after its launcher died: "
-                             f"{project_processes().get(pid)}") from None
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 async def test_sigkilled_launcher_takes_its_topology_with_it():
@@ -265,24 +210,14 @@ async def test_sigkilled_launcher_takes_its_topology_with_it():
     proc.kill()                      # no chance to clean up: the kernel must do it (PDEATHSIG)
     await proc.wait()
     for pid in ours:
-        await wait_exit(pid, 30)
+        await wait_exit(pid, 30, "its launcher died")
     # the launcher could not remove its runtime directory: we do
     shutil.rmtree(runtime, ignore_errors=True)
 
 
 async def test_hold_then_views_and_ctl_from_another_command():
-    proc = await asyncio.create_subprocess_exec(*LAUNCH, "run", "--hold", "--per-function", "100",
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                cwd=ROOT)
-    runtime, seen = None, []
+    proc, runtime, seen = await start_held("--per-function", "100")
     try:
-        async with asyncio.timeout(120):
-            while runtime is None:
-                line = (await proc.stderr.readline()).decode()
-                seen.append(line)
-                assert line, "".join(seen)
-                if "holding the topology; runtime " in line:
-                    runtime = line.rsplit(" ", 1)[1].strip()
         rc, out, err = await run_launch("views", "--runtime", runtime, "g1", "--only", "domains")
         assert rc == 0, err
         assert "== g1: irq domains ==" in out and "PCI-MSIX-0000:00:03.0" in out, out

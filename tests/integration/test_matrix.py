@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from irqlab import matrix
-from tests.integration.test_launch import run_launch
+from tests.integration.launcher import run_launch
 
 
 async def test_matrix_every_row_observed_as_expected():

@@ -9,11 +9,11 @@ import io
 import json
 import os
 import signal
-import sys
 
 import pytest
 
 from irqlab.lab import LabError
+from tests.integration.launcher import run_launch, start_held
 
 #: the default topology (host drives the PF; g1, 2 vCPUs, has d0.vf0; g2 has d0.vf1) on a
 #: platform with posted interrupts: both guests default to posted delivery
@@ -181,36 +181,14 @@ async def test_adis_post_too_cases_3_and_4(start_lab):
 
 async def test_launch_ctl_deschedules_and_schedules_a_vcpu(tmp_path):
     """The same control ops from a shell: ``launch.py run --hold`` then ``launch.py ctl``."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    launch = [sys.executable, os.path.join(root, "launch.py")]
-
     async def ctl(*args: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(*launch, *args, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE, cwd=root)
-        try:
-            async with asyncio.timeout(60):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"launch.py {' '.join(args)} did not finish within 60 s") from None
-        return proc.returncode, out.decode(), err.decode()
+        return await run_launch(*args, timeout=60)
 
     topo = tmp_path / "posted.toml"
     topo.write_text('[platform]\nposted = true\n[[device]]\nname = "d0"\n'
                     '[[guest]]\nname = "g1"\nassign = ["d0.vf0"]\n')
-    proc = await asyncio.create_subprocess_exec(*launch, "run", str(topo), "--hold", "--per-function", "100",
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                cwd=root)
-    runtime, seen = None, []
+    proc, runtime, _ = await start_held(str(topo), "--per-function", "100")
     try:
-        async with asyncio.timeout(120):
-            while runtime is None:
-                line = (await proc.stderr.readline()).decode()
-                seen.append(line)
-                assert line, "launch.py ended before holding the topology: " + "".join(seen)
-                if "holding the topology; runtime " in line:
-                    runtime = line.rsplit(" ", 1)[1].strip()
         rc, out, err = await ctl("ctl", "--runtime", runtime, "host", "vcpu.deschedule", '{"vm": "g1"}')
         assert rc == 0 and json.loads(out)["vcpus"] == {"0": {"pending": 0, "pir": [], "held": 0}}, (out, err)
         rc, out, err = await ctl("ctl", "--runtime", runtime, "fabric", "pids")

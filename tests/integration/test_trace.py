@@ -4,13 +4,12 @@ flow per interrupt (device -> IR unit -> CPU, and host -> injection -> vCPU for 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import os
 
 from fabric.trace import to_chrome
-from tests.integration.test_launch import LAUNCH, ROOT
+from tests.integration.launcher import run_launch
 from tests.unit.test_trace import check_chrome_trace
 
 #: the PF on the host (case 1), a VF with trapped MSI-X in g1 (case 2), a VF with IMS composed
@@ -27,16 +26,9 @@ PER_FUNCTION = 150
 
 async def launch(*args: str, timeout: float = 240) -> tuple[int, str, str, int]:
     """``launch.py ARGS`` as a user runs it: exit status, stdout, stderr, and its pid."""
-    proc = await asyncio.create_subprocess_exec(*LAUNCH, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, cwd=ROOT)
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"launch.py {' '.join(args)} did not finish within {timeout} s") from None
-    return proc.returncode, out.decode(), err.decode(), proc.pid
+    pid: list[int] = []
+    rc, out, err = await run_launch(*args, timeout=timeout, pid=pid)
+    return rc, out, err, pid[0]
 
 
 def children_left(launcher_pid: int) -> list[str]:
