@@ -50,21 +50,16 @@ class _RateLimit:
         return False
 
 
-def load_config(path: str) -> tuple[str, dict[str, PeerSpec], Platform]:
+def load_config(path: str) -> tuple[str, dict[str, PeerSpec], Platform, dict | None, str | None]:
+    """``fabric.json``: the endpoint, the token table, the platform, and over tcp the CURVE
+    section (``public``, ``secret``, ``clients``: name -> public key) and the optional local
+    endpoint (both ``None`` for a plain ipc fabric)."""
     with open(path) as f:
         cfg = json.load(f)
     specs = {tok: PeerSpec(s["name"], s["role"], tuple(s["buses"]) if s.get("buses") else None)
              for tok, s in cfg["tokens"].items()}
     plat = Platform(**cfg.get("platform", {}))
-    return cfg["endpoint"], specs, plat
-
-
-def load_security(path: str) -> tuple[dict | None, str | None]:
-    """The CURVE section (``public``, ``secret``, ``clients``: name -> public key) and the
-    optional local endpoint of ``fabric.json``; ``(None, None)`` for a plain ipc fabric."""
-    with open(path) as f:
-        cfg = json.load(f)
-    return cfg.get("curve"), cfg.get("local_endpoint")
+    return cfg["endpoint"], specs, plat, cfg.get("curve"), cfg.get("local_endpoint")
 
 
 #: The ZAP domain of the fabric's socket (setting one makes ZAP mandatory: no handler, no peer).
@@ -211,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     die_with_parent()
     path = os.path.join(args.runtime, "fabric.json")
-    endpoint, specs, platform = load_config(path)
-    curve, local_endpoint = load_security(path)
+    endpoint, specs, platform, curve, local_endpoint = load_config(path)
     run(serve(endpoint, specs, platform, curve=curve, local_endpoint=local_endpoint))
     return 0

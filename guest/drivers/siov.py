@@ -114,12 +114,12 @@ class SiovPfDriver:
         # IRTE bound to that PASID takes a tagged request, so the platform must both accept
         # (pasid_interrupts) and check (pasid_ir) them.  Otherwise the host's ADIs use
         # device-kind slots, written untagged (ctrl PASID-enable clear).
-        mem_ok = not pf.pasid_interrupts or (kernel.pasid_ir and getattr(kernel, "pasid_interrupts", True))
+        mem_ok = not pf.pasid_interrupts or (kernel.pasid_ir and kernel.pasid_interrupts)
         if kind == "memory" and not mem_ok:
             kind = "device"
             kernel.log.append(f"{self.name} {dev}: memory IMS not used: its interrupt messages carry "
                               f"PASIDs and this platform cannot "
-                              f"{'check' if getattr(kernel, 'pasid_interrupts', True) else 'receive'} them")
+                              f"{'check' if kernel.pasid_interrupts else 'receive'} them")
         for adi in range(pf.count):
             if adi in self.claimed.get(dev.rid, set()):
                 pf.owner[adi] = "vmm"
