@@ -225,6 +225,7 @@ _PREFIX_ER = 1 << 22
 _PREFIX_RSVD = 0x0030_0000  # bits 21:20
 
 _STATUS = {s.value: s for s in CplStatus}
+_SC = CplStatus.SC  # a CplStatus member is slow to look up by name (Enum's class getattr)
 
 # First DW BE -> offset of the first enabled byte (Table 2-41: 0000b -> 0).
 _FIRST_OFF = (0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0)
@@ -439,7 +440,7 @@ class Tlp:
                 and 1 <= bc <= 4096):
             return False
         if has_data:
-            return (length > 0 and len(data) == length * 4 and status is CplStatus.SC
+            return (length > 0 and len(data) == length * 4 and status is _SC
                     and length * 4 <= (la & 3) + bc + 3)
         return not length and not data
 
@@ -588,7 +589,38 @@ class Tlp:
     def pack(self) -> bytes:
         """Serialize to wire bytes; raises ``TlpError`` if any field breaks the rules.
 
-        The hot path checks the common cases inline -- each field loaded once, plain ints and
+        A dict lookup on ``type`` picks the packer for that kind (``_PACK``, below the class): it
+        takes the common TLP of its kind (plain ints and bools, no TC/Attr/TH bits, no digest),
+        checks each field with one comparison or leaves it to the encoding (a non-int raises
+        ``TypeError`` there, an out-of-range or negative value ``struct.error``) and encodes.
+        Anything else goes to ``_pack_general()``, which checks every kind inline and hands what
+        it does not vouch for to ``_pack_checked()``: ``validate()``, then the same encoding.  All
+        of it is sound, not complete (see ``_fast_valid``), so what ``pack()`` accepts and the
+        error it raises are ``validate()``'s."""
+        try:
+            fast = _PACK[self.type]
+        except (KeyError, TypeError):
+            return self._pack_checked()
+        return fast(self)
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview) -> "Tlp":
+        """Parse wire bytes (exactly one TLP); raises ``TlpError`` on anything malformed.
+
+        A dict lookup on byte 0 picks the decoder for that kind (``_DECODE``, below the class),
+        which takes the common well-formed TLP (no digest, no TC/Attr/TH/EP bits) and builds the
+        ``Tlp`` slot by slot; anything else, every error included, is ``_unpack_general()``'s."""
+        try:
+            return _DECODE[buf[0]](cls, buf)
+        except (LookupError, struct.error):  # empty or short buffer, a byte 0 without a decoder
+            return cls._unpack_general(buf)
+
+
+    def _pack_general(self) -> bytes:
+        """``pack()`` for what the per-type packers below do not take (set TC/Attr/TH bits, a
+        prefix with PMR/ER as 0/1 ints, ...), every kind in one function.
+
+        It checks the common cases inline -- each field loaded once, plain ints and
         bools, ranges by shifts OR-ed into one value -- and encodes.  Anything else (an IntFlag
         or a 0/1 int where a flag goes, a bytearray payload, a digest, non-contiguous BEs on a
         QW-aligned 2 DW request, and every invalid TLP) takes ``_pack_checked()``: ``validate()``
@@ -658,7 +690,7 @@ class Tlp:
                  | (bc - 1) >> 12 | (length - 1 if has_data else length) >> 10)
             if (v or type(v) is not int or type(status) is not CplStatus
                     or self.first_be or self.last_be or self.address or self.ph
-                    or (len(data) != length << 2 or status is not CplStatus.SC
+                    or (len(data) != length << 2 or status is not _SC
                         or length << 2 > (la & 3) + bc + 3 if has_data else length or data)):
                 return self._pack_checked()
             hdr = h.pack(b0 | (tag & 0x200) << 14 | tc << 20 | (tag & 0x100) << 11 | (attr & 4) << 16 | ln << 17
@@ -699,8 +731,9 @@ class Tlp:
         return hdr + self.data if self.data else hdr
 
     @classmethod
-    def unpack(cls, buf: bytes | bytearray | memoryview) -> "Tlp":
-        """Parse wire bytes (exactly one TLP); raises ``TlpError`` on anything malformed."""
+    def _unpack_general(cls, buf: bytes | bytearray | memoryview) -> "Tlp":
+        """``unpack()`` for everything the per-type decoders below do not take: every error
+        (raised here, with its message), a digest, a Tag[9:8]/TC/Attr/TH bit set, ..."""
         n = len(buf)
         b0 = buf[0] if n else -1
         off = 0
@@ -761,20 +794,20 @@ class Tlp:
             tlp = cls(t, dw2 >> 16, tag | ((dw2 >> 8) & 0xFF), tc, attr, at, th, td, ep, ln, length,
                       0, 0, 0, 0, dw1 >> 16, status, dw1 & 0x1000 != 0, bc, la, data, digest, pasid, pmr, er)
             ok = pasid is None and not dw0 & 0x10C00 and (
-                status is CplStatus.SC and length * 4 <= (la & 3) + bc + 3 if has_data else not length)
+                status is _SC and length * 4 <= (la & 3) + bc + 3 if has_data else not length)
         elif kind == _CFG:
             if dw2 & 0xF003:
                 raise TlpError(f"{name}: reserved bits of DW2 0x{dw2:08x} are set (bits 15:12 and 1:0 must be 0)")
             lbe = (dw1 >> 4) & 0xF
             tlp = cls(t, dw1 >> 16, tag | ((dw1 >> 8) & 0xFF), tc, attr, at, th, td, ep, ln, length,
-                      dw1 & 0xF, lbe, dw2 & 0xFFC, 0, dw2 >> 16, CplStatus.SC, False, 0,
+                      dw1 & 0xF, lbe, dw2 & 0xFFC, 0, dw2 >> 16, _SC, False, 0,
                       0, data, digest, pasid, pmr, er)
             # TC, Attr, AT, TH, LN all 0 and the Length field 1
             ok = pasid is None and dw0 & 0x0077_3FFF == 1 and not lbe
         else:
             fbe, lbe, addr, ph = dw1 & 0xF, (dw1 >> 4) & 0xF, dw2 & ~3, dw2 & 3
             tlp = cls(t, dw1 >> 16, tag | ((dw1 >> 8) & 0xFF), tc, attr, at, th, td, ep, ln, length,
-                      fbe, lbe, addr, ph, 0, CplStatus.SC, False, 0,
+                      fbe, lbe, addr, ph, 0, _SC, False, 0,
                       0, data, digest, pasid, pmr, er)
             ok = (at != 3 and (th or not ph) and (hlen == 12 or addr >= _FOUR_GIB)
                   and (addr & 0xFFF) + length * 4 <= 0x1000 and (not er or not has_data and at != 2)
@@ -1021,6 +1054,324 @@ def _check_bes(name: str, fbe: int, lbe: int, length: int, qw_aligned: bool) -> 
             f"{name}: first_be=0x{fbe:x} last_be=0x{lbe:x} are not contiguous; only 1 DW and "
             f"QW-aligned 2 DW requests may use non-contiguous byte enables (2.2.5.1)"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-kind packers and decoders (``Tlp.pack()`` / ``Tlp.unpack()`` dispatch on the type)
+#
+# A packer must be sound: it returns bytes only for a TLP that ``validate()`` accepts, and then
+# exactly ``_pack_checked()``'s bytes; everything else goes to ``_pack_general()``.  How each
+# field is covered:
+#
+# * fields the kind does not carry: one tuple comparison with their defaults, for the fields
+#   ``validate()`` only checks for truthiness or as flags (``==`` is its rule there), and
+#   ``is``-comparisons with the int 0 / False for those it checks as ints (a 0.0 or an IntEnum
+#   zero goes the long way, where ``validate()`` decides);
+# * ints: one comparison for the upper bound where the encoding would not catch it; a non-int
+#   raises ``TypeError`` in the shifts and ORs of the encoding, and a negative value or one too
+#   big for the field at the top of its DW makes that DW negative or >= 2**32 (2**64 for the
+#   4DW address), which ``struct`` refuses (``struct.error``);
+# * what is left over (a non-int that still shifts, e.g. a numpy integer) is caught by one
+#   ``type(...) is int`` on the OR of the encoded DWs.
+
+_Z = 0   # `field is _Z`: the int 0 itself (small ints are shared objects)
+_ONE = 1
+_new = object.__new__
+_BE_MULTI = frozenset(l << 4 | f for f in _FIRST_CONTIG for l in _LAST_CONTIG)
+_CFG_UNUSED = (False, None, 0, False, 0, 0, None, False, False, False, False, 0)
+_CPL_UNUSED = (0, 0, 0, 0, None, False, False, False, None, False)
+_STATUS_BY_CODE = tuple(_STATUS.get(c) for c in range(8))
+_PACK_ERRORS = (TypeError, struct.error)
+
+
+def _mem_packer(t: TlpType, hlen: int, has_data: bool):
+    b0 = int(t) << 24
+    h, hp = (_H4, _P4) if hlen == 16 else (_H3, _P3)
+    lo = _FOUR_GIB if hlen == 16 else 0   # 3DW below 4 GiB, 4DW at/above (the top: struct)
+
+    def pack(self: Tlp) -> bytes:
+        tag = self.tag
+        length = self.length
+        addr = self.address
+        fbe = self.first_be
+        lbe = self.last_be
+        data = self.data
+        try:
+            if ((self.td, self.bcm, self.digest, self.completer_id, self.status, self.byte_count,
+                 self.lower_address) != _MEM_UNUSED
+                    or self.tc is not _Z or self.attr is not _Z or self.at is not _Z or self.ph is not _Z
+                    or self.th is not False or self.ep is not False or self.ln is not False
+                    or tag >= 0x100 or length <= 0 or addr & 3 or addr < lo
+                    or (addr & 0xFFF) + (length << 2) > 0x1000
+                    or (lbe or fbe >= 16 if length == 1 else fbe not in _FIRST_CONTIG or lbe not in _LAST_CONTIG)
+                    or (type(data) is not bytes or len(data) != length << 2 if has_data else data != b"")):
+                return self._pack_general()
+            dw0 = b0 | length & 0x3FF
+            dw1 = self.requester_id << 16 | tag << 8 | lbe << 4 | fbe
+            pasid = self.pasid
+            if pasid is None:
+                if self.pmr is not False or self.er is not False or type(dw0 | dw1 | addr) is not int:
+                    return self._pack_general()
+                hdr = h.pack(dw0, dw1, addr)
+            else:
+                pmr = self.pmr
+                er = self.er
+                if (pasid >= 0x10_0000 or (pmr is not False and pmr is not True)
+                        or (er is not False and (has_data or er is not True))):
+                    return self._pack_general()
+                pdw = 0x9100_0000 | pmr << 23 | er << 22 | pasid
+                if type(pdw | dw0 | dw1 | addr) is not int:
+                    return self._pack_general()
+                hdr = hp.pack(pdw, dw0, dw1, addr)
+        except _PACK_ERRORS:
+            return self._pack_general()
+        return hdr + data if has_data else hdr
+
+    return pack
+
+
+def _cfg_packer(t: TlpType, has_data: bool):
+    b0 = int(t) << 24 | 1   # Length 1
+
+    def pack(self: Tlp) -> bytes:
+        tag = self.tag
+        addr = self.address
+        fbe = self.first_be
+        data = self.data
+        try:
+            if ((self.td, self.digest, self.status, self.bcm, self.byte_count, self.lower_address,
+                 self.pasid, self.pmr, self.er, self.th, self.ln, self.ph) != _CFG_UNUSED
+                    or self.tc is not _Z or self.attr is not _Z or self.at is not _Z
+                    or self.last_be is not _Z or self.length is not _ONE or self.ep is not False
+                    or tag >= 0x100 or fbe >= 16 or addr & ~0xFFC
+                    or (type(data) is not bytes or len(data) != 4 if has_data else data != b"")):
+                return self._pack_general()
+            dw1 = self.requester_id << 16 | tag << 8 | fbe
+            dw2 = self.completer_id << 16 | addr
+            if type(dw1 | dw2) is not int:
+                return self._pack_general()
+            hdr = _H3.pack(b0, dw1, dw2)
+        except _PACK_ERRORS:
+            return self._pack_general()
+        return hdr + data if has_data else hdr
+
+    return pack
+
+
+def _cpl_packer(t: TlpType, has_data: bool):
+    b0 = int(t) << 24
+
+    def pack(self: Tlp) -> bytes:
+        tag = self.tag
+        length = self.length
+        status = self.status
+        bc = self.byte_count
+        la = self.lower_address
+        data = self.data
+        try:
+            if ((self.first_be, self.last_be, self.address, self.ph, self.pasid, self.pmr, self.er,
+                 self.td, self.digest, self.th) != _CPL_UNUSED
+                    or self.tc is not _Z or self.attr is not _Z or self.at is not _Z
+                    or self.ln is not False or self.ep is not False or self.bcm is not False
+                    or tag >= 0x100 or la >= 0x80 or not 0 < bc <= 4096
+                    or (status is not _SC or type(data) is not bytes or not 0 < length <= 1024
+                        or len(data) != length << 2 or length << 2 > (la & 3) + bc + 3
+                        if has_data else type(status) is not CplStatus or length is not _Z or data != b"")):
+                return self._pack_general()
+            dw0 = b0 | length & 0x3FF
+            dw1 = self.completer_id << 16 | status << 13 | bc & 0xFFF
+            dw2 = self.requester_id << 16 | tag << 8 | la
+            if type(dw0 | dw1 | dw2) is not int:
+                return self._pack_general()
+            hdr = _H3.pack(dw0, dw1, dw2)
+        except _PACK_ERRORS:
+            return self._pack_general()
+        return hdr + data if has_data else hdr
+
+    return pack
+
+
+# A decoder takes the common well-formed TLP of its kind and builds the ``Tlp`` without
+# ``__init__`` (each slot set once); anything else goes to ``Tlp._unpack_general()``, which
+# decides and raises.  Its fields are cut out of the header, so their types and ranges are
+# right by construction: only the rules between fields are checked.
+
+
+def _mem_decoder(t: TlpType, hlen: int, has_data: bool):
+    hs = _H4 if hlen == 16 else _H3
+    lo = _FOUR_GIB if hlen == 16 else 0
+
+    def decode(cls, buf, off=0, pasid=None, pmr=False, er=False):
+        dw0, dw1, dw2 = hs.unpack_from(buf, off)
+        length = dw0 & 0x3FF or 1024
+        start = off + hlen
+        end = start + (length << 2) if has_data else start
+        lbe = dw1 >> 4 & 0xF
+        # no Tag[9:8], TC, Attr, LN, TH, TD, EP or AT bits; PH 0; 3DW/4DW by address; no 4 KiB
+        # crossing; BEs by 2.2.5.1 (QW-aligned 2 DW non-contiguous: the general path)
+        if (len(buf) != end or dw0 & 0xFF_FC00 or dw2 & 3 or dw2 < lo
+                or (dw2 & 0xFFF) + (length << 2) > 0x1000
+                or (lbe if length == 1 else dw1 & 0xFF not in _BE_MULTI)
+                or (er and has_data)):
+            return cls._unpack_general(buf)
+        if has_data:
+            data = buf[start:end]
+            if type(data) is not bytes:
+                data = bytes(data)
+        else:
+            data = b""
+        o = _new(cls)
+        o.type = t
+        o.requester_id = dw1 >> 16
+        o.tag = dw1 >> 8 & 0xFF
+        o.tc = 0
+        o.attr = 0
+        o.at = 0
+        o.th = False
+        o.td = False
+        o.ep = False
+        o.ln = False
+        o.length = length
+        o.first_be = dw1 & 0xF
+        o.last_be = lbe
+        o.address = dw2
+        o.ph = 0
+        o.completer_id = 0
+        o.status = _SC
+        o.bcm = False
+        o.byte_count = 0
+        o.lower_address = 0
+        o.data = data
+        o.digest = None
+        o.pasid = pasid
+        o.pmr = pmr
+        o.er = er
+        return o
+
+    return decode
+
+
+def _cfg_decoder(t: TlpType, has_data: bool):
+    size = 16 if has_data else 12
+
+    def decode(cls, buf):
+        dw0, dw1, dw2 = _H3.unpack_from(buf)
+        # DW0 = Fmt/Type | Length 1, nothing else; Last BE 0; DW2 reserved bits 0
+        if len(buf) != size or dw0 & 0xFF_FFFF != 1 or dw1 & 0xF0 or dw2 & 0xF003:
+            return cls._unpack_general(buf)
+        if has_data:
+            data = buf[12:16]
+            if type(data) is not bytes:
+                data = bytes(data)
+        else:
+            data = b""
+        o = _new(cls)
+        o.type = t
+        o.requester_id = dw1 >> 16
+        o.tag = dw1 >> 8 & 0xFF
+        o.tc = 0
+        o.attr = 0
+        o.at = 0
+        o.th = False
+        o.td = False
+        o.ep = False
+        o.ln = False
+        o.length = 1
+        o.first_be = dw1 & 0xF
+        o.last_be = 0
+        o.address = dw2 & 0xFFC
+        o.ph = 0
+        o.completer_id = dw2 >> 16
+        o.status = _SC
+        o.bcm = False
+        o.byte_count = 0
+        o.lower_address = 0
+        o.data = data
+        o.digest = None
+        o.pasid = None
+        o.pmr = False
+        o.er = False
+        return o
+
+    return decode
+
+
+def _cpl_decoder(t: TlpType, has_data: bool):
+
+    def decode(cls, buf):
+        dw0, dw1, dw2 = _H3.unpack_from(buf)
+        bc = dw1 & 0xFFF or 4096
+        la = dw2 & 0x7F
+        if has_data:
+            length = dw0 & 0x3FF or 1024
+            status = _SC if not dw1 & 0xE000 else None
+            ok = len(buf) == 12 + (length << 2) and length << 2 <= (la & 3) + bc + 3
+        else:
+            length = dw0 & 0x3FF   # must be 0 (Reserved)
+            status = _STATUS_BY_CODE[dw1 >> 13 & 7]
+            ok = len(buf) == 12 and not length
+        # no Tag[9:8], TC, Attr, LN, TH, TD, EP or AT bits; DW2 bit 7 reserved
+        if not ok or status is None or dw0 & 0xFF_FC00 or dw2 & 0x80:
+            return cls._unpack_general(buf)
+        if has_data:
+            data = buf[12:]
+            if type(data) is not bytes:
+                data = bytes(data)
+        else:
+            data = b""
+        o = _new(cls)
+        o.type = t
+        o.requester_id = dw2 >> 16
+        o.tag = dw2 >> 8 & 0xFF
+        o.tc = 0
+        o.attr = 0
+        o.at = 0
+        o.th = False
+        o.td = False
+        o.ep = False
+        o.ln = False
+        o.length = length
+        o.first_be = 0
+        o.last_be = 0
+        o.address = 0
+        o.ph = 0
+        o.completer_id = dw1 >> 16
+        o.status = status
+        o.bcm = dw1 & 0x1000 != 0
+        o.byte_count = bc
+        o.lower_address = la
+        o.data = data
+        o.digest = None
+        o.pasid = None
+        o.pmr = False
+        o.er = False
+        return o
+
+    return decode
+
+
+def _decode_prefixed(cls, buf):
+    """Byte 0 = 0x91: the PASID prefix, then a memory request (anything else: general path)."""
+    pdw = _DW.unpack_from(buf)[0]
+    decode = _DECODE_MEM.get(buf[4])
+    if decode is None or pdw & _PREFIX_RSVD:
+        return cls._unpack_general(buf)
+    return decode(cls, buf, 4, pdw & 0xF_FFFF, pdw & _PREFIX_PMR != 0, pdw & _PREFIX_ER != 0)
+
+
+_PACK: dict[TlpType, object] = {}
+_DECODE: dict[int, object] = {PASID_PREFIX_BYTE0: _decode_prefixed}
+_DECODE_MEM: dict[int, object] = {}
+for _t, _kind, _hlen, _has_data, _name in _INFO.values():
+    if _kind == _MEM:
+        _PACK[_t] = _mem_packer(_t, _hlen, _has_data)
+        _DECODE[_t.value] = _DECODE_MEM[_t.value] = _mem_decoder(_t, _hlen, _has_data)
+    elif _kind == _CFG:
+        _PACK[_t] = _cfg_packer(_t, _has_data)
+        _DECODE[_t.value] = _cfg_decoder(_t, _has_data)
+    else:
+        _PACK[_t] = _cpl_packer(_t, _has_data)
+        _DECODE[_t.value] = _cpl_decoder(_t, _has_data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -713,3 +713,199 @@ def test_enum_encodings():
     assert [int(s) for s in CplStatus] == [0, 1, 2, 4]
     assert (TlpAttr.NS, TlpAttr.RO, TlpAttr.IDO) == (1, 2, 4)
     assert (PASID_PREFIX_BYTE0, MSI_ADDR_LO, MSI_ADDR_HI) == (0x91, 0xFEE0_0000, 0xFEEF_FFFF)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths of pack()/unpack() (per-kind packers and decoders) agree with the reference
+# paths: validate() + _pack_checked() for pack, _unpack_general() for unpack
+
+
+class FakeInt:
+    """An integer that is not an ``int`` (like a numpy integer): shifts, ORs and compares as
+    one, ``struct`` takes it (``__index__``), ``validate()`` refuses it."""
+
+    def __init__(self, v: int):
+        self.v = v
+
+    def __index__(self):
+        return self.v
+
+    def __repr__(self):
+        return f"FakeInt({self.v})"
+
+    def __hash__(self):
+        return hash(self.v)
+
+    def __bool__(self):
+        return bool(self.v)
+
+
+def _fake_op(op):
+    return lambda a, b: FakeInt(op(a.v, b.v if isinstance(b, FakeInt) else b))
+
+
+def _fake_rop(op):
+    return lambda a, b: FakeInt(op(b, a.v))
+
+
+for _name, _op in (("lshift", lambda a, b: a << b), ("rshift", lambda a, b: a >> b), ("or", lambda a, b: a | b),
+                   ("and", lambda a, b: a & b), ("add", lambda a, b: a + b), ("sub", lambda a, b: a - b),
+                   ("mul", lambda a, b: a * b), ("xor", lambda a, b: a ^ b)):
+    setattr(FakeInt, f"__{_name}__", _fake_op(_op))
+    setattr(FakeInt, f"__r{_name}__", _fake_rop(_op))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(FakeInt, f"__{_name}__", (lambda n: lambda a, b: getattr(a.v, f"__{n}__")(
+        b.v if isinstance(b, FakeInt) else b))(_name))
+
+ODD_VALUES = [0, 1, -1, 2, 3, 4, 7, 8, 15, 16, 0x7F, 0x80, 0xFF, 0x100, 0x3FF, 0x400, 0x1000, 0x1001,
+              0xFFFF, 0x10000, 0xF_FFFF, 0x10_0000, 0xFFFF_FFFC, 1 << 32, 1 << 64, True, False, 0.0, 1.0,
+              None, b"", bytearray(), b"\0\0\0\0", bytearray(4), "x", TlpAttr.RO, TlpAttr(0),
+              CplStatus.UR, CplStatus.SC, T.MEM_READ, FakeInt(0), FakeInt(1), FakeInt(0x100)]
+FIELDS = [f.name for f in dataclasses.fields(Tlp)]
+
+
+@st.composite
+def plain_tlps(draw):
+    """Valid TLPs as the lab's constructors make them (the kinds the fast paths take)."""
+    kind = draw(st.sampled_from(["mwr", "mrd", "cfgrd", "cfgwr", "cpl", "cpld"]))
+    rid, tag = draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFF))
+    page = draw(st.sampled_from([0, 0xFEE00, 0xFFFFF, 0x100000]) | st.integers(0, (1 << 52) - 1))
+    off = draw(st.integers(0, 0xFFF))
+    address, n = page << 12 | off, draw(st.integers(1, min(64, 0x1000 - off)))
+    pasid = draw(st.none() | st.integers(0, 0xF_FFFF))
+    pmr = pasid is not None and draw(st.booleans())
+    if kind == "mwr":
+        return Tlp.mem_write(address, draw(st.binary(min_size=n, max_size=n)), rid, tag=tag, pasid=pasid, pmr=pmr)
+    er = pasid is not None and draw(st.booleans())
+    mrd = Tlp.mem_read(address, n, rid, tag=tag, pasid=pasid, pmr=pmr, er=er)
+    if kind == "mrd":
+        return mrd
+    target, reg = draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0x3FF)) * 4
+    fbe = draw(st.integers(0, 15))
+    if kind == "cfgrd":
+        return Tlp.cfg_read(target, reg, rid, tag=tag, first_be=fbe)
+    cfgwr = Tlp.cfg_write(target, reg, draw(st.integers(0, 0xFFFF_FFFF)), rid, tag=tag, first_be=fbe)
+    if kind == "cfgwr":
+        return cfgwr
+    cid = draw(st.integers(0, 0xFFFF))
+    mrd = dataclasses.replace(mrd, pasid=None, pmr=False, er=False)
+    if kind == "cpld":
+        return Tlp.completion(mrd, cid, data=draw(st.binary(min_size=mrd.length * 4, max_size=mrd.length * 4)))
+    if draw(st.booleans()):
+        return Tlp.completion(cfgwr, cid)
+    return Tlp.completion(mrd, cid, draw(st.sampled_from([CplStatus.UR, CplStatus.CRS, CplStatus.CA])))
+
+
+def _outcome(fn, *args):
+    try:
+        return "ok", fn(*args)
+    except TlpError as e:
+        return "TlpError", str(e)
+    except Exception as e:  # noqa: BLE001 - compared, not swallowed
+        return type(e).__name__, None
+
+
+def _typed(x: Tlp) -> list:
+    return [(f, type(getattr(x, f)), getattr(x, f)) for f in FIELDS]
+
+
+def _reference_pack(x: Tlp):
+    ref = _outcome(x.validate)
+    if ref[0] != "ok":
+        return ref
+    return _outcome(x._pack_checked)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plain_tlps() | tlps(), st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from(ODD_VALUES)
+                                                  | st.integers(-2, 1 << 65)), max_size=3))
+def test_pack_fast_paths_agree_with_validate(x, changes):
+    """pack() returns bytes exactly when validate() passes, and then _pack_checked()'s bytes;
+    otherwise it raises validate()'s error.  (One exception: validate() takes 0.0/1.0 for a flag,
+    which _pack_checked() cannot shift -- a TypeError there, so either outcome is allowed.)"""
+    for field, value in changes:
+        setattr(x, field, value)
+    ref = _reference_pack(x)
+    got = _outcome(x.pack)
+    if ref[0] == "TypeError" and _outcome(x.validate)[0] == "ok":
+        return
+    assert got == ref
+
+
+@settings(max_examples=800, deadline=None)
+@given(plain_tlps())
+def test_plain_tlps_roundtrip_with_field_types(x):
+    wire = x.pack()
+    assert wire == x._pack_checked()
+    for buf in (wire, bytearray(wire), memoryview(wire)):
+        y = Tlp.unpack(buf)
+        assert _typed(y) == _typed(x) == _typed(Tlp._unpack_general(buf))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plain_tlps() | tlps(), st.data())
+def test_unpack_fast_paths_agree_with_general(x, data):
+    """Whatever the wire, unpack() and _unpack_general() give the same TLP (field types
+    included) or the same error."""
+    wire = _mutations(x.pack(), data)
+    for buf in (wire, bytearray(wire), memoryview(wire)):
+        got, ref = _outcome(Tlp.unpack, buf), _outcome(Tlp._unpack_general, buf)
+        if got[0] == ref[0] == "ok":
+            assert _typed(got[1]) == _typed(ref[1])
+        else:
+            assert got == ref
+
+
+def _plain_bases() -> list[Tlp]:
+    """One TLP per path of the per-kind packers and decoders (the bench's kinds among them)."""
+    mrd = Tlp.mem_read(0x1000_0000, 64, 0x0100, tag=5)
+    cfgwr = Tlp.cfg_write(0x0101, 0x004, 0x0000_0006, 0x0000, tag=8)
+    return [
+        Tlp.mem_write(0xFEE0_0000, b"\x21\x00\x00\x00", 0x0101),
+        Tlp.mem_write(0x100_0010_0040, bytes(range(16)), 0x0101),
+        Tlp.mem_write(0x100_0010_0041, bytes(range(9)), 0x0101, tag=0xFF, pasid=0x1234, pmr=True),
+        Tlp.mem_write(0x2FFA, b"\x01\x02\x03\x04\x05\x06", 0xFFFF),
+        mrd,
+        Tlp.mem_read(0x1_0000_0FFC, 4, 0x0203, tag=0xFF),
+        Tlp.mem_read(0x1002, 5, 0x0203, pasid=0xF_FFFF, er=True),
+        Tlp.mem_read(0x1_0000_1006, 2, 0x0203, pasid=0, pmr=True, er=True),
+        Tlp.completion(mrd, 0x0000, CplStatus.SC, bytes(range(64))),
+        Tlp.completion(Tlp.mem_read(0x1003, 1), 0xFFFF, data=bytes(4)),
+        Tlp.completion(mrd, 0x0100, CplStatus.CA),
+        Tlp.completion(cfgwr, 0x0101),
+        Tlp.cfg_read(0x0101, 0x040, 0x0000, tag=7),
+        Tlp.cfg_read(0xFFFF, 0xFFC, 0xFFFF, tag=0xFF, first_be=0),
+        cfgwr,
+    ]
+
+
+def test_pack_fast_paths_agree_field_by_field():
+    for base in _plain_bases():
+        assert base.pack() == base._pack_checked()
+        for field in FIELDS:
+            for value in ODD_VALUES:
+                x = dataclasses.replace(base)
+                setattr(x, field, value)
+                ref, got = _reference_pack(x), _outcome(x.pack)
+                if ref[0] == "TypeError" and _outcome(x.validate)[0] == "ok":
+                    continue
+                assert got == ref, (base, field, value)
+
+
+def test_unpack_fast_paths_agree_byte_by_byte():
+    for base in _plain_bases():
+        wire = base.pack()
+        for i in range(min(len(wire), 24)):
+            for value in range(256):
+                buf = wire[:i] + bytes([value]) + wire[i + 1:]
+                got, ref = _outcome(Tlp.unpack, buf), _outcome(Tlp._unpack_general, buf)
+                if got[0] == ref[0] == "ok":
+                    assert _typed(got[1]) == _typed(ref[1]), (base, i, value)
+                else:
+                    assert got == ref, (base, i, value)
+        for n in range(len(wire) + 5):  # truncated / extended
+            buf = (wire + bytes(5))[:n]
+            for b in (buf, bytearray(buf), memoryview(buf)):
+                got, ref = _outcome(Tlp.unpack, b), _outcome(Tlp._unpack_general, b)
+                assert (got[0], _typed(got[1]) if got[0] == "ok" else got) == \
+                    (ref[0], _typed(ref[1]) if ref[0] == "ok" else ref)
