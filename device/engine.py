@@ -192,11 +192,16 @@ class WorkEngine:
     def wq_depth(self) -> int:
         return min(WQ_SIZE, self.ring_entries)
 
+    #: Refusals (full work queue) by every engine of this process, ever: the device shell reads
+    #: it around each guest store to tell the fabric whose stores rang full queues (WASTED).
+    refused = 0
+
     def accepts(self) -> bool:
         """Room in the work queue: fewer than WQ_DEPTH completed records not yet consumed."""
         if (self.completed + len(self.copies) - self.head) & 0xFFFFFFFF < min(WQ_SIZE, self.ring_entries):
             return True
         self.wq_full += 1
+        WorkEngine.refused += 1
         return False
 
     def read32(self, off: int) -> int:

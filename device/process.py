@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+from device.engine import WorkEngine
 from device.sriov_device import SriovDevice
 from fabric import wire
 from fabric.loop import die_with_parent, run
@@ -46,6 +47,7 @@ class DeviceShell:
                                      vf_ims_slots=int(cfg.get("vf_ims_slots", 0)),
                                      pasid_interrupts=bool(cfg.get("pasid_interrupts", True)))
         self.bad_tlps = 0
+        self._wasted: dict[int, int] = {}           # guest link -> refused stores not yet reported
         self.stop = asyncio.get_running_loop().create_future()
         self._ops = {"stats": self.op_stats, "flr": self.op_flr, "shutdown": self.op_shutdown,
                      "trace.start": lambda a: self.tracer.start(a.get("max_events")),
@@ -63,7 +65,15 @@ class DeviceShell:
             tr = self.tracer
             if tr.on:
                 self._trace_tlp("rx", msg[1])
-            emits = self.model.handle_tlp(tlp)
+            link = msg[2]
+            if link is None:
+                emits = self.model.handle_tlp(tlp)
+            else:
+                # a guest's store (the fabric stamped its link): did it ring a full work queue?
+                refused = WorkEngine.refused
+                emits = self.model.handle_tlp(tlp)
+                if WorkEngine.refused != refused and type(link) is int:
+                    self._waste(link, WorkEngine.refused - refused)
             if emits:
                 send = self.port.send
                 for e in emits:
@@ -89,6 +99,18 @@ class DeviceShell:
                 self.port.reply(c.req_id, True, op(c.args))
             except (KeyError, ValueError, TypeError) as exc:
                 self.port.reply(c.req_id, False, f"device: {c.op}: {exc}")
+
+    def _waste(self, link: int, n: int) -> None:
+        """Count refused stores per guest link; one WASTED per link leaves after this wake-up."""
+        pending = self._wasted
+        if not pending:
+            asyncio.get_running_loop().call_soon(self._flush_waste)
+        pending[link] = pending.get(link, 0) + n
+
+    def _flush_waste(self) -> None:
+        pending, self._wasted = self._wasted, {}
+        for link, n in pending.items():
+            self.port.send(wire.wasted(link, n))
 
     def _trace_tlp(self, direction: str, raw: bytes) -> None:
         ftype, _, rid, key = peek(raw)

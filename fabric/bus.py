@@ -83,6 +83,20 @@ RC_TAGS = 256
 #: frames a stalled guest may queue while its trapped store is being emulated (a stalled
 #: vCPU issues nothing; this only bounds what a hostile guest process can pile up: 32 MiB)
 STALL_BACKLOG = 4096
+#: ``Peer.stalled`` of a guest over its frame budget (trapped stores use negative sequence numbers)
+THROTTLED = 1
+#: the deepest a VM's frame budget can go into debt through WASTED penalties: this many
+#: seconds of its rate (so a storm that stops is back at full rate within a second)
+MAX_DEBT_S = 1.0
+#: Credits: a guest keeps at most CREDIT_WINDOW frames in flight beyond the fabric's latest
+#: CREDIT (how many of its frames the fabric has taken), which it gets every CREDIT_BATCH.
+#: A throttled VM's frames are not taken (they wait in its backlog), so no CREDIT comes and
+#: its vCPU stalls: what the fabric must hold is bounded by the window, well below STALL_BACKLOG.
+CREDIT_WINDOW = 1024
+CREDIT_BATCH = CREDIT_WINDOW // 4
+#: frames a throttled VM may still send (they never wait): replies and events, the lab's
+#: instrumentation (msgpack: fixarray byte, then the type as a positive fixint)
+_OOB_TYPES = frozenset({bytes([wire.CTL_REP]), bytes([wire.EVENT])})
 #: VM exit reasons only the fabric generates (EPT traps and violations); a guest may not claim them
 _FABRIC_EXITS = frozenset({"mmio", "ept_violation"})
 
@@ -188,6 +202,15 @@ class Peer:
     # until the hypervisor's VM entry, as a real vCPU executes nothing meanwhile.
     stalled: int = 0
     backlog: deque | None = None
+    # A guest's frame budget (token bucket, ``Platform.vm_frame_rate``): frames it may still
+    # send now; every frame costs one, a store that rang a full work queue ``waste_penalty``
+    # more.  Infinite for the other roles.
+    tokens: float = float("inf")
+    refill_ns: int = 0
+    link: int = 0               # a guest's link number: the origin of its stores on the way to a device
+    throttles: int = 0          # times it ran out of budget
+    credit_at: float = float("inf")  # rx at which it gets its next CREDIT (guests)
+    wasted: int = 0             # its stores that rang a full work queue (WASTED from devices)
 
     @property
     def name(self) -> str:
@@ -244,6 +267,13 @@ class Platform:
     pasid_interrupts: bool = True   # the root complex accepts PASID-tagged interrupt requests
     fault_records: int = 8
     max_bus: int = 32               # buses the host scans
+    # Per-VM frame budget (token bucket): a guest may send ``vm_frame_rate`` frames/s (0: no
+    # limit) in bursts of ``vm_frame_burst``; a store that rings a full work queue costs
+    # ``waste_penalty`` frames more.  Over budget, the VM is throttled: the fabric stops taking
+    # its frames (they wait here, in order), so it gets no CREDIT and its vCPU stalls.
+    vm_frame_rate: int = 50_000
+    vm_frame_burst: int = 2_048
+    waste_penalty: int = 50
     limits: dict = field(default_factory=dict)
 
 
@@ -288,6 +318,13 @@ class Fabric:
         # fabric CTL id -> (control peer, its request id, peer asked)
         self._ctl_routes: dict[int, tuple[Peer, int, Peer]] = {}
         self._ctl_seq = 0
+        # Frame budgets: guest link number -> peer; throttled guests -> when to look again.
+        # ``wake_ns`` is the earliest of those (None: nobody waits): the shell calls
+        # ``release(now)`` then -- the model keeps no timers.
+        self.links: dict[int, Peer] = {}
+        self._link_seq = itertools.count(1)
+        self._throttled: dict[bytes, int] = {}            # identity -> wake-up time
+        self.wake_ns: int | None = None
         self.counters: Counter = Counter()
         self.src_faults: Counter = Counter()              # (source RID, reason) -> count
         # DMA reads a guest's RAM owes a completion: (guest identity, requester RID, tag) -> count
@@ -304,7 +341,8 @@ class Fabric:
         self.tracer = Tracer("fabric")
 
         self._by_role = {
-            "device": {wire.TLP: self._device_tlp, wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep},
+            "device": {wire.TLP: self._device_tlp, wire.EVENT: self._event, wire.CTL_REP: self._ctl_rep,
+                       wire.WASTED: self._wasted},
             "host": {wire.TLP: self._cpu_tlp, wire.REG: self._reg, wire.EVENT: self._event,
                      wire.CTL_REP: self._ctl_rep, wire.VMENTRY: self._vmentry, wire.INJECT: self._inject},
             "guest": {wire.TLP: self._guest_tlp, wire.VMEXIT: self._vmexit, wire.EVENT: self._event,
@@ -346,7 +384,7 @@ class Fabric:
         if peer is None:
             self._unregistered(identity, frame)
             return
-        if peer.stalled:
+        if peer.stalled and (peer.stalled != THROTTLED or frame[1:2] not in _OOB_TYPES):
             if len(frame) > wire.MAX_DATA_FRAME:       # only guests stall: drop it now, not queue it
                 peer.rx += 1
                 self._drop(peer, "oversized")
@@ -355,7 +393,15 @@ class Fabric:
             else:
                 peer.backlog.append(frame)
             return
+        tokens = peer.tokens - 1.0
+        if tokens >= 0.0:
+            peer.tokens = tokens
+        elif not self._budget(peer, frame):
+            return
         peer.rx += 1
+        if peer.rx >= peer.credit_at:
+            peer.credit_at = peer.rx + CREDIT_BATCH
+            self.send(identity, wire.credit(peer.rx))
         limit = wire.MAX_CONTROL_FRAME if peer.spec.role in ("host", "control") else wire.MAX_DATA_FRAME
         if len(frame) > limit:
             self._drop(peer, "oversized")
@@ -442,9 +488,84 @@ class Fabric:
             info["pasid_interrupts"] = self.platform.pasid_interrupts
         elif spec.role == "control":
             self.controls.append(peer)
+        elif spec.role == "guest":
+            peer.link = next(self._link_seq)
+            self.links[peer.link] = peer
+            peer.credit_at = CREDIT_BATCH
+            info["credit_window"] = CREDIT_WINDOW
+            if self.platform.vm_frame_rate:
+                peer.tokens = float(self.platform.vm_frame_burst)
+                peer.refill_ns = self.clock()
         self.counters["registered"] += 1
         self.send(identity, wire.welcome(spec.name, info))
         self._broadcast_event("fabric", "registered", {"peer": spec.name, "role": spec.role})
+
+    # ------------------------------------------------------------------
+    # per-VM frame budgets
+
+    def _refill(self, peer: Peer, now: int) -> None:
+        rate = self.platform.vm_frame_rate
+        peer.tokens = min(float(self.platform.vm_frame_burst), peer.tokens + (now - peer.refill_ns) * rate / 1e9)
+        peer.refill_ns = now
+
+    def _budget(self, peer: Peer, frame: bytes) -> bool:
+        """A guest out of tokens (the slow path of ``on_frame``): refill by the time since the
+        last refill; if that is still not one frame's worth, throttle it: this frame waits at
+        the head of its backlog (a replayed frame goes back where it came from) and ``release``
+        runs the backlog later.  Replies and events always pass (and are charged)."""
+        now = self.clock()
+        self._refill(peer, now)
+        if peer.tokens >= 1.0 or frame[1:2] in _OOB_TYPES:
+            peer.tokens -= 1.0
+            return True
+        wait_ns = int((1.0 - peer.tokens) * 1e9 / self.platform.vm_frame_rate) + 1
+        peer.stalled = THROTTLED
+        if peer.backlog is None:
+            peer.backlog = deque()
+        peer.backlog.appendleft(frame)
+        peer.throttles += 1
+        self.counters["throttled"] += 1
+        wake = now + wait_ns
+        self._throttled[peer.identity] = wake
+        if self.wake_ns is None or wake < self.wake_ns:
+            self.wake_ns = wake
+        # Nothing is said: its frames are not taken, so no CREDIT comes and its vCPU stalls.
+        return False
+
+    def release(self, now: int) -> None:
+        """Shell timer (at ``wake_ns``): throttled guests whose budget is back run their
+        backlog, in order, until it is empty or they run out again."""
+        for identity, wake in list(self._throttled.items()):
+            if wake > now:
+                continue
+            del self._throttled[identity]
+            peer = self.peers.get(identity)
+            if peer is None or peer.stalled != THROTTLED:
+                continue                       # gone meanwhile
+            self._refill(peer, now)
+            if peer.tokens < 1.0:              # a penalty arrived meanwhile: wait for it too
+                wake = now + int((1.0 - peer.tokens) * 1e9 / self.platform.vm_frame_rate) + 1
+                self._throttled[identity] = wake
+                continue
+            peer.stalled = 0
+            backlog = peer.backlog
+            while backlog and not peer.stalled:
+                self.on_frame(peer.identity, backlog.popleft())
+        self.wake_ns = min(self._throttled.values()) if self._throttled else None
+
+    def _wasted(self, peer: Peer, msg: list) -> None:
+        """WASTED from a device: the guest on ``link`` rang full work queues ``count`` times;
+        each costs it ``waste_penalty`` frames of budget (down to MAX_DEBT_S of its rate)."""
+        _, link, count = msg
+        guest = self.links.get(link) if type(link) is int else None
+        if guest is None or type(count) is not int or count <= 0 or guest.spec.role != "guest":
+            self._drop(peer, "invalid")
+            return
+        guest.wasted += count
+        self.counters["wasted"] += count
+        rate = self.platform.vm_frame_rate
+        if rate:
+            guest.tokens = max(-rate * MAX_DEBT_S, guest.tokens - count * self.platform.waste_penalty)
 
     # ------------------------------------------------------------------
     # drops
@@ -764,7 +885,7 @@ class Fabric:
                 return
             raw = _readdress(raw, off, ftype, hit.hpa)
             if write:
-                self.send(dest.identity, wire.tlp(_stamp_requester(raw, off, ROOT_COMPLEX_RID)))
+                self.send(dest.identity, wire.tlp(_stamp_requester(raw, off, ROOT_COMPLEX_RID), peer.link))
             else:
                 self._forward_nonposted(peer, dest, raw, off)
             return
@@ -1092,7 +1213,10 @@ class Fabric:
                                    "merged": d.merged, "held": d.held}
                     for pda, d in sorted(self.pids.items())}
         if op == "peers":
-            return {p.name: {"role": p.role, "rx": p.rx, "drops": dict(p.drops)} for p in self.peers.values()}
+            return {p.name: {"role": p.role, "rx": p.rx, "drops": dict(p.drops),
+                             **({"throttles": p.throttles, "wasted": p.wasted, "throttled": p.stalled == THROTTLED}
+                                if p.role == "guest" else {})}
+                    for p in self.peers.values()}
         if op == "shutdown":
             self.shutdown_requested = True
             return True
@@ -1156,6 +1280,8 @@ class Fabric:
             self.send(ctl_peer.identity, wire.ctl_rep(req_id, False, f"{name} is gone"))
         peer.backlog = None
         peer.stalled = 0
+        self._throttled.pop(peer.identity, None)
+        self.links.pop(peer.link, None)
         self.counters["peers_gone"] += 1
         self._broadcast_event("fabric", "gone", {"peer": name, "role": peer.role})
         return {"known": True, "role": peer.role, "buses": buses, "requests_completed": completed}

@@ -78,6 +78,19 @@ class Port:
         self.dropped_notices: dict[str, int] = {}
         #: the last frames sent, when a misbehaving guest wants to replay them (off by default)
         self.recent: collections.deque | None = None
+        # Credits (guests): the fabric said in WELCOME how many frames we may have in flight
+        # (``credit_window``) and tells us with CREDIT how many it has taken so far.  Beyond
+        # the window what we send waits here, in order: a vCPU whose stores the bus does not
+        # take stalls; nothing is lost.  (The fabric stops taking a VM's frames while it is over
+        # its frame budget, which is how its rate limit reaches the vCPU.)
+        self._window = 0               # 0: no credits (every other role)
+        self._sent = 0                 # frames sent that count against the window
+        self._credited = 0             # the fabric's latest CREDIT
+        self._held: collections.deque | None = None
+        self._held_since = 0.0
+        self._release: asyncio.Future | None = None
+        self.stalls = 0                # times the window filled
+        self.stalled_s = 0.0           # time spent with a full window, in total
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -92,6 +105,9 @@ class Port:
         try:
             async with asyncio.timeout(timeout):
                 self.info = await self._welcome
+            window = self.info.get("credit_window") if isinstance(self.info, dict) else None
+            if type(window) is int and window > 0:
+                self._window = window
         except TimeoutError:
             raise PortError(f"{self.name}: no WELCOME from the fabric at {self.endpoint} "
                             f"within {timeout:.0f} s"
@@ -113,14 +129,66 @@ class Port:
     # -- sending -----------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        """Send one frame; never blocks, never loses it (queued on back-pressure)."""
+        """Send one frame; never blocks, never loses it (queued on back-pressure; with a full
+        credit window, held until the fabric has taken more)."""
+        if self._window:
+            if self._held is not None or self._sent - self._credited >= self._window:
+                self._hold(frame)
+                return
+            self._sent += 1
         self._sender.send(None, frame)
         self._reader.kick()
         if self.recent is not None:
             self.recent.append(frame)
 
     def backlog(self) -> int:
-        return self._sender.backlog() if self._sender else 0
+        return (self._sender.backlog() if self._sender else 0) + (len(self._held) if self._held else 0)
+
+    @property
+    def holding(self) -> bool:
+        """The credit window is full: what we send now waits (a vCPU that keeps storing should
+        ``await until_released()`` instead of piling frames up)."""
+        return self._held is not None
+
+    async def until_released(self) -> None:
+        if self._held is not None:
+            if self._release is None:
+                self._release = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._release)
+
+    def _hold(self, frame: bytes) -> None:
+        if self._held is None:
+            self._held = collections.deque()
+            self._held_since = asyncio.get_running_loop().time()
+            self.stalls += 1
+        self._held.append(frame)
+
+    def _on_credit(self, taken: int) -> None:
+        """CREDIT: the fabric has taken ``taken`` of our frames; send what the window allows."""
+        if taken <= self._credited:
+            return
+        self._credited = taken
+        held = self._held
+        if held is None:
+            return
+        room = self._window - (self._sent - taken)
+        sender = self._sender
+        if room > 0 and sender is not None and not self.sock.closed:
+            n = min(room, len(held))
+            self._sent += n
+            sender.cork()
+            for _ in range(n):
+                sender.send(None, held.popleft())
+            sender.flush()
+            self._reader.kick()
+        if held:
+            return
+        self._held = None
+        self.stalled_s += asyncio.get_running_loop().time() - self._held_since
+        if self._release is not None:
+            if not self._release.done():
+                self._release.set_result(None)
+            self._release = None
 
     async def reg(self, op: str, args: dict | None = None, timeout: float = 30.0) -> Any:
         """A privileged register operation on the fabric (host only); returns its result."""
@@ -157,10 +225,18 @@ class Port:
             self._ctl_waiters.pop(req_id, None)
 
     def reply(self, req_id: int, ok: bool, result: Any) -> None:
-        self.send(wire.ctl_rep(req_id, ok, result))
+        self._send_oob(wire.ctl_rep(req_id, ok, result))
 
     def event(self, kind: str, data: dict | None = None) -> None:
-        self.send(wire.event(self.name, kind, data or {}))
+        self._send_oob(wire.event(self.name, kind, data or {}))
+
+    def _send_oob(self, frame: bytes) -> None:
+        """Replies and events are the lab's instrumentation, not the vCPU's work: they never
+        wait for credits (the fabric passes them while it holds a throttled VM's frames)."""
+        if self._window:
+            self._sent += 1
+        self._sender.send(None, frame)
+        self._reader.kick()
 
     # -- receiving ---------------------------------------------------------
 
@@ -207,5 +283,11 @@ class Port:
             return
         if kind == wire.DROPPED:
             self.dropped_notices[msg[1]] = self.dropped_notices.get(msg[1], 0) + 1
+            return
+        if kind == wire.CREDIT:
+            if type(msg[1]) is int and self._window:
+                self._on_credit(msg[1])
+            else:
+                self.malformed += 1
             return
         self.on_message(msg)

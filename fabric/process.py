@@ -163,8 +163,29 @@ async def serve(endpoint: str, specs: dict[str, PeerSpec], platform: Platform,
     fabric.tracer.on = trace.requested()      # launch.py --trace: from the first frame
     done = loop.create_future()
 
+    wake_timer: list = [None, 0]          # the release timer (asyncio handle) and when it is due
+
+    def arm_release() -> None:
+        """Throttled guests (``Fabric.wake_ns``): one timer, at the earliest wake-up."""
+        due = fabric.wake_ns
+        if due is None or (wake_timer[0] is not None and wake_timer[1] <= due):
+            return
+        if wake_timer[0] is not None:
+            wake_timer[0].cancel()
+        wake_timer[1] = due
+        # uvloop's timers tick in milliseconds: never fire before the budget is back
+        wake_timer[0] = loop.call_later(max(0.0, (due - time.monotonic_ns()) / 1e9) + 0.001, on_wake)
+
+    def on_wake() -> None:
+        wake_timer[0] = None
+        fabric.release(time.monotonic_ns())
+        reader.kick()          # sends outside a drain can eat the socket's read edge
+        arm_release()
+
     def on_message(parts: list[bytes]) -> None:
         fabric.on_multipart(parts)
+        if fabric.wake_ns is not None:
+            arm_release()
         if fabric.gone_identities:
             for ident in fabric.gone_identities:
                 sender.drop(ident)

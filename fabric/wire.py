@@ -23,7 +23,10 @@ Frame layouts (msgpack arrays)::
     REFUSED   [3, reason:str]
     TLP       [10, tlp:bin, origin:int|nil, t_ns:int]      origin/t_ns: out-of-band provenance
                                                             of an interrupt MWr (device -> fabric
-                                                            -> receiver); the bus never reads them
+                                                            -> receiver); the bus never reads them.
+                                                            fabric -> device: a guest's store
+                                                            carries the guest's link number as
+                                                            origin (for WASTED), else nil
     IRQ       [11, apic_id:int, vector:int, origin:int|nil, t_ns:int, handle:int]
     REG       [20, seq:int, op:str, args:map]              privileged register write (host only)
     REG_ACK   [21, seq:int, ok:bool, result:any]
@@ -45,6 +48,14 @@ Frame layouts (msgpack arrays)::
                                                             bit, out of band like origin)
     DROPPED   [40, reason:str, count:int]                  the fabric tells a sender it dropped
                                                             one of its frames
+    CREDIT    [41, taken:int]                              fabric -> guest: the fabric has taken
+                                                            ``taken`` frames from it so far; a guest
+                                                            keeps at most ``credit_window`` (WELCOME)
+                                                            frames in flight beyond that
+    WASTED    [42, link:int, count:int]                    device -> fabric: ``count`` stores that
+                                                            came in a TLP message whose origin was
+                                                            ``link`` (a guest's, stamped by the
+                                                            fabric) rang a full work queue
 """
 
 from __future__ import annotations
@@ -66,6 +77,8 @@ CTL = 30
 CTL_REP = 31
 EVENT = 32
 DROPPED = 40
+CREDIT = 41
+WASTED = 42
 VMEXIT = 50
 VMENTRY = 51
 INJECT = 52
@@ -74,12 +87,12 @@ POSTED = 53
 MESSAGE_NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", REFUSED: "REFUSED", TLP: "TLP", IRQ: "IRQ",
     REG: "REG", REG_ACK: "REG_ACK", CTL: "CTL", CTL_REP: "CTL_REP", EVENT: "EVENT",
-    DROPPED: "DROPPED", VMEXIT: "VMEXIT", VMENTRY: "VMENTRY", INJECT: "INJECT", POSTED: "POSTED",
+    DROPPED: "DROPPED", CREDIT: "CREDIT", WASTED: "WASTED", VMEXIT: "VMEXIT", VMENTRY: "VMENTRY", INJECT: "INJECT", POSTED: "POSTED",
 }
 
 # Arity of each message (number of array elements including the type).
 _ARITY = {HELLO: 4, WELCOME: 4, REFUSED: 2, TLP: 4, IRQ: 6, REG: 4, REG_ACK: 4,
-          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3, VMEXIT: 5, VMENTRY: 5, INJECT: 6, POSTED: 3}
+          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3, CREDIT: 2, WASTED: 3, VMEXIT: 5, VMENTRY: 5, INJECT: 6, POSTED: 3}
 
 #: Frames larger than this are dropped unread by the fabric (a TLP is at most
 #: 4 KiB payload + 20 bytes of header and prefix; control replies are larger).
@@ -166,6 +179,14 @@ def event(name: str, kind: str, data: dict) -> bytes:
 
 def dropped(reason: str, count: int) -> bytes:
     return _packb([DROPPED, reason, count])
+
+
+def credit(taken: int) -> bytes:
+    return _packb([CREDIT, taken])
+
+
+def wasted(link: int, count: int) -> bytes:
+    return _packb([WASTED, link, count])
 
 
 def vmexit(vm: str, seq: int, reason: str, args: dict) -> bytes:

@@ -235,16 +235,25 @@ async def storm(shell, args: dict) -> dict:
     inst = _engine(shell)
     seconds = float(args.get("seconds", 2.0))
     batch = int(args.get("batch", 64))
-    end = time.monotonic() + seconds
+    rate = float(args.get("rate", 0) or 0)   # doorbells/s; 0: as fast as it can
+    t0 = time.monotonic()
+    end = t0 + seconds
     rung = 0
     w = shell.hw.mmio_write
     bell = inst.bar0 + DOORBELL
-    while time.monotonic() < end:
+    port = shell.port
+    stalls, stalled_s = port.stalls, port.stalled_s
+    while (now := time.monotonic()) < end:
+        if port.holding:             # no credits (the fabric throttles us): a stalled vCPU stores nothing
+            await port.until_released()
+            continue
         for _ in range(batch):
             w(bell, struct.pack("<I", rung & 0xFFFF_FFFF))
             rung += 1
-        await asyncio.sleep(0)       # let the interrupts in between
-    return {"doorbells": rung, "seconds": seconds}
+        ahead = rung / rate - (now - t0) if rate else 0.0
+        await asyncio.sleep(ahead if ahead > 0 else 0)   # let the interrupts in between
+    return {"doorbells": rung, "seconds": seconds, "stalls": port.stalls - stalls,
+            "stalled_s": round(port.stalled_s - stalled_s, 3)}
 
 
 async def campaign(shell, args: dict) -> dict:

@@ -215,6 +215,9 @@ class Lab:
                                     "platform": {"ir": plat.ir, "ir_entries": plat.ir_entries,
                                                  "pasid_ir": plat.pasid_ir, "posted": plat.posted,
                                                  "pasid_interrupts": plat.pasid_interrupts,
+                                                 "vm_frame_rate": plat.vm_frame_rate,
+                                                 "vm_frame_burst": plat.vm_frame_burst,
+                                                 "waste_penalty": plat.waste_penalty,
                                                  "max_bus": max_bus}})
 
         vms = []

@@ -139,6 +139,9 @@ class Platform:
     pasid_interrupts: bool = True   # the root complex accepts PASID-tagged interrupt requests
     vmm_unsafe_ims: bool = False    # a naive VMM: composes for memory IMS even when nothing can
                                     # check the message's origin beyond the RID (row 4-unsafe)
+    vm_frame_rate: int = 50_000     # frames/s each VM may send to the bus (0: no limit) ...
+    vm_frame_burst: int = 2_048     # ... in bursts of this many; over it, its vCPU is throttled
+    waste_penalty: int = 50         # frames charged for a store that rings a full work queue
 
 
 @dataclass(frozen=True)
@@ -529,6 +532,9 @@ _PLATFORM_KEYS: dict[str, _Checker] = {
     "pasid_ir": _Bool(),
     "pasid_interrupts": _Bool(),
     "vmm_unsafe_ims": _Bool(),
+    "vm_frame_rate": _Int(0, 10_000_000),
+    "vm_frame_burst": _Int(1, 1_000_000),
+    "waste_penalty": _Int(0, 1_000_000),
 }
 
 _DEVICE_KEYS: dict[str, _Checker] = {

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fabric import tlp as T
 from fabric import wire
-from fabric.bus import RC_TAGS, Fabric, PeerSpec, Platform
+from fabric.bus import CREDIT_WINDOW, RC_TAGS, Fabric, PeerSpec, Platform
 from fabric.dmar import FaultReason, FaultRecord, reason_string
 from fabric.ir import Irte, compose_compat, compose_remappable
 from fabric.tlp import CplStatus, Tlp, TlpType
@@ -195,7 +195,7 @@ def test_host_welcome_carries_platform_info() -> None:
 def test_guest_and_control_welcome() -> None:
     b = Bench(register=())
     b.frame(G1, wire.hello(TOKEN["g1"], "g1"))
-    assert b.one(G1) == [wire.WELCOME, 1, "g1", {"role": "guest", "name": "g1"}]
+    assert b.one(G1) == [wire.WELCOME, 1, "g1", {"role": "guest", "name": "g1", "credit_window": CREDIT_WINDOW}]
     b.frame(CTL, wire.hello(TOKEN["ctl"], "ctl"))
     out = b.take()
     assert out[0] == (CTL, [wire.WELCOME, 1, "ctl", {"role": "control", "name": "ctl"}])
@@ -1583,7 +1583,8 @@ def vm_bench(*, g2: bool = False, dma: bool = True) -> Bench:
     b = Bench(peer_specs=sp)
     if g2:
         b.frame(G2, wire.hello("tok-g2", "g2"))
-        assert b.take()[0] == (G2, [wire.WELCOME, 1, "g2", {"role": "guest", "name": "g2"}])
+        assert b.take()[0] == (G2, [wire.WELCOME, 1, "g2", {"role": "guest", "name": "g2",
+                                                             "credit_window": CREDIT_WINDOW}])
     b.reg_ok("window.set", {"base": VF_BAR, "size": 0x4000, "rid": D0_VF})
     b.reg_ok("ept.map", {"vm": "g1", "gpa": GBAR, "size": 0x2000, "kind": "mmio", "hpa": VF_BAR})
     b.reg_ok("ept.map", {"vm": "g1", "gpa": GTRAP, "size": 0x2000, "kind": "trap"})
@@ -1613,7 +1614,9 @@ def test_guest_passthrough_write_goes_to_the_hpa_stamped_by_the_root_complex() -
         b.tlp(G1, sent, origin=5, t_ns=6)
         msg = b.one(D0)
         expect = Tlp.mem_write(VF_BAR + off, b"\x01\x02\x03\x04", 0x0000)
-        assert msg == [wire.TLP, expect.pack(), None, 0]     # the guest's provenance is not passed on
+        # the guest's claimed provenance is not passed on: the origin is the fabric's link number
+        # for g1 (what a device's WASTED names), never what the guest wrote there
+        assert msg == [wire.TLP, expect.pack(), b.f.peers[G1].link, 0] and b.f.peers[G1].link != 5
         # Only the requester ID and the address changed.
         a, z = sent.pack(), msg[1]
         assert [i for i in range(len(a)) if a[i] != z[i]] and all(
@@ -2158,6 +2161,9 @@ def test_guest_read_that_does_not_parse_is_malformed_and_takes_no_rc_tag(gpa: in
     for _ in range(RC_TAGS + 1):
         b.tlp(G1, _unparseable_read(gpa))
     out = b.take()
+    credits = [m for _, m in out if m[0] == wire.CREDIT]     # dropped frames were taken: credited
+    assert credits == [[wire.CREDIT, 256]], credits
+    out = [(ident, m) for ident, m in out if m[0] != wire.CREDIT]
     assert all(ident == G1 and m[:2] == [wire.DROPPED, "malformed"] for ident, m in out), out[:3]
     assert b.c["drop:malformed"] == RC_TAGS + 1 and b.f.snapshot()["rc_tags_in_use"] == 0
     assert b.c["vmexit"] == 0 and b.c["ept:violation"] == 0 and b.c["rc:ur"] == 0
@@ -2235,8 +2241,10 @@ def test_random_guest_frames_reach_devices_only_through_ept_mmio(frames) -> None
     assert all(ident != D1 for ident, _ in out)
     assert len(to_devices) <= ept.mmio_hits
     for m in to_devices:
-        assert m[0] == wire.TLP and m[2:] == [None, 0], m
         ftype, off, rid, addr = T.peek(m[1])
+        # a store carries g1's link number (for the device's WASTED), a read nothing
+        write = ftype in (int(TlpType.MEM_WRITE), int(TlpType.MEM_WRITE_64))
+        assert m[0] == wire.TLP and m[2:] == [b.peer("g1").link if write else None, 0], m
         assert ftype in (int(TlpType.MEM_WRITE), int(TlpType.MEM_WRITE_64), int(TlpType.MEM_READ),
                          int(TlpType.MEM_READ_64)) and off == 0
         assert rid == 0x0000 and VF_BAR <= addr < VF_BAR + 0x2000
@@ -2264,7 +2272,7 @@ def test_random_guest_frames_reach_devices_only_through_ept_mmio(frames) -> None
     b.take()
     if not b.peer("g1").stalled:
         b.tlp(G1, Tlp.mem_write(GBAR, b"live"))
-        assert b.take()[-1] == (D0, [wire.TLP, Tlp.mem_write(VF_BAR, b"live").pack(), None, 0])
+        assert b.take()[-1] == (D0, [wire.TLP, Tlp.mem_write(VF_BAR, b"live").pack(), b.peer("g1").link, 0])
     b.tlp(D0, msi(D0_RID, 5), origin=D0_RID, t_ns=99)
     assert b.take() == [(HOST, [wire.IRQ, 2, 0x41, D0_RID, 99, 5])]
     _sent, got = _host_cfg_read(b, 0x0100, tag=1)

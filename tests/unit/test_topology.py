@@ -372,10 +372,10 @@ BAD: list[tuple[str, str]] = [
      "guest[0].behaviors: unknown key 'behaviors' (did you mean 'behaviours'?)"),
     ("[platform]\nzzz = 1\n" + D0,
      "platform.zzz: unknown key 'zzz' (known keys: ir, ir_entries, cpus, memory_mib, posted, "
-     "pasid_ir, pasid_interrupts, vmm_unsafe_ims)"),
+     "pasid_ir, pasid_interrupts, vmm_unsafe_ims, vm_frame_rate, vm_frame_burst, waste_penalty)"),
     ('[platform]\n"a b" = 1\n' + D0,
      'platform."a b": unknown key \'a b\' (known keys: ir, ir_entries, cpus, memory_mib, posted, '
-     "pasid_ir, pasid_interrupts, vmm_unsafe_ims)"),
+     "pasid_ir, pasid_interrupts, vmm_unsafe_ims, vm_frame_rate, vm_frame_burst, waste_penalty)"),
     # required things and shape
     ("[[device]]\nvfs = 1\n", "device[0].name: required key is missing"),
     ('[[guest]]\nname = "g1"\n', "device: at least one [[device]] is required"),

@@ -16,8 +16,9 @@ from fabric import wire
 def test_message_numbers_and_arity_are_stable() -> None:
     # The numbers are the protocol: changing one breaks every peer still running the old code.
     assert (wire.HELLO, wire.WELCOME, wire.REFUSED, wire.TLP, wire.IRQ, wire.REG, wire.REG_ACK,
-            wire.CTL, wire.CTL_REP, wire.EVENT, wire.DROPPED, wire.VMEXIT, wire.VMENTRY,
-            wire.INJECT, wire.POSTED) == (1, 2, 3, 10, 11, 20, 21, 30, 31, 32, 40, 50, 51, 52, 53)
+            wire.CTL, wire.CTL_REP, wire.EVENT, wire.DROPPED, wire.CREDIT, wire.WASTED, wire.VMEXIT,
+            wire.VMENTRY, wire.INJECT, wire.POSTED) == (1, 2, 3, 10, 11, 20, 21, 30, 31, 32, 40, 41, 42,
+                                                         50, 51, 52, 53)
     assert set(wire.MESSAGE_NAMES) == set(wire._ARITY)
     assert wire.PROTOCOL_VERSION == 1
     assert wire.MAX_DATA_FRAME < wire.MAX_CONTROL_FRAME
@@ -42,6 +43,8 @@ ENCODED = [
     (wire.ctl_rep(1, True, {"x": [1, 2]}), [wire.CTL_REP, 1, True, {"x": [1, 2]}]),
     (wire.event("g1", "breach", {"n": 1}), [wire.EVENT, "g1", "breach", {"n": 1}]),
     (wire.dropped("oversized", 4), [wire.DROPPED, "oversized", 4]),
+    (wire.credit(1500), [wire.CREDIT, 1500]),
+    (wire.wasted(2, 64), [wire.WASTED, 2, 64]),
     (wire.vmexit("", 3, "cpuid", {"leaf": 1}), [wire.VMEXIT, "", 3, "cpuid", {"leaf": 1}]),
     (wire.vmentry("g1", 3, True, [1, 2, 3, 4]), [wire.VMENTRY, "g1", 3, True, [1, 2, 3, 4]]),
     (wire.inject("g1", 0, 0x41, 0x101, 5), [wire.INJECT, "g1", 0, 0x41, 0x101, 5]),
@@ -97,6 +100,8 @@ def test_encoders_roundtrip_property(data) -> None:
         (wire.ctl_rep(n, b, v), [31, n, b, v]),
         (wire.event(t, t, m), [32, t, t, m]),
         (wire.dropped(t, n), [40, t, n]),
+        (wire.credit(n), [41, n]),
+        (wire.wasted(n, n), [42, n, n]),
     ]
     for frame, expected in cases:
         assert wire.decode(frame) == expected
