@@ -325,6 +325,9 @@ class Fabric:
         self._link_seq = itertools.count(1)
         self._throttled: dict[bytes, int] = {}            # identity -> wake-up time
         self.wake_ns: int | None = None
+        # posted descriptors with ON set while one multi-frame message is handled (see on_multipart)
+        self._batching = False
+        self._deferred: list[PostedDescriptor] = []
         self.counters: Counter = Counter()
         self.src_faults: Counter = Counter()              # (source RID, reason) -> count
         # DMA reads a guest's RAM owes a completion: (guest identity, requester RID, tag) -> count
@@ -434,8 +437,17 @@ class Fabric:
         if 2 < n <= wire.BATCH_MAX + 1:
             identity = parts[0]
             on_frame = self.on_frame
-            for i in range(1, n):
-                on_frame(identity, parts[i])
+            # Postings to a running vCPU while one message is handled collect in its PIR
+            # (ON set) and leave as one notification at the end: the interrupts a device
+            # coalesced into one message reach the vCPU in one posted-interrupt processing.
+            self._batching = True
+            try:
+                for i in range(1, n):
+                    on_frame(identity, parts[i])
+            finally:
+                self._batching = False
+                if self._deferred:
+                    self._notify_deferred()
             return
         peer = self.peers.get(parts[0]) if parts else None
         if peer is not None:
@@ -649,6 +661,17 @@ class Fabric:
         pid.posted += 1
         self.irqs_posted += 1
         pir = pid.pir
+        if self._batching and not pid.sn:
+            prev = pir.get(res.vector)
+            if prev is None:
+                pir[res.vector] = (origin, t_ns, 1)
+            else:
+                pir[res.vector] = (origin, t_ns, prev[2] + 1)
+                pid.merged += 1
+            if not pid.on:
+                pid.on = True                  # the notification goes at the end of the message
+                self._deferred.append(pid)
+            return
         if not pir and not pid.sn and not pid.on and self._send_posted(pid, [[res.vector, origin, t_ns, 1]]):
             # the common case, a running vCPU with nothing pending: the bit goes into PIR and
             # the notification takes it at once (no PIR bookkeeping on the hot path)
@@ -671,6 +694,14 @@ class Fabric:
                                                                 "pir": sorted(pir)})
             return
         self._notify(pid)
+
+    def _notify_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for pid in deferred:
+            if pid.on:
+                pid.on = False
+                if pid.pir and not pid.sn:
+                    self._notify(pid)
 
     def _notify(self, pid: PostedDescriptor) -> None:
         """Posted-interrupt processing: hand every PIR bit to the vCPU and clear ON (when its VM

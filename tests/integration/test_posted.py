@@ -121,8 +121,12 @@ async def test_descheduled_vcpu_holds_posted_interrupts_in_pir_until_it_runs(sta
     # all delivered, none lost, completions in order (each record visible before its interrupt)
     assert r["outcome"] == "delivered" and r["sent"] == r["interrupts"] == r["delivered"] == N, r
     assert r["lost"] == 0 and r["record_missing"] == 0, r
-    # the held postings were taken as one interrupt: inflight - 1 of them coalesced, not lost
-    assert report["oses"]["g1"]["posted_coalesced"] == inflight - 1, report["oses"]["g1"]
+    # the held postings were taken as one interrupt: inflight - 1 of them coalesced, not lost.
+    # Running, postings that reach the fabric in one bus message are coalesced the same way (one
+    # notification per message): every posting is an interrupt taken or one coalesced into it.
+    g1 = report["oses"]["g1"]
+    assert g1["posted_coalesced"] >= inflight - 1, g1
+    assert g1["irqs_received"] - before + g1["posted_coalesced"] == N, (before, g1)
     assert report["vms"]["g1"]["injected"] == 0 and report["vms"]["g1"]["descheduled"] == []
     (pid,) = [d for d in descriptors(await lab.call("fabric", "pids"), "g1") if d["vcpu"] == vcpu]
     assert not pid["sn"] and pid["pir"] == [] and pid["posted"] == N and pid["suppressed"] == inflight, pid

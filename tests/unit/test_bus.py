@@ -1218,6 +1218,29 @@ def test_posted_interrupt_reaches_the_vcpu_without_the_host() -> None:
     assert b.take() == [] and b.c["irq:posted_no_descriptor"] == 1
 
 
+def test_postings_in_one_bus_message_leave_as_one_notification() -> None:
+    """A device's coalesced message of interrupt MWrs: PIR collects them (ON set) and the vCPU
+    gets one POSTED at the end of the message, each bit with the postings it absorbed; a lone
+    frame is notified at once; a descheduled vCPU (SN) still holds them."""
+    b = Bench(Platform(posted=True))
+    b.program_ir()
+    pda = 0x1000_0040
+    b.reg_ok("pid.set", {"pda": pda, "vm": "g1", "vcpu": 1})
+    b.write_irte(5, Irte.posted(0x41, pda, D0_RID))
+    b.write_irte(6, Irte.posted(0x42, pda, D0_RID))
+    frames = [wire.tlp(msi(D0_RID, i).pack(), D0_RID, t) for i, t in ((5, 1), (6, 2), (5, 3), (5, 4))]
+    b.f.on_multipart([D0, *frames])
+    assert b.take() == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 4, 3], [0x42, D0_RID, 2, 1]]])]
+    pid = b.f.control("pids", {})[f"0x{pda:x}"]
+    assert (pid["posted"], pid["merged"], pid["notified"], pid["on"], pid["pir"]) == (4, 2, 1, False, [])
+    b.f.on_multipart([D0, frames[0]])                      # one frame: notified at once
+    assert b.take() == [(G1, [wire.POSTED, 1, [[0x41, D0_RID, 1, 1]]])]
+    b.reg_ok("pid.sn", {"pda": pda, "on": True})
+    b.f.on_multipart([D0, *frames])
+    assert [m for _, m in b.take() if m[0] == wire.POSTED] == []
+    assert b.f.control("pids", {})[f"0x{pda:x}"]["pir"] == [0x41, 0x42]
+
+
 def test_fpd_suppresses_the_report_but_still_blocks() -> None:
     b = Bench()
     b.program_ir()
