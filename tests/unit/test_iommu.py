@@ -559,13 +559,17 @@ def ref_translate(ref: dict[int, tuple[int, bool, bool]], addr: int, size: int, 
         if not (w if write else r):
             return ("fault", 0x05 if write else 0x06, max(addr, p * P))
     hpa0 = ref[pages[0]][0] + addr % P
-    for p in pages[1:]:
-        if ref[p][0] != ref[p - 1][0] + P:
-            return ("unclaimed", ref[p][0])
+    # rule 8: the bytes up to the first break in host contiguity are delivered from hpa0; the
+    # first HPA that cannot be delivered is the end of hpa0's range if that run crosses it,
+    # else the HPA after the break
+    brk = next((p for p in pages[1:] if ref[p][0] != ref[p - 1][0] + P), None)
+    run = n if brk is None else brk * P - addr
     for base, owner in ((0, "host"), (4 * GiB, "g1")):
         if base <= hpa0 < base + GiB:
-            if hpa0 + n > base + GiB:
+            if hpa0 + run > base + GiB:
                 return ("unclaimed", base + GiB)
+            if brk is not None:
+                return ("unclaimed", ref[brk][0])
             return ("ok", owner, hpa0 - base, hpa0)
     return ("unclaimed", hpa0)
 
