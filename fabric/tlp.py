@@ -589,14 +589,16 @@ class Tlp:
     def pack(self) -> bytes:
         """Serialize to wire bytes; raises ``TlpError`` if any field breaks the rules.
 
-        A dict lookup on ``type`` picks the packer for that kind (``_PACK``, below the class): it
-        takes the common TLP of its kind (plain ints and bools, no TC/Attr/TH bits, no digest),
-        checks each field with one comparison or leaves it to the encoding (a non-int raises
-        ``TypeError`` there, an out-of-range or negative value ``struct.error``) and encodes.
-        Anything else goes to ``_pack_general()``, which checks every kind inline and hands what
-        it does not vouch for to ``_pack_checked()``: ``validate()``, then the same encoding.  All
-        of it is sound, not complete (see ``_fast_valid``), so what ``pack()`` accepts and the
-        error it raises are ``validate()``'s."""
+        Three tiers, each sound (it returns bytes only for a TLP that ``validate()`` accepts, and
+        then exactly ``_pack_checked()``'s bytes), not complete:
+
+        1. the packer for the kind, picked by a dict lookup on ``type`` (``_PACK``, below the
+           class): the common TLP -- plain ints and bools, no TC/Attr/AT/TH/TD/EP/LN/PH, Tag
+           < 0x100 -- with one cheap test per field;
+        2. ``_pack_general()``: any kind and field values, every field checked inline;
+        3. ``_pack_checked()``: ``validate()``, which decides and names the rule, then encode.
+
+        So what ``pack()`` accepts and the error it raises are ``validate()``'s."""
         try:
             fast = _PACK[self.type]
         except (KeyError, TypeError):
@@ -607,18 +609,23 @@ class Tlp:
     def unpack(cls, buf: bytes | bytearray | memoryview) -> "Tlp":
         """Parse wire bytes (exactly one TLP); raises ``TlpError`` on anything malformed.
 
-        A dict lookup on byte 0 picks the decoder for that kind (``_DECODE``, below the class),
-        which takes the common well-formed TLP (no digest, no TC/Attr/TH/EP bits) and builds the
-        ``Tlp`` slot by slot; anything else, every error included, is ``_unpack_general()``'s."""
+        A dict lookup on byte 0 (after a PASID prefix: byte 4) picks the decoder for the kind
+        (``_DECODE``, below the class), which takes the common well-formed TLP (no digest, no
+        Tag[9:8]/TC/Attr/AT/TH/EP/LN bits) and builds the ``Tlp`` slot by slot, without the
+        25-argument ``__init__``.  Anything else, every error included, goes to
+        ``_unpack_general()``, which decides (and names the rule)."""
         try:
-            return _DECODE[buf[0]](cls, buf)
+            b0 = buf[0]
+            if b0 == PASID_PREFIX_BYTE0:
+                return _DECODE_PREFIXED[buf[4]](cls, buf)
+            return _DECODE[b0](cls, buf)
         except (LookupError, struct.error):  # empty or short buffer, a byte 0 without a decoder
             return cls._unpack_general(buf)
 
-
     def _pack_general(self) -> bytes:
-        """``pack()`` for what the per-type packers below do not take (set TC/Attr/TH bits, a
-        prefix with PMR/ER as 0/1 ints, ...), every kind in one function.
+        """``pack()``'s second tier, for what the per-kind packers below the class do not take
+        (TC/Attr/TH bits, a 10-bit tag, a prefix with PMR/ER as 0/1 ints, ...): every kind in one
+        function.
 
         It checks the common cases inline -- each field loaded once, plain ints and
         bools, ranges by shifts OR-ed into one value -- and encodes.  Anything else (an IntFlag
@@ -627,7 +634,10 @@ class Tlp:
         then the same encoding.  The inline checks are sound, not complete (see ``_fast_valid``),
         so what ``pack()`` accepts and the error it raises are ``validate()``'s."""
         t = self.type
-        info = _FAST.get(t)
+        try:
+            info = _FAST.get(t)
+        except TypeError:   # unhashable: validate() names it
+            info = None
         if info is None or type(t) is not TlpType:
             return self._pack_checked()
         kind, hlen, has_data, b0, h, hp = info
@@ -1057,72 +1067,118 @@ def _check_bes(name: str, fbe: int, lbe: int, length: int, qw_aligned: bool) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-kind packers and decoders (``Tlp.pack()`` / ``Tlp.unpack()`` dispatch on the type)
+# Per-kind packers and decoders: the first tier of ``Tlp.pack()`` / ``Tlp.unpack()``
 #
-# A packer must be sound: it returns bytes only for a TLP that ``validate()`` accepts, and then
-# exactly ``_pack_checked()``'s bytes; everything else goes to ``_pack_general()``.  How each
-# field is covered:
+# They take the common TLP of each kind -- every field a plain int/bool, no TC/Attr/AT/TH/TD/EP/
+# LN/PH, Tag < 0x100, no digest -- and hand everything else to the next tier.  A packer must be
+# sound: it returns bytes only for a TLP that ``validate()`` accepts, and then exactly
+# ``_pack_checked()``'s bytes.
 #
-# * fields the kind does not carry: one tuple comparison with their defaults, for the fields
-#   ``validate()`` only checks for truthiness or as flags (``==`` is its rule there), and
-#   ``is``-comparisons with the int 0 / False for those it checks as ints (a 0.0 or an IntEnum
-#   zero goes the long way, where ``validate()`` decides);
-# * ints: one comparison for the upper bound where the encoding would not catch it; a non-int
-#   raises ``TypeError`` in the shifts and ORs of the encoding, and a negative value or one too
-#   big for the field at the top of its DW makes that DW negative or >= 2**32 (2**64 for the
-#   4DW address), which ``struct`` refuses (``struct.error``);
-# * what is left over (a non-int that still shifts, e.g. a numpy integer) is caught by one
-#   ``type(...) is int`` on the OR of the encoded DWs.
+# In CPython 3.11 a shift, AND or OR of two ints is not specialized: it costs about as much as
+# four ``is`` tests, two ``struct`` items or four tuple subscripts.  So both directions let
+# ``struct`` cut the header at its byte boundaries (Requester/Completer ID, Tag, the BE byte,
+# Lower Address...) and use small tables for the rest.  A packer covers each field so:
+#
+# * fields that must be 0/False/None: ``is`` with the int 0 itself (small ints are shared),
+#   False, None or ``CplStatus.SC`` -- stricter than ``validate()`` (a 0.0, 0/1 for a flag or an
+#   IntEnum zero goes to the next tier, where ``validate()`` decides in the end);
+# * ``struct`` ``B``/``H``/``I``/``Q`` items: ``struct`` refuses a negative or too big value
+#   (``struct.error``) and anything without ``__index__`` (``TypeError``);
+# * the other bounds: one comparison, or a table without an entry (0/None) for a bad value;
+# * a non-int with ``__index__`` (a numpy integer...) would pass all that: one chained
+#   ``type(a) is ... is int`` over the fields encoded.
+#
+# A decoder needs no type or range checks (every field is cut out of the header): only the
+# reserved bits and the rules between fields.
 
-_Z = 0   # `field is _Z`: the int 0 itself (small ints are shared objects)
+_Z = 0   # `field is _Z`: the int 0 itself
 _ONE = 1
 _new = object.__new__
-_BE_MULTI = frozenset(l << 4 | f for f in _FIRST_CONTIG for l in _LAST_CONTIG)
-_CFG_UNUSED = (False, None, 0, False, 0, 0, None, False, False, False, False, 0)
-_CPL_UNUSED = (0, 0, 0, 0, None, False, False, False, None, False)
-_STATUS_BY_CODE = tuple(_STATUS.get(c) for c in range(8))
-_PACK_ERRORS = (TypeError, struct.error)
+_PACK_ERRORS = (TypeError, IndexError, struct.error)   # IndexError: an index beyond a table
+
+# page offset -> the most DWs a memory request may carry from there: 0 unless DW aligned, and no
+# 4 KiB crossing (2.2.7.1).  Also "is this a DW-aligned register offset" for config requests.
+_MAX_DW = tuple(0 if off & 3 else (0x1000 - off) >> 2 for off in range(0x1000))
+
+
+def _be_table(ok) -> tuple:
+    """[last_be][first_be] -> the BE byte, or None where ``ok`` says no; 32 x 32, so that an index
+    -32..-1 lands on a None too (further out: IndexError)."""
+    return tuple(tuple(l << 4 | f if l < 16 and f < 16 and ok(f, l) else None for f in range(32))
+                 for l in range(32))
+
+
+_BE_1DW = _be_table(lambda f, l: l == 0)                                      # 2.2.5.1
+_BE_NDW = _be_table(lambda f, l: f in _FIRST_CONTIG and l in _LAST_CONTIG)    # contiguous
+# BE byte of a multi-DW request -> (first_be, last_be) if contiguous, else None
+_BE_NDW_SPLIT = tuple((b & 0xF, b >> 4) if _BE_NDW[b >> 4][b & 0xF] is not None else None
+                      for b in range(256))
+# PASID prefix byte 1 -> (PMR, ER, PASID[19:16] << 16), None if reserved bits 5:4 are set
+_PREFIX_BYTE1 = tuple(None if b & 0x30 else (b & 0x80 != 0, b & 0x40 != 0, (b & 0xF) << 16)
+                      for b in range(256))
+# Completion DW1 bits 15:12 -> (Status, BCM), None for a reserved status
+_STATUS_BCM = tuple(None if _STATUS.get(n >> 1) is None else (_STATUS[n >> 1], n & 1 != 0) for n in range(16))
+_STATUS_BITS = {s: s << 13 for s in CplStatus}   # Status -> its bits of DW1[15:0]
+
+# Memory request: Fmt/Type, byte 1 (T9 TC T8 A2 LN TH), TD|EP|Attr[1:0]|AT|Length, Requester ID,
+# Tag, Last|First BE, address (3DW: Address[31:2] | PH; 4DW: Address[63:2] | PH); a prefix DW first
+_MEM3, _MEM4 = struct.Struct(">BxHHBBI"), struct.Struct(">BxHHBBQ")
+_PMEM3, _PMEM4 = struct.Struct(">IBxHHBBI"), struct.Struct(">IBxHHBBQ")
+# ... decoded after a dispatch on byte 0 (so skipped), and after the prefix's byte 0 (0x91)
+_DMEM3, _DMEM4 = struct.Struct(">xBHHBBI"), struct.Struct(">xBHHBBQ")
+_DPMEM3, _DPMEM4 = struct.Struct(">xBHxBHHBBI"), struct.Struct(">xBHxBHHBBQ")
+# Config request: DW0, Requester ID, Tag, Last|First BE, target ID, DW2[15:0] (register)
+_CFG_HDR = struct.Struct(">IHBBHH")
+_DCFG = struct.Struct(">xBHHBBHH")
+# Completion: Fmt/Type, byte 1, TD|EP|Attr[1:0]|AT|Length, Completer ID, Status|BCM|Byte Count,
+# Requester ID, Tag, R|Lower Address
+_CPL_HDR = struct.Struct(">BxHHHHBB")
+_DCPL = struct.Struct(">xBHHHHBB")
 
 
 def _mem_packer(t: TlpType, hlen: int, has_data: bool):
-    b0 = int(t) << 24
-    h, hp = (_H4, _P4) if hlen == 16 else (_H3, _P3)
-    lo = _FOUR_GIB if hlen == 16 else 0   # 3DW below 4 GiB, 4DW at/above (the top: struct)
+    b0 = int(t)
+    wide = hlen == 16   # 3DW below 4 GiB (the top: struct's I), 4DW at/above
+    h, hp = (_MEM4, _PMEM4) if wide else (_MEM3, _PMEM3)
 
     def pack(self: Tlp) -> bytes:
-        tag = self.tag
         length = self.length
         addr = self.address
-        fbe = self.first_be
-        lbe = self.last_be
         data = self.data
         try:
-            if ((self.td, self.bcm, self.digest, self.completer_id, self.status, self.byte_count,
-                 self.lower_address) != _MEM_UNUSED
-                    or self.tc is not _Z or self.attr is not _Z or self.at is not _Z or self.ph is not _Z
-                    or self.th is not False or self.ep is not False or self.ln is not False
-                    or tag >= 0x100 or length <= 0 or addr & 3 or addr < lo
-                    or (addr & 0xFFF) + (length << 2) > 0x1000
-                    or (lbe or fbe >= 16 if length == 1 else fbe not in _FIRST_CONTIG or lbe not in _LAST_CONTIG)
-                    or (type(data) is not bytes or len(data) != length << 2 if has_data else data != b"")):
+            if (self.tc is not _Z or self.attr is not _Z or self.at is not _Z or self.ph is not _Z
+                    or self.th is not False or self.td is not False or self.ep is not False or self.ln is not False
+                    or self.completer_id is not _Z or self.status is not _SC or self.bcm is not False
+                    or self.byte_count is not _Z or self.lower_address is not _Z or self.digest is not None
+                    or not 0 < length <= _MAX_DW[addr & 0xFFF] or (wide and addr < _FOUR_GIB)
+                    or (type(data) is not bytes or len(data) != length * 4 if has_data else data != b"")):
                 return self._pack_general()
-            dw0 = b0 | length & 0x3FF
-            dw1 = self.requester_id << 16 | tag << 8 | lbe << 4 | fbe
+            fbe = self.first_be
+            lbe = self.last_be
+            # (a QW-aligned 2 DW request's non-contiguous BEs: the next tier)
+            be = (_BE_1DW if length == 1 else _BE_NDW)[lbe][fbe]
+            rid = self.requester_id
+            tag = self.tag
+            if be is None or not (type(rid) is type(tag) is type(fbe) is type(lbe) is type(length) is type(addr)
+                                  is int):
+                return self._pack_general()
             pasid = self.pasid
+            pmr = self.pmr
+            er = self.er
             if pasid is None:
-                if self.pmr is not False or self.er is not False or type(dw0 | dw1 | addr) is not int:
+                if pmr is not False or er is not False:
                     return self._pack_general()
-                hdr = h.pack(dw0, dw1, addr)
+                hdr = h.pack(b0, length if length < 1024 else 0, rid, tag, be, addr)
             else:
-                pmr = self.pmr
-                er = self.er
-                if (pasid >= 0x10_0000 or (pmr is not False and pmr is not True)
-                        or (er is not False and (has_data or er is not True))):
+                if type(pasid) is not int or pasid >= 0x10_0000:
                     return self._pack_general()
-                pdw = 0x9100_0000 | pmr << 23 | er << 22 | pasid
-                if type(pdw | dw0 | dw1 | addr) is not int:
+                if pmr is False and er is False:
+                    pdw = 0x9100_0000 | pasid
+                elif (pmr is True or pmr is False) and (er is False or er is True and not has_data):
+                    pdw = 0x9100_0000 | pmr << 23 | er << 22 | pasid   # ER: untranslated MRd only
+                else:
                     return self._pack_general()
-                hdr = hp.pack(pdw, dw0, dw1, addr)
+                hdr = hp.pack(pdw, b0, length if length < 1024 else 0, rid, tag, be, addr)
         except _PACK_ERRORS:
             return self._pack_general()
         return hdr + data if has_data else hdr
@@ -1131,26 +1187,27 @@ def _mem_packer(t: TlpType, hlen: int, has_data: bool):
 
 
 def _cfg_packer(t: TlpType, has_data: bool):
-    b0 = int(t) << 24 | 1   # Length 1
+    dw0 = int(t) << 24 | 1   # Length 1
 
     def pack(self: Tlp) -> bytes:
-        tag = self.tag
-        addr = self.address
         fbe = self.first_be
+        reg = self.address
         data = self.data
         try:
-            if ((self.td, self.digest, self.status, self.bcm, self.byte_count, self.lower_address,
-                 self.pasid, self.pmr, self.er, self.th, self.ln, self.ph) != _CFG_UNUSED
-                    or self.tc is not _Z or self.attr is not _Z or self.at is not _Z
-                    or self.last_be is not _Z or self.length is not _ONE or self.ep is not False
-                    or tag >= 0x100 or fbe >= 16 or addr & ~0xFFC
+            if (self.tc is not _Z or self.attr is not _Z or self.at is not _Z or self.ph is not _Z
+                    or self.th is not False or self.td is not False or self.ep is not False or self.ln is not False
+                    or self.last_be is not _Z or self.length is not _ONE or self.status is not _SC
+                    or self.bcm is not False or self.byte_count is not _Z or self.lower_address is not _Z
+                    or self.digest is not None or self.pasid is not None or self.pmr is not False
+                    or self.er is not False or fbe >= 16 or not _MAX_DW[reg]   # DW aligned, < 0x1000
                     or (type(data) is not bytes or len(data) != 4 if has_data else data != b"")):
                 return self._pack_general()
-            dw1 = self.requester_id << 16 | tag << 8 | fbe
-            dw2 = self.completer_id << 16 | addr
-            if type(dw1 | dw2) is not int:
+            rid = self.requester_id
+            tag = self.tag
+            cid = self.completer_id
+            if not (type(rid) is type(tag) is type(fbe) is type(cid) is type(reg) is int):
                 return self._pack_general()
-            hdr = _H3.pack(b0, dw1, dw2)
+            hdr = _CFG_HDR.pack(dw0, rid, tag, fbe, cid, reg)   # (a negative reg: struct)
         except _PACK_ERRORS:
             return self._pack_general()
         return hdr + data if has_data else hdr
@@ -1159,31 +1216,36 @@ def _cfg_packer(t: TlpType, has_data: bool):
 
 
 def _cpl_packer(t: TlpType, has_data: bool):
-    b0 = int(t) << 24
+    b0 = int(t)
 
     def pack(self: Tlp) -> bytes:
-        tag = self.tag
         length = self.length
-        status = self.status
         bc = self.byte_count
         la = self.lower_address
         data = self.data
         try:
-            if ((self.first_be, self.last_be, self.address, self.ph, self.pasid, self.pmr, self.er,
-                 self.td, self.digest, self.th) != _CPL_UNUSED
-                    or self.tc is not _Z or self.attr is not _Z or self.at is not _Z
-                    or self.ln is not False or self.ep is not False or self.bcm is not False
-                    or tag >= 0x100 or la >= 0x80 or not 0 < bc <= 4096
-                    or (status is not _SC or type(data) is not bytes or not 0 < length <= 1024
-                        or len(data) != length << 2 or length << 2 > (la & 3) + bc + 3
-                        if has_data else type(status) is not CplStatus or length is not _Z or data != b"")):
+            if (self.tc is not _Z or self.attr is not _Z or self.at is not _Z or self.ph is not _Z
+                    or self.th is not False or self.td is not False or self.ep is not False or self.ln is not False
+                    or self.first_be is not _Z or self.last_be is not _Z or self.address is not _Z
+                    or self.bcm is not False or self.digest is not None or self.pasid is not None
+                    or self.pmr is not False or self.er is not False or la >= 0x80 or not 0 < bc <= 4096):
                 return self._pack_general()
-            dw0 = b0 | length & 0x3FF
-            dw1 = self.completer_id << 16 | status << 13 | bc & 0xFFF
-            dw2 = self.requester_id << 16 | tag << 8 | la
-            if type(dw0 | dw1 | dw2) is not int:
+            status = self.status
+            if has_data:
+                if (status is not _SC or type(data) is not bytes or not 0 < length <= 1024
+                        or len(data) != length * 4 or length * 4 > (la & 3) + bc + 3):
+                    return self._pack_general()
+                sbc = bc if bc < 4096 else 0
+            else:
+                if type(status) is not CplStatus or length is not _Z or data != b"":
+                    return self._pack_general()
+                sbc = _STATUS_BITS[status] | (bc if bc < 4096 else 0)
+            rid = self.requester_id
+            tag = self.tag
+            cid = self.completer_id
+            if not (type(rid) is type(tag) is type(cid) is type(bc) is type(la) is type(length) is int):
                 return self._pack_general()
-            hdr = _H3.pack(dw0, dw1, dw2)
+            hdr = _CPL_HDR.pack(b0, length if length < 1024 else 0, cid, sbc, rid, tag, la)
         except _PACK_ERRORS:
             return self._pack_general()
         return hdr + data if has_data else hdr
@@ -1191,29 +1253,40 @@ def _cpl_packer(t: TlpType, has_data: bool):
     return pack
 
 
-# A decoder takes the common well-formed TLP of its kind and builds the ``Tlp`` without
-# ``__init__`` (each slot set once); anything else goes to ``Tlp._unpack_general()``, which
-# decides and raises.  Its fields are cut out of the header, so their types and ranges are
-# right by construction: only the rules between fields are checked.
+def _mem_decoder(t: TlpType, hlen: int, has_data: bool, prefixed: bool):
+    wide = hlen == 16   # 3DW below 4 GiB, 4DW at/above
+    hs = (_DPMEM4 if wide else _DPMEM3) if prefixed else (_DMEM4 if wide else _DMEM3)
+    start = hlen + 4 if prefixed else hlen
 
-
-def _mem_decoder(t: TlpType, hlen: int, has_data: bool):
-    hs = _H4 if hlen == 16 else _H3
-    lo = _FOUR_GIB if hlen == 16 else 0
-
-    def decode(cls, buf, off=0, pasid=None, pmr=False, er=False):
-        dw0, dw1, dw2 = hs.unpack_from(buf, off)
-        length = dw0 & 0x3FF or 1024
-        start = off + hlen
-        end = start + (length << 2) if has_data else start
-        lbe = dw1 >> 4 & 0xF
-        # no Tag[9:8], TC, Attr, LN, TH, TD, EP or AT bits; PH 0; 3DW/4DW by address; no 4 KiB
-        # crossing; BEs by 2.2.5.1 (QW-aligned 2 DW non-contiguous: the general path)
-        if (len(buf) != end or dw0 & 0xFF_FC00 or dw2 & 3 or dw2 < lo
-                or (dw2 & 0xFFF) + (length << 2) > 0x1000
-                or (lbe if length == 1 else dw1 & 0xFF not in _BE_MULTI)
-                or (er and has_data)):
+    def decode(cls, buf):
+        if prefixed:
+            p1, plo, b1, hw, rid, tag, be, addr = hs.unpack_from(buf)
+            prefix = _PREFIX_BYTE1[p1]
+            if prefix is None:
+                return cls._unpack_general(buf)
+            pmr, er, phi = prefix
+            if er and has_data:   # ER: MRd only (AT is 0 here)
+                return cls._unpack_general(buf)
+        else:
+            b1, hw, rid, tag, be, addr = hs.unpack_from(buf)
+        # no Tag[9:8], TC, IDO, LN, TH (byte 1) or TD, EP, Attr[1:0], AT (above Length)
+        if b1 or hw >= 0x400:
             return cls._unpack_general(buf)
+        length = hw or 1024
+        end = start + length * 4 if has_data else start
+        # _MAX_DW: PH 0, no 4 KiB crossing
+        if len(buf) != end or length > _MAX_DW[addr & 0xFFF] or (wide and addr < _FOUR_GIB):
+            return cls._unpack_general(buf)
+        if length == 1:
+            if be >= 16:   # Last BE must be 0
+                return cls._unpack_general(buf)
+            fbe = be
+            lbe = 0
+        else:
+            split = _BE_NDW_SPLIT[be]   # (a QW-aligned 2 DW request's non-contiguous BEs: general)
+            if split is None:
+                return cls._unpack_general(buf)
+            fbe, lbe = split
         if has_data:
             data = buf[start:end]
             if type(data) is not bytes:
@@ -1222,8 +1295,8 @@ def _mem_decoder(t: TlpType, hlen: int, has_data: bool):
             data = b""
         o = _new(cls)
         o.type = t
-        o.requester_id = dw1 >> 16
-        o.tag = dw1 >> 8 & 0xFF
+        o.requester_id = rid
+        o.tag = tag
         o.tc = 0
         o.attr = 0
         o.at = 0
@@ -1232,9 +1305,9 @@ def _mem_decoder(t: TlpType, hlen: int, has_data: bool):
         o.ep = False
         o.ln = False
         o.length = length
-        o.first_be = dw1 & 0xF
+        o.first_be = fbe
         o.last_be = lbe
-        o.address = dw2
+        o.address = addr
         o.ph = 0
         o.completer_id = 0
         o.status = _SC
@@ -1243,9 +1316,14 @@ def _mem_decoder(t: TlpType, hlen: int, has_data: bool):
         o.lower_address = 0
         o.data = data
         o.digest = None
-        o.pasid = pasid
-        o.pmr = pmr
-        o.er = er
+        if prefixed:
+            o.pasid = phi | plo
+            o.pmr = pmr
+            o.er = er
+        else:
+            o.pasid = None
+            o.pmr = False
+            o.er = False
         return o
 
     return decode
@@ -1255,9 +1333,9 @@ def _cfg_decoder(t: TlpType, has_data: bool):
     size = 16 if has_data else 12
 
     def decode(cls, buf):
-        dw0, dw1, dw2 = _H3.unpack_from(buf)
-        # DW0 = Fmt/Type | Length 1, nothing else; Last BE 0; DW2 reserved bits 0
-        if len(buf) != size or dw0 & 0xFF_FFFF != 1 or dw1 & 0xF0 or dw2 & 0xF003:
+        b1, hw, rid, tag, be, cid, reg = _DCFG.unpack_from(buf)
+        # DW0 = Fmt/Type | Length 1, nothing else; Last BE 0; DW2 bits 15:12 and 1:0 reserved
+        if len(buf) != size or b1 or hw != 1 or be >= 16 or reg >= 0x1000 or not _MAX_DW[reg]:
             return cls._unpack_general(buf)
         if has_data:
             data = buf[12:16]
@@ -1267,8 +1345,8 @@ def _cfg_decoder(t: TlpType, has_data: bool):
             data = b""
         o = _new(cls)
         o.type = t
-        o.requester_id = dw1 >> 16
-        o.tag = dw1 >> 8 & 0xFF
+        o.requester_id = rid
+        o.tag = tag
         o.tc = 0
         o.attr = 0
         o.at = 0
@@ -1277,11 +1355,11 @@ def _cfg_decoder(t: TlpType, has_data: bool):
         o.ep = False
         o.ln = False
         o.length = 1
-        o.first_be = dw1 & 0xF
+        o.first_be = be
         o.last_be = 0
-        o.address = dw2 & 0xFFC
+        o.address = reg
         o.ph = 0
-        o.completer_id = dw2 >> 16
+        o.completer_id = cid
         o.status = _SC
         o.bcm = False
         o.byte_count = 0
@@ -1299,20 +1377,27 @@ def _cfg_decoder(t: TlpType, has_data: bool):
 def _cpl_decoder(t: TlpType, has_data: bool):
 
     def decode(cls, buf):
-        dw0, dw1, dw2 = _H3.unpack_from(buf)
-        bc = dw1 & 0xFFF or 4096
-        la = dw2 & 0x7F
-        if has_data:
-            length = dw0 & 0x3FF or 1024
-            status = _SC if not dw1 & 0xE000 else None
-            ok = len(buf) == 12 + (length << 2) and length << 2 <= (la & 3) + bc + 3
-        else:
-            length = dw0 & 0x3FF   # must be 0 (Reserved)
-            status = _STATUS_BY_CODE[dw1 >> 13 & 7]
-            ok = len(buf) == 12 and not length
-        # no Tag[9:8], TC, Attr, LN, TH, TD, EP or AT bits; DW2 bit 7 reserved
-        if not ok or status is None or dw0 & 0xFF_FC00 or dw2 & 0x80:
+        b1, hw, cid, sbc, rid, tag, la = _DCPL.unpack_from(buf)
+        # no Tag[9:8], TC, IDO, LN, TH, TD, EP, Attr[1:0], AT; DW2 bit 7 reserved
+        if b1 or hw >= 0x400 or la >= 0x80:
             return cls._unpack_general(buf)
+        if has_data:
+            length = hw or 1024
+            bc = sbc or 4096
+            # Status SC and BCM 0 (BCM set: the general path); the payload fits Byte Count
+            if sbc >= 0x1000 or len(buf) != 12 + length * 4 or length * 4 > (la & 3) + bc + 3:
+                return cls._unpack_general(buf)
+            status = _SC
+            bcm = False
+        else:
+            if hw or len(buf) != 12:   # Length is Reserved
+                return cls._unpack_general(buf)
+            status_bcm = _STATUS_BCM[sbc >> 12]
+            if status_bcm is None:
+                return cls._unpack_general(buf)
+            status, bcm = status_bcm
+            length = 0
+            bc = sbc & 0xFFF or 4096
         if has_data:
             data = buf[12:]
             if type(data) is not bytes:
@@ -1321,8 +1406,8 @@ def _cpl_decoder(t: TlpType, has_data: bool):
             data = b""
         o = _new(cls)
         o.type = t
-        o.requester_id = dw2 >> 16
-        o.tag = dw2 >> 8 & 0xFF
+        o.requester_id = rid
+        o.tag = tag
         o.tc = 0
         o.attr = 0
         o.at = 0
@@ -1335,9 +1420,9 @@ def _cpl_decoder(t: TlpType, has_data: bool):
         o.last_be = 0
         o.address = 0
         o.ph = 0
-        o.completer_id = dw1 >> 16
+        o.completer_id = cid
         o.status = status
-        o.bcm = dw1 & 0x1000 != 0
+        o.bcm = bcm
         o.byte_count = bc
         o.lower_address = la
         o.data = data
@@ -1350,22 +1435,14 @@ def _cpl_decoder(t: TlpType, has_data: bool):
     return decode
 
 
-def _decode_prefixed(cls, buf):
-    """Byte 0 = 0x91: the PASID prefix, then a memory request (anything else: general path)."""
-    pdw = _DW.unpack_from(buf)[0]
-    decode = _DECODE_MEM.get(buf[4])
-    if decode is None or pdw & _PREFIX_RSVD:
-        return cls._unpack_general(buf)
-    return decode(cls, buf, 4, pdw & 0xF_FFFF, pdw & _PREFIX_PMR != 0, pdw & _PREFIX_ER != 0)
-
-
 _PACK: dict[TlpType, object] = {}
-_DECODE: dict[int, object] = {PASID_PREFIX_BYTE0: _decode_prefixed}
-_DECODE_MEM: dict[int, object] = {}
+_DECODE: dict[int, object] = {}
+_DECODE_PREFIXED: dict[int, object] = {}   # byte 4 after a PASID prefix -> decoder
 for _t, _kind, _hlen, _has_data, _name in _INFO.values():
     if _kind == _MEM:
         _PACK[_t] = _mem_packer(_t, _hlen, _has_data)
-        _DECODE[_t.value] = _DECODE_MEM[_t.value] = _mem_decoder(_t, _hlen, _has_data)
+        _DECODE[_t.value] = _mem_decoder(_t, _hlen, _has_data, False)
+        _DECODE_PREFIXED[_t.value] = _mem_decoder(_t, _hlen, _has_data, True)
     elif _kind == _CFG:
         _PACK[_t] = _cfg_packer(_t, _has_data)
         _DECODE[_t.value] = _cfg_decoder(_t, _has_data)
