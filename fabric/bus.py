@@ -97,6 +97,7 @@ CREDIT_BATCH = CREDIT_WINDOW // 4
 #: frames a throttled VM may still send (they never wait): replies and events, the lab's
 #: instrumentation (msgpack: fixarray byte, then the type as a positive fixint)
 _OOB_TYPES = frozenset({bytes([wire.CTL_REP]), bytes([wire.EVENT])})
+_BATCH_PREFIX = wire.BATCH_PREFIX
 #: VM exit reasons only the fabric generates (EPT traps and violations); a guest may not claim them
 _FABRIC_EXITS = frozenset({"mmio", "ept_violation"})
 
@@ -432,8 +433,26 @@ class Fabric:
         ``BATCH_MAX`` coalesced frames handled in order; anything else is malformed."""
         n = len(parts)
         if n == 2:
-            self.on_frame(parts[0], parts[1])
-            return
+            frame = parts[1]
+            if frame[:2] != _BATCH_PREFIX:
+                self.on_frame(parts[0], frame)
+                return
+            identity = parts[0]
+            peer = self.peers.get(identity)
+            if peer is None:
+                self.counters["drop:unregistered"] += 1
+                return
+            limit = wire.MAX_CONTROL_FRAME if peer.spec.role in ("host", "control") else wire.MAX_BATCH_FRAME
+            try:
+                if len(frame) > limit:
+                    raise wire.WireError("oversized")
+                frames = wire.unbatch(frame)
+            except wire.WireError:
+                peer.rx += 1
+                self._drop(peer, "malformed")
+                return
+            parts = [identity, *frames]
+            n = len(parts)
         if 2 < n <= wire.BATCH_MAX + 1:
             identity = parts[0]
             on_frame = self.on_frame

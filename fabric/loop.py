@@ -22,6 +22,7 @@ from typing import Callable
 import zmq
 
 from fabric.wire import BATCH_MAX
+from fabric.wire import batch as batch_frame
 
 #: Coalescing on (the default) or off (``IRQLAB_COALESCE=0`` in the environment, inherited by
 #: every process a Lab starts: bench/ compares both).
@@ -122,11 +123,10 @@ class QueuedSender:
     identity for a ROUTER, ``None`` for a DEALER.
 
     *Coalescing.*  Between ``cork()`` and ``flush()`` (``SocketReader`` brackets each
-    drain with them) frames are collected per destination and leave as one ZeroMQ
-    message per destination whose parts are the frames, in order (at most
-    ``BATCH_MAX`` per message).  A multipart message is delivered whole or not at all
-    and one peer's messages stay in order, so per-source ordering holds across batches.
-    Receivers treat every part as a frame of its own.
+    drain with them) frames are collected per destination and leave as one BATCH frame
+    per destination (``fabric.wire.batch``: the frames in order, at most ``BATCH_MAX``).
+    One peer's messages stay in order, so per-source ordering holds across batches.
+    Receivers handle every frame of a BATCH as a frame of its own.
     """
 
     RETRY_S = 0.0005
@@ -136,7 +136,7 @@ class QueuedSender:
         self._loop = loop
         self._sock = sock
         self._router = router
-        # each queued item is one message: a frame (bytes) or a batch (list of frames)
+        # each queued item is one message: a frame or a BATCH of frames (bytes)
         self._pending: dict[bytes | None, collections.deque] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._on_unroutable = on_unroutable
@@ -168,7 +168,9 @@ class QueuedSender:
                 if len(chunk) > 1:
                     self.batches += 1
                     self.batched_frames += len(chunk)
-                self._send_msg(key, chunk if len(chunk) > 1 else chunk[0])
+                    self._send_msg(key, batch_frame(chunk))
+                else:
+                    self._send_msg(key, chunk[0])
 
     def send(self, key: bytes | None, frame: bytes) -> None:
         batch = self._batch
@@ -181,7 +183,7 @@ class QueuedSender:
             return
         self._send_msg(key, frame)
 
-    def _send_msg(self, key: bytes | None, msg: "bytes | list[bytes]") -> None:
+    def _send_msg(self, key: bytes | None, msg: bytes) -> None:
         q = self._pending.get(key)
         if q is not None:
             q.append(msg)
@@ -191,24 +193,12 @@ class QueuedSender:
             self.queued += 1
             self._arm()
 
-    def _try(self, key: bytes | None, msg: "bytes | list[bytes]") -> bool:
+    def _try(self, key: bytes | None, msg: bytes) -> bool:
         sock = self._sock
         try:
-            if type(msg) is bytes:
-                if self._router:
-                    sock.send(key, _NOBLOCK_SNDMORE)
-                sock.send(msg, _NOBLOCK)
-                return True
-            # a batch: once the first part is accepted, the rest of the message is too
             if self._router:
-                sock.send(key, _NOBLOCK_SNDMORE)
-                for part in msg[:-1]:
-                    sock.send(part, _NOBLOCK_SNDMORE)
-            else:
-                sock.send(msg[0], _NOBLOCK_SNDMORE)
-                for part in msg[1:-1]:
-                    sock.send(part, _NOBLOCK_SNDMORE)
-            sock.send(msg[-1], _NOBLOCK)
+                sock.send(key, _NOBLOCK_SNDMORE)   # once accepted, the frame part is too
+            sock.send(msg, _NOBLOCK)
             return True
         except zmq.Again:
             return False
@@ -237,16 +227,18 @@ class QueuedSender:
             self._arm()
 
     def backlog(self) -> int:
-        """Frames waiting (queued on back-pressure, or collected and not yet flushed)."""
-        n = sum(len(m) if type(m) is list else 1 for q in self._pending.values() for m in q)
+        """Messages waiting (queued on back-pressure, a BATCH counting one) and frames collected
+        and not yet flushed."""
+        n = sum(len(q) for q in self._pending.values())
         if self._batch:
             n += sum(len(f) for f in self._batch.values())
         return n
 
     def drop(self, key: bytes | None) -> int:
-        """Forget everything queued for ``key`` (the peer is gone); returns how many frames."""
+        """Forget everything queued for ``key`` (the peer is gone); returns how many messages
+        (a BATCH counting one) and collected frames."""
         q = self._pending.pop(key, None)
-        n = sum(len(m) if type(m) is list else 1 for m in q) if q else 0
+        n = len(q) if q else 0
         if self._batch:
             n += len(self._batch.pop(key, ()))
         return n

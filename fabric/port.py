@@ -20,6 +20,9 @@ from fabric import wire
 from fabric.loop import QueuedSender, SocketReader
 
 
+_BATCH_PREFIX = wire.BATCH_PREFIX
+
+
 class PortError(RuntimeError):
     """The bus refused or failed a request of ours (registration, REG, CTL)."""
 
@@ -241,9 +244,20 @@ class Port:
     # -- receiving ---------------------------------------------------------
 
     def _dispatch(self, parts: list[bytes]) -> None:
-        """One message: a frame, or up to ``BATCH_MAX`` frames coalesced by the fabric."""
+        """One message: a frame, a BATCH of frames coalesced by the fabric, or (the older
+        form) up to ``BATCH_MAX`` frames as its parts."""
         if len(parts) == 1:
-            self._dispatch_frame(parts[0])
+            frame = parts[0]
+            if frame[:2] == _BATCH_PREFIX:
+                try:
+                    frames = wire.unbatch(frame)
+                except wire.WireError:
+                    self.malformed += 1
+                    return
+                for f in frames:
+                    self._dispatch_frame(f)
+            else:
+                self._dispatch_frame(frame)
         elif len(parts) <= wire.BATCH_MAX:
             for frame in parts:
                 self._dispatch_frame(frame)

@@ -301,8 +301,10 @@ def to_chrome(dumps: Iterable[dict], meta: dict | None = None) -> dict:
                 continue
             # a hop: a slice that ends before the next event of this track begins (slices on one
             # track must nest), and the flow event in its middle, bound to it
-            nxt = evs[order[n + 1]][0] if n + 1 < len(order) else t_ns + SLICE_NS
-            dur = max(min(SLICE_NS, nxt - t_ns), 0)
+            nxt = evs[order[n + 1]][0] if n + 1 < len(order) else t_ns + SLICE_NS + 1
+            # 1 ns short of the next event: in microseconds (floats) ts + dur could round past it
+            # when events are under SLICE_NS apart (a coalesced batch)
+            dur = max(min(SLICE_NS, nxt - t_ns - 1), 0)
             sargs = _fmt_args(e)
             sargs["flow"] = f"0x{fid:x}"
             events.append({"name": ename, "cat": cat, "ph": "X", "ts": ts, "dur": dur / 1000.0,

@@ -454,6 +454,30 @@ def test_coalesced_frames_are_handled_in_order_each_on_its_own() -> None:
     assert b.peer("d0").drops == {"malformed": 1} and b.c["drop:multipart"] == 0
 
 
+def test_a_batch_frame_is_its_frames_one_by_one_and_a_bad_batch_is_dropped_whole() -> None:
+    b = Bench()
+    frames = [wire.event("d0", f"k{i}", {"i": i}) for i in range(wire.BATCH_MAX)]
+    frames[5] = b"\xc1 not msgpack"
+    b.f.on_multipart([D0, wire.batch(frames)])
+    got = b.take()
+    assert [m for ident, m in got if ident == CTL] == \
+        [[wire.EVENT, "d0", f"k{i}", {"i": i}] for i in range(wire.BATCH_MAX) if i != 5]
+    assert [m for ident, m in got if ident == D0] == [[wire.DROPPED, "malformed", 1]]
+    assert b.peer("d0").rx == wire.BATCH_MAX
+    for bad in (wire._packb([wire.BATCH, frames + frames[:1]]),          # 65 frames
+                wire._packb([wire.BATCH, [frames[0], wire.batch(frames[:2])]]),   # nested
+                wire.BATCH_PREFIX + b"\xff"):                             # not msgpack
+        b.f.on_multipart([D0, bad])
+        assert [m for ident, m in b.take() if ident == CTL] == []       # nothing of it ran
+    assert b.peer("d0").drops["malformed"] == 4
+    # a guest's batch may not exceed BATCH_MAX data frames in bytes either
+    big = wire._packb([wire.BATCH, [bytes(wire.MAX_DATA_FRAME)] * 2]) + bytes(wire.MAX_BATCH_FRAME)
+    b.f.on_multipart([G1, big])
+    assert b.peer("g1").drops["malformed"] == 1
+    b.f.on_multipart([STRANGER, wire.batch(frames[:2])])
+    assert b.c["drop:unregistered"] == 1
+
+
 def test_dropped_notices_are_exponentially_spaced_per_reason() -> None:
     b = Bench()
     notices = []

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from fabric.loop import QueuedSender, SocketReader
-from fabric.wire import BATCH_MAX
+from fabric.wire import BATCH_MAX, BATCH_PREFIX, unbatch
 
 WAIT_MS = 5000
 
@@ -63,8 +63,10 @@ async def test_corked_sends_coalesce_per_destination_in_order(pair):
     assert qs.backlog() == len(frames), "collected, not sent, until flush"
     qs.flush()
     assert not qs.corked and qs.backlog() == 0
-    first, second = dealer.recv_multipart(), dealer.recv_multipart()
-    assert first == frames[:BATCH_MAX] and second == frames[BATCH_MAX:]
+    (first,), (second,) = dealer.recv_multipart(), dealer.recv_multipart()
+    # one BATCH frame per message: the frames, in order, at most BATCH_MAX in each
+    assert first[:2] == second[:2] == BATCH_PREFIX
+    assert unbatch(first) == frames[:BATCH_MAX] and unbatch(second) == frames[BATCH_MAX:]
     assert qs.batches == 2 and qs.batched_frames == len(frames)
 
 
@@ -98,7 +100,8 @@ async def test_reader_corks_its_sender_for_one_drain(pair):
     try:
         async with asyncio.timeout(WAIT_MS / 1000):
             await done.wait()
-        assert dealer.recv_multipart() == [b"echo:m%d" % i for i in range(5)]
+        (batch,) = dealer.recv_multipart()
+        assert unbatch(batch) == [b"echo:m%d" % i for i in range(5)]
         done.clear()
         dealer.send(b"late")
         reader.kick()
@@ -131,7 +134,8 @@ async def test_back_pressure_queues_batches_and_keeps_order(pair):
     all_in = asyncio.Event()
 
     def on_message(parts: list[bytes]) -> None:
-        received.extend(parts)
+        (frame,) = parts
+        received.extend(unbatch(frame) if frame[:2] == BATCH_PREFIX else [frame])
         if len(received) >= len(sent):
             all_in.set()
 

@@ -226,8 +226,26 @@ def test_dense_events_get_slices_that_never_overlap():
                      {"process": "host", "events": ends, "dropped": 0}])
     assert check_chrome_trace(doc) == []
     d0 = [e for e in doc["traceEvents"] if e["pid"] == 1 and e["ph"] == "X"]
-    assert all(x["dur"] == pytest.approx(0.1) for x in d0)         # cut at the next instant
+    assert all(x["dur"] == pytest.approx(0.099) for x in d0)       # cut 1 ns short of the next instant
     assert len(_flows(doc)) == 50
+
+
+def test_dense_slices_far_from_t0_never_round_past_the_next_event():
+    """Microsecond floats: ts + dur of a slice cut at the next event must not pass it, however
+    far from t0 (a coalesced batch in a long run: the fabric's hops 50-300 ns apart)."""
+    import random
+    rng = random.Random(5)
+    events, ends = [], []
+    t = 490_883_578_123
+    for i in range(2000):
+        t += rng.randrange(1, 400)
+        events.append(_hop(t, "t", "IR posted" if i % 2 else "coalesced in PIR", "ir", flow_id(0x100, i)))
+        ends.append(_hop(t + 10_000_000, "f", "IRQ handler", "irq", flow_id(0x100, i)))
+    starts = [_hop(1_000 + i, "s", "interrupt MWr", "irq", flow_id(0x100, i)) for i in range(2000)]
+    doc = to_chrome([{"process": "d0", "events": starts, "dropped": 0},
+                     {"process": "fabric", "events": events, "dropped": 0},
+                     {"process": "g1", "events": ends, "dropped": 0}])
+    assert check_chrome_trace(doc) == []
 
 
 def test_args_are_formatted_the_way_engineers_read_them():

@@ -45,6 +45,7 @@ ENCODED = [
     (wire.dropped("oversized", 4), [wire.DROPPED, "oversized", 4]),
     (wire.credit(1500), [wire.CREDIT, 1500]),
     (wire.wasted(2, 64), [wire.WASTED, 2, 64]),
+    (wire.batch([b"a", b"b"]), [wire.BATCH, [b"a", b"b"]]),
     (wire.vmexit("", 3, "cpuid", {"leaf": 1}), [wire.VMEXIT, "", 3, "cpuid", {"leaf": 1}]),
     (wire.vmentry("g1", 3, True, [1, 2, 3, 4]), [wire.VMENTRY, "g1", 3, True, [1, 2, 3, 4]]),
     (wire.inject("g1", 0, 0x41, 0x101, 5), [wire.INJECT, "g1", 0, 0x41, 0x101, 5]),
@@ -273,3 +274,18 @@ def test_typed_views_only_wire_error(fields: list) -> None:
             continue
         for value, t in zip(out, types):
             assert type(value) in (t if isinstance(t, tuple) else (t,)), (view.__name__, out)
+
+
+def test_batch_roundtrip_and_refusals() -> None:
+    frames = [wire.tlp(bytes(range(16)), 5, 6), wire.event("d0", "ready", {}), wire.credit(3)]
+    raw = wire.batch(frames)
+    assert raw[:2] == wire.BATCH_PREFIX and wire.unbatch(raw) == frames
+    assert wire.unbatch(wire.batch(frames * 21 + [frames[0]])) == frames * 21 + [frames[0]]   # 64
+    for bad in ([frames[0]],                          # one frame is not a batch
+                frames * 22,                          # 66 > BATCH_MAX
+                [frames[0], "text"],                  # not bytes
+                [frames[0], wire.batch(frames)]):     # nested
+        with pytest.raises(wire.WireError):
+            wire.unbatch(wire._packb([wire.BATCH, bad]))
+    with pytest.raises(wire.WireError):
+        wire.unbatch(wire._packb([wire.BATCH, 7]))
