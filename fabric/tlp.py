@@ -600,10 +600,9 @@ class Tlp:
 
         So what ``pack()`` accepts and the error it raises are ``validate()``'s."""
         try:
-            fast = _PACK[self.type]
-        except (KeyError, TypeError):
+            return _PACK[self.type](self)
+        except (KeyError, TypeError):  # not a supported type (an unhashable one too): validate() names it
             return self._pack_checked()
-        return fast(self)
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview) -> "Tlp":

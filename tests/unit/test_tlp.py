@@ -511,6 +511,7 @@ BAD_FIELDS = [
     (CPL, dict(type=T.CPL_DATA, length=2, data=bytes(8)), "exceeds byte_count=4"),
     (CPL, dict(type=0x30), "is not a supported TlpType"),
     (CPL, dict(type="CPL"), "is not a supported TlpType"),
+    (CPL, dict(type=[0x0A]), "is not a supported TlpType"),
 ]
 
 
