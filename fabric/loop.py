@@ -144,6 +144,7 @@ class QueuedSender:
         self.queued = 0  # messages that ever had to wait
         self.batches = 0  # messages that carried more than one frame
         self.batched_frames = 0
+        self.messages = 0  # messages sent (or queued), a BATCH counting one
 
     @property
     def corked(self) -> bool:
@@ -184,6 +185,7 @@ class QueuedSender:
         self._send_msg(key, frame)
 
     def _send_msg(self, key: bytes | None, msg: bytes) -> None:
+        self.messages += 1
         q = self._pending.get(key)
         if q is not None:
             q.append(msg)

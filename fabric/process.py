@@ -217,7 +217,9 @@ async def serve(endpoint: str, specs: dict[str, PeerSpec], platform: Platform,
     if auth is not None:
         auth.stop()
     ctx.term()
-    print(f"fabric: stopped ({why}); {fabric.tlps} TLPs, {fabric.irqs_delivered} interrupts delivered",
+    frames = sender.messages - sender.batches + sender.batched_frames
+    print(f"fabric: stopped ({why}); {fabric.tlps} TLPs, {fabric.irqs_delivered} interrupts delivered; "
+          f"sent {frames} frames in {sender.messages} messages ({sender.batches} batches)",
           file=sys.stderr, flush=True)
 
 
