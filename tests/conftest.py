@@ -6,11 +6,25 @@ The lab fixture is irqlab's own pytest plugin (``irqlab/pytest_plugin.py``, regi
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 from hypothesis import HealthCheck, settings
 
 from irqlab.pytest_plugin import _alive, irqlab_topology  # noqa: F401  (_alive: test_launch.py)
 from irqlab.topology import Topology
+
+# The suite starts several hundred Python processes (every lab's fabric, devices, host and
+# guests; launch.py; the plugin tests' own pytest runs).  With PYTHONDONTWRITEBYTECODE set
+# (containers often set it) each of them would compile the project from source again, and
+# pytest would rewrite every test module again in each run and worker: ~20% of the suite's
+# CPU.  The bytecode goes where Python puts it by default (``__pycache__``, ignored by git).
+# Set here, in the first conftest pytest loads: before the test modules are imported and
+# before pytest-xdist starts its workers, which inherit the environment.
+if sys.dont_write_bytecode or os.environ.get("PYTHONDONTWRITEBYTECODE"):
+    sys.dont_write_bytecode = False
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # Two shared cores and process-level tests next door: Hypothesis's per-example deadline and
 # its "too slow" health check would measure the machine's load, not the code.  Property
@@ -18,6 +32,17 @@ from irqlab.topology import Topology
 settings.register_profile("irqlab", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("irqlab")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): one pytest-xdist worker per core, plus one.  The process
+    tests spend part of their time waiting -- for a boot, for the stall that proves a silent
+    loss, for a timeout that must expire, for a launcher to exit -- and the extra worker runs
+    other tests meanwhile (on 2 cores, 3 workers keep both cores busy where 2 left them idle
+    a sixth of the time).  ``-n 0`` runs everything in one process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores + 1
+
 
 #: Case 1 only: no guests, so the host drives the PF and both VFs itself.
 CASE1 = {"guest": []}
