@@ -35,12 +35,23 @@ def project_processes() -> dict[int, tuple[int, str]]:
     return out
 
 
+def started_by(pid: int, launcher_pid: int) -> bool:
+    """Whether the lab process ``pid`` was started by the launcher ``launcher_pid`` (the Lab
+    marks each child's environment with IRQLAB_PARENT_PID)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"IRQLAB_PARENT_PID={launcher_pid}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def left_behind(before: set[int], launcher_pid: int) -> dict[int, tuple[int, str]]:
     """Processes of ours that appeared since ``before`` and outlived the launcher ``launcher_pid``:
-    still its children, or orphans (reparented).  Other engineers' labs on this machine have
-    their own live launchers as parents, so they do not count."""
+    still its children, or orphans (reparented) that it started.  Other labs on this machine
+    (other engineers', other pytest-xdist workers') have their own launchers, live or dead, so
+    they do not count."""
     return {pid: (ppid, cmd) for pid, (ppid, cmd) in project_processes().items()
-            if pid not in before and (ppid == launcher_pid or not _alive(ppid) or ppid == 1)}
+            if pid not in before and (ppid == launcher_pid or started_by(pid, launcher_pid))}
 
 
 async def test_default_run_reports_every_function_and_exits_0():
