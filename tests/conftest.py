@@ -44,6 +44,26 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return cores + 1
 
 
+#: The modules with the suite's longest tests (a user's whole pytest run, a matrix group of six
+#: labs, a Hypothesis state machine, a launcher whose fabric dies, a timeout that must expire).
+RUN_FIRST = ("integration/test_plugin.py", "integration/test_matrix.py", "unit/test_fuzz_isolation.py",
+             "integration/test_launch.py", "integration/test_tcp_curve.py", "integration/test_recovery.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest first: the RUN_FIRST modules, then the other process tests, then the unit tests.
+    pytest-xdist hands the tests out in this order, one at a time as a worker frees up
+    (pyproject: ``--dist load --maxschedchunk 1``), so the long ones start early side by side
+    and the run ends with short tests on every worker, not with one long test on one worker
+    while the others idle.  Only the order changes, never which tests run."""
+    def rank(item) -> int:
+        module = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        if module in RUN_FIRST:
+            return RUN_FIRST.index(module)
+        return len(RUN_FIRST) + (0 if module.startswith("integration/") else 1)
+    items.sort(key=rank)             # stable: the order inside each module is kept
+
+
 #: Case 1 only: no guests, so the host drives the PF and both VFs itself.
 CASE1 = {"guest": []}
 
