@@ -171,9 +171,11 @@ def test_a_failing_user_test_leaves_no_process(tmp_path):
 # (c) a test stopped by pytest-timeout still reaps
 
 
+# the run: interrupts flow (50 work items a second per function) until the timeout stops the
+# test; unthrottled it would spend ~10 s of both cores on traffic nobody looks at
 @pytest.mark.parametrize("wait", [
     'await lab.wait_event("never-happens", "g1", timeout=600)',
-    "await lab.run(per_function=10_000_000, inflight=4, timeout_s=600)",
+    "await lab.run(per_function=10_000_000, inflight=4, rate=50, timeout_s=600)",
 ], ids=["wait_event", "run"])
 def test_a_timed_out_user_test_leaves_no_process(tmp_path, wait):
     user = textwrap.dedent(f'''
