@@ -179,11 +179,14 @@ class Port:
         if room > 0 and sender is not None and not self.sock.closed:
             n = min(room, len(held))
             self._sent += n
-            sender.cork()
+            corked = sender.corked              # inside a drain: its flush sends them
+            if not corked:
+                sender.cork()
             for _ in range(n):
                 sender.send(None, held.popleft())
-            sender.flush()
-            self._reader.kick()
+            if not corked:
+                sender.flush()
+                self._reader.kick()
         if held:
             return
         self._held = None
