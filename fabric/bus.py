@@ -681,12 +681,7 @@ class Fabric:
         self.irqs_posted += 1
         pir = pid.pir
         if self._batching and not pid.sn:
-            prev = pir.get(res.vector)
-            if prev is None:
-                pir[res.vector] = (origin, t_ns, 1)
-            else:
-                pir[res.vector] = (origin, t_ns, prev[2] + 1)
-                pid.merged += 1
+            self._pir_set(pid, res.vector, origin, t_ns)
             if not pid.on:
                 pid.on = True                  # the notification goes at the end of the message
                 self._deferred.append(pid)
@@ -695,12 +690,7 @@ class Fabric:
             # the common case, a running vCPU with nothing pending: the bit goes into PIR and
             # the notification takes it at once (no PIR bookkeeping on the hot path)
             return
-        prev = pir.get(res.vector)
-        if prev is None:
-            pir[res.vector] = (origin, t_ns, 1)
-        else:
-            pir[res.vector] = (origin, t_ns, prev[2] + 1)
-            pid.merged += 1
+        self._pir_set(pid, res.vector, origin, t_ns)
         if pid.on:
             return
         if pid.sn and not res.urgent:
@@ -713,6 +703,16 @@ class Fabric:
                                                                 "pir": sorted(pir)})
             return
         self._notify(pid)
+
+    @staticmethod
+    def _pir_set(pid: PostedDescriptor, vector: int, origin: int | None, t_ns: int) -> None:
+        """Set PIR[vector]; a bit already set absorbs the posting (the latest provenance wins)."""
+        prev = pid.pir.get(vector)
+        if prev is None:
+            pid.pir[vector] = (origin, t_ns, 1)
+        else:
+            pid.pir[vector] = (origin, t_ns, prev[2] + 1)
+            pid.merged += 1
 
     def _notify_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
