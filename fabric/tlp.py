@@ -1454,6 +1454,24 @@ for _t, _kind, _hlen, _has_data, _name in _INFO.values():
 # Router fast path
 
 
+def mem_write_raw(address: int, data: bytes, requester_id: int = 0) -> bytes | None:
+    """``Tlp.mem_write(address, data, requester_id).pack()`` without building a ``Tlp``, for a
+    CPU's stores on the hot path (doorbells, head pointers): whole DWs at a DW-aligned address
+    inside one 4 KiB page, tag 0, no PASID.  ``None`` for anything else (use ``Tlp.mem_write``).
+    Same bytes either way (test_tlp.py checks it)."""
+    if type(data) is not bytes or type(address) is not int or type(requester_id) is not int:
+        return None
+    n = len(data)
+    if (address & 3 or n & 3 or not n or (address & 0xFFF) + n > 0x1000 or address < 0 or address >> 64
+            or not 0 <= requester_id <= 0xFFFF):
+        return None
+    ndw = n >> 2
+    dw1 = requester_id << 16 | (0x0F if ndw == 1 else 0xFF)
+    if address < 0x1_0000_0000:
+        return _H3.pack(0x4000_0000 | (ndw & 0x3FF), dw1, address) + data
+    return _H4.pack(0x6000_0000 | (ndw & 0x3FF), dw1, address) + data
+
+
 def peek(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
     """Check framing and return ``(byte0, hdr_offset, id, key)`` without building a ``Tlp``.
 

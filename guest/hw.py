@@ -15,7 +15,7 @@ import itertools
 from fabric import hypercall as hc
 from fabric import wire
 from fabric.port import Port
-from fabric.tlp import CplStatus, Tlp
+from fabric.tlp import CplStatus, Tlp, mem_write_raw
 
 EXIT_TIMEOUT_S = 30.0
 
@@ -85,7 +85,8 @@ class GuestHardware:
     # -- MMIO --------------------------------------------------------------------
 
     def mmio_write(self, addr: int, data: bytes) -> None:
-        self.port.send(wire.tlp(Tlp.mem_write(addr, data).pack()))
+        raw = mem_write_raw(addr, data)             # a doorbell's bytes, without a Tlp object
+        self.port.send(wire.tlp(raw if raw is not None else Tlp.mem_write(addr, data).pack()))
 
     async def mmio_read(self, addr: int, size: int) -> bytes | None:
         while not self._free_tags:

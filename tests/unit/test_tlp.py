@@ -910,3 +910,31 @@ def test_unpack_fast_paths_agree_byte_by_byte():
                 got, ref = _outcome(Tlp.unpack, b), _outcome(Tlp._unpack_general, b)
                 assert (got[0], _typed(got[1]) if got[0] == "ok" else got) == \
                     (ref[0], _typed(ref[1]) if ref[0] == "ok" else ref)
+
+
+# -- mem_write_raw: a CPU store's bytes without a Tlp object ------------------------------------
+
+@settings(max_examples=400, deadline=None)
+@given(address=st.one_of(st.integers(0, (1 << 32) - 1), st.integers(1 << 32, (1 << 64) - 1),
+                         st.integers(0xFFFF_F000, 0x1_0000_0FFF)),
+       data=st.one_of(st.binary(min_size=1, max_size=80), st.sampled_from([bytes(4096), b"\x01" * 4])),
+       requester_id=st.one_of(st.just(0), st.integers(0, 0xFFFF)))
+def test_mem_write_raw_is_mem_write_packed_or_declines(address, data, requester_id) -> None:
+    from fabric.tlp import mem_write_raw
+    raw = mem_write_raw(address, data, requester_id)
+    fits = (address % 4 == 0 and len(data) % 4 == 0 and (address & 0xFFF) + len(data) <= 0x1000)
+    if not fits:
+        assert raw is None          # anything else goes through Tlp.mem_write
+        return
+    assert raw == Tlp.mem_write(address, data, requester_id).pack()
+    assert Tlp.unpack(raw).data == data
+
+
+def test_mem_write_raw_declines_what_it_does_not_cover() -> None:
+    from fabric.tlp import mem_write_raw
+    assert mem_write_raw(0x1000, bytearray(4)) is None              # not bytes
+    assert mem_write_raw(-4, bytes(4)) is None
+    assert mem_write_raw(1 << 64, bytes(4)) is None
+    assert mem_write_raw(0x1000, bytes(4), 0x10000) is None
+    assert mem_write_raw(0x1000, b"") is None
+    assert mem_write_raw(0xFFC, bytes(8)) is None                   # crosses a 4 KiB page
