@@ -646,7 +646,10 @@ class Lab:
         self._stopped = True
         alive = [c for c in self.children.values() if c.proc.returncode is None]
         status = ShutdownStatus.POLITE
-        if alive and self.port is not None:
+        # Shutdown requests travel through the fabric: with the fabric dead nobody can carry
+        # them (each would wait out its timeout), so it is SIGTERM straight away.
+        fabric_up = any(c.role == "fabric" for c in alive)
+        if alive and self.port is not None and fabric_up:
             order = [c for c in alive if c.role != "fabric"] + [c for c in alive if c.role == "fabric"]
             for c in order:
                 c.expected_exit = True
