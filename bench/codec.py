@@ -49,8 +49,9 @@ def _cocotbext():
     return ctlp, PcieId
 
 
-def to_cocotbext(x: Tlp):
-    """cocotbext's Tlp with the same fields (no prefix: it has none)."""
+def to_cocotbext(x: Tlp, data: bytes | None = None):
+    """cocotbext's Tlp with the same fields (no prefix: it has none); ``data`` instead of
+    ``x.data`` if given (tests/unit/test_tlp_cocotbext.py passes the payload with its digest)."""
     ctlp, PcieId = _cocotbext()
     c = ctlp.Tlp()
     c.fmt_type = ctlp.TlpType[x.type.name]
@@ -66,7 +67,7 @@ def to_cocotbext(x: Tlp):
     c.completer_id = PcieId.from_int(x.completer_id)
     c.status = ctlp.CplStatus(int(x.status))
     c.bcm, c.byte_count, c.lower_address = x.bcm, x.byte_count, x.lower_address
-    c.data = bytearray(x.data)
+    c.data = bytearray(x.data if data is None else data)
     return c
 
 

@@ -59,7 +59,6 @@ class Port:
         self.name = name
         self._token = token
         self._ctx = ctx or zmq.Context.instance()
-        self._own_ctx = ctx is None and False
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.RCVHWM, hwm)

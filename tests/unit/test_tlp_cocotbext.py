@@ -47,6 +47,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.codec import to_cocotbext
 from fabric.tlp import CplStatus, Tlp, TlpError, TlpType
 
 T = TlpType
@@ -150,23 +151,8 @@ def _tail(x: Tlp) -> bytes:
 
 
 def _to_cocotbext(cx, x: Tlp):
-    ctlp, PcieId = cx
-    c = ctlp.Tlp()
-    c.fmt_type = ctlp.TlpType[x.type.name]
-    c.requester_id = PcieId.from_int(x.requester_id)
-    c.tag = x.tag
-    c.tc = ctlp.TlpTc(x.tc)
-    c.attr = ctlp.TlpAttr(x.attr)
-    c.at = ctlp.TlpAt(x.at)
-    c.th, c.td, c.ep, c.ln = x.th, x.td, x.ep, x.ln
-    c.length = x.length
-    c.first_be, c.last_be = x.first_be, x.last_be
-    c.address, c.ph = x.address, x.ph
-    c.completer_id = PcieId.from_int(x.completer_id)
-    c.status = ctlp.CplStatus(int(x.status))
-    c.bcm, c.byte_count, c.lower_address = x.bcm, x.byte_count, x.lower_address
-    c.data = bytearray(_tail(x))
-    return c
+    """The bench's converter (bench.codec.to_cocotbext), with the payload and digest as sent."""
+    return to_cocotbext(x, data=_tail(x))
 
 
 def _fields_of_ours(x: Tlp) -> dict:
