@@ -549,7 +549,7 @@ class Fabric:
         if peer.tokens >= 1.0 or frame[1:2] in _OOB_TYPES:
             peer.tokens -= 1.0
             return True
-        wait_ns = int((1.0 - peer.tokens) * 1e9 / self.platform.vm_frame_rate) + 1
+        wait_ns = self._until_one_frame(peer)
         peer.stalled = THROTTLED
         if peer.backlog is None:
             peer.backlog = deque()
@@ -563,6 +563,16 @@ class Fabric:
         # Nothing is said: its frames are not taken, so no CREDIT comes and its vCPU stalls.
         return False
 
+    def _until_one_frame(self, peer: Peer) -> int:
+        """Nanoseconds until a throttled guest's budget is back to one frame."""
+        return int((1.0 - peer.tokens) * 1e9 / self.platform.vm_frame_rate) + 1
+
+    def _run_backlog(self, peer: Peer) -> None:
+        """A stalled guest runs again: its held frames, in order, until it stalls again."""
+        backlog = peer.backlog
+        while backlog and not peer.stalled:
+            self.on_frame(peer.identity, backlog.popleft())
+
     def release(self, now: int) -> None:
         """Shell timer (at ``wake_ns``): throttled guests whose budget is back run their
         backlog, in order, until it is empty or they run out again."""
@@ -575,13 +585,10 @@ class Fabric:
                 continue                       # gone meanwhile
             self._refill(peer, now)
             if peer.tokens < 1.0:              # a penalty arrived meanwhile: wait for it too
-                wake = now + int((1.0 - peer.tokens) * 1e9 / self.platform.vm_frame_rate) + 1
-                self._throttled[identity] = wake
+                self._throttled[identity] = now + self._until_one_frame(peer)
                 continue
             peer.stalled = 0
-            backlog = peer.backlog
-            while backlog and not peer.stalled:
-                self.on_frame(peer.identity, backlog.popleft())
+            self._run_backlog(peer)
         self.wake_ns = min(self._throttled.values()) if self._throttled else None
 
     def _wasted(self, peer: Peer, msg: list) -> None:
@@ -1003,9 +1010,7 @@ class Fabric:
             # The end of a trapped store: the vCPU resumes, its queued frames run in order.
             if guest.stalled == seq:
                 guest.stalled = 0
-                backlog = guest.backlog
-                while backlog and not guest.stalled:
-                    self.on_frame(guest.identity, backlog.popleft())
+                self._run_backlog(guest)
             return
         self.send(guest.identity, wire.vmentry(vm, seq, bool(ok), result))
 
