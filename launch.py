@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--per-function", type=int, metavar="N", help="override workload.per_function")
     run.add_argument("--inflight", type=int, metavar="N", help="override workload.inflight")
     run.add_argument("--rate", type=float, metavar="R", help="override workload.rate (doorbells/s per function)")
+    run.add_argument("--burst", type=int, metavar="N",
+                     help="override workload.burst: interrupts each work item raises (1..256, the "
+                          "engine's interrupt generator)")
     run.add_argument("--views", action="store_true",
                      help="also print every OS's /proc/interrupts, irq-domain hierarchy, lspci -vv, ADIs and "
                           "boot log, and the fabric's DMAR fault log and interrupt remapping table")
@@ -317,6 +320,9 @@ async def _run(args, console) -> int:
             print(f"launch.py: --{opt.replace('_', '-')} must be >= {0 if opt == 'per_function' else 1}",
                   file=sys.stderr)
             return EXIT_USAGE
+    if args.burst is not None and not 1 <= args.burst <= 256:
+        print("launch.py: --burst must be 1..256", file=sys.stderr)
+        return EXIT_USAGE
 
     if args.trace:
         why = _trace_path_problem(args.trace)
@@ -339,7 +345,7 @@ async def _run(args, console) -> int:
             progress(f"booted: host {lab.boot_info.get('cpuid')}, {len(topo.guests)} guests; "
                      f"running {per:,} interrupts on each of {n} functions")
             report = await lab.run_workload(per_function=args.per_function, inflight=args.inflight,
-                                            rate=args.rate)
+                                            rate=args.rate, burst=args.burst)
             views = {}
             if args.views:
                 for name in ["host"] + [g.name for g in topo.guests]:

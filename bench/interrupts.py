@@ -22,6 +22,15 @@ injection path (IR unit -> host vector -> INJECT -> guest, 4 crossings) and the
 posted path (IR unit -> the vCPU's posted-interrupt descriptor -> POSTED
 notification to the guest, 3 crossings, the host not involved).  Each checks
 that the path it measures is the one taken (the host's injection counter).
+
+Each also measures *interrupt delivery* alone (``delivery``): the engine's
+interrupt generator (IRQ_BURST, ``device.engine``) raises each completion's
+interrupt ``DELIVERY_BURST`` times, so one doorbell and one record go with 32
+interrupt messages, and the figure is what the IR unit and the path after it
+deliver: one fabric crossing per interrupt, like one relayed message of the
+raw relay.  Every interrupt is a separate MWr the IR unit remaps; the run checks
+that each function's device sent ``per_function * DELIVERY_BURST`` and its OS
+received as many.
 Just these two, briefly::
 
     python -m bench.interrupts --posted --injection [--quick]
@@ -37,6 +46,13 @@ from irqlab.lab import Lab
 from irqlab.topology import Topology, load
 
 FABRIC_FRAMES_PER_INTERRUPT = 3
+
+#: interrupt delivery runs: interrupts per work item (the engine's IRQ_BURST), work items in
+#: flight per function, and interrupts per function per run (a multiple of the per_function
+#: the caller gives for the work-item runs: the delivery runs are faster)
+DELIVERY_BURST = 32
+DELIVERY_INFLIGHT = 4
+DELIVERY_SCALE = 5
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -59,8 +75,8 @@ def _delivered(report: dict, what: str) -> int:
     OS's ``interrupts`` count, which some versions of the report keep since boot.)"""
     rows = report["functions"]
     short = [r["function"] for r in rows
-             if r["sent"] != r["target"] or r["delivered"] != r["target"] or r["record_missing"]
-             or r.get("breaches")]
+             if r["sent"] != r["target"] * r.get("burst", 1) or r["interrupts"] != r["sent"]
+             or r["delivered"] != r["target"] or r["record_missing"] or r.get("breaches")]
     if report["timed_out"] or short or not rows or report.get("host", {}).get("breaches"):
         raise RuntimeError(f"{what}: the lab run was not clean (timed_out={report['timed_out']}, "
                            f"sent {report['total_sent']:,}; functions short or out of order: {short})")
@@ -68,7 +84,8 @@ def _delivered(report: dict, what: str) -> int:
 
 
 async def run_injection(per_function: int = 20_000, inflight: int = 32, latency_per_function: int = 10_000,
-                        warmup_per_function: int = 1_000, progress: Callable[[str], None] = print) -> dict:
+                        warmup_per_function: int = 1_000, progress: Callable[[str], None] = print,
+                        repeat: int = 1) -> dict:
     """Case 2 (the injection path): device -> fabric IR unit -> host vector -> INJECT -> guest.
 
     The default topology as shipped: g1 and g2 each own one VF; only the guests run the
@@ -76,7 +93,37 @@ async def run_injection(per_function: int = 20_000, inflight: int = 32, latency_
     vector whose handler injects it into a guest: 4 fabric crossings per interrupt.
     """
     return await _run_guests(load(None), "injection", per_function, inflight, latency_per_function,
-                             warmup_per_function, progress)
+                             warmup_per_function, progress, repeat)
+
+
+async def _delivery(lab: Lab, per_function: int, repeat: int, what: str, progress: Callable[[str], None],
+                    oses: list[str] | None = None, check: Callable[[dict], None] | None = None) -> dict:
+    """Interrupt delivery at saturation: ``repeat`` runs of ``per_function`` interrupts per function,
+    ``DELIVERY_BURST`` per work item, ``DELIVERY_INFLIGHT`` work items in flight; the median run's
+    figures and every run's."""
+    items = max(1, per_function // DELIVERY_BURST)
+    runs = []
+    for i in range(repeat):
+        progress(f"lab: {what} delivery {i + 1}/{repeat}: {items * DELIVERY_BURST:,} interrupts per function, "
+                 f"{DELIVERY_BURST} per work item, {DELIVERY_INFLIGHT} work items in flight")
+        cpu0 = _cpu(lab)
+        rep = await lab.run_workload(per_function=items, inflight=DELIVERY_INFLIGHT, oses=oses,
+                                     burst=DELIVERY_BURST)
+        cpu1 = _cpu(lab)
+        n = _delivered(rep, f"{what} delivery")
+        if check is not None:
+            check(rep)
+        handled = sum(r.get("handled", 0) for r in rep["functions"])
+        runs.append({"interrupts": n, "elapsed_s": rep["elapsed_s"], "rate_per_s": n / rep["elapsed_s"],
+                     "handler_runs_per_interrupt": handled / n,
+                     "cpu_us_per_interrupt": {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1
+                                              if cpu0.get(k) is not None and cpu1[k] is not None}})
+        progress(f"lab: {what} delivery {i + 1}/{repeat}: {runs[-1]['rate_per_s']:,.0f} interrupts/s")
+    rates = sorted(r["rate_per_s"] for r in runs)
+    median = next(r for r in runs if r["rate_per_s"] == rates[len(rates) // 2])
+    return {"burst": DELIVERY_BURST, "inflight": DELIVERY_INFLIGHT, "per_function": items * DELIVERY_BURST,
+            "runs": runs, "rate_per_s": median["rate_per_s"], "cpu_us_per_interrupt": median["cpu_us_per_interrupt"],
+            "handler_runs_per_interrupt": median["handler_runs_per_interrupt"]}
 
 
 def posted_topology() -> Topology:
@@ -87,13 +134,14 @@ def posted_topology() -> Topology:
 
 
 async def run_posted(per_function: int = 20_000, inflight: int = 32, latency_per_function: int = 10_000,
-                     warmup_per_function: int = 1_000, progress: Callable[[str], None] = print) -> dict:
+                     warmup_per_function: int = 1_000, progress: Callable[[str], None] = print,
+                     repeat: int = 1) -> dict:
     """The posted path: device -> fabric IR unit -> the vCPU's posted-interrupt descriptor ->
     POSTED notification -> guest.  Same topology, workload and figures as ``run_injection``
     (saturation interrupts/s; one-way latency device emit -> guest handler at inflight 1),
     on a platform with posted interrupts: 3 fabric crossings per interrupt, no host hop."""
     return await _run_guests(posted_topology(), "posted", per_function, inflight, latency_per_function,
-                             warmup_per_function, progress)
+                             warmup_per_function, progress, repeat)
 
 
 def _check_path(rep: dict, guests: list[str], delivery: str, what: str) -> None:
@@ -112,7 +160,7 @@ def _check_path(rep: dict, guests: list[str], delivery: str, what: str) -> None:
 
 async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight: int,
                       latency_per_function: int, warmup_per_function: int,
-                      progress: Callable[[str], None]) -> dict:
+                      progress: Callable[[str], None], repeat: int = 1) -> dict:
     guests = [g.name for g in topo.guests]
     out: dict = {"topology": topo.name, "guests": guests, "delivery": delivery}
     async with Lab(topo, on_progress=lambda m: progress(f"lab: {m}")) as lab:
@@ -128,6 +176,8 @@ async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight
         out["saturation"] = {"per_function": per_function, "inflight": inflight,
                              "rate_per_s": n / rep["elapsed_s"], "interrupts": n, "cpu_us_per_interrupt": cpu}
         progress(f"lab: {delivery} saturation: {out['saturation']['rate_per_s']:,.0f} interrupts/s")
+        out["delivery"] = await _delivery(lab, per_function * DELIVERY_SCALE, repeat, delivery, progress, guests,
+                                          lambda r: _check_path(r, guests, delivery, f"{delivery} delivery"))
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1, oses=guests)
         n = _delivered(rep, f"{delivery} latency")
         _check_path(rep, guests, delivery, f"{delivery} latency")
@@ -178,6 +228,8 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
                              "rate_per_s": median["rate_per_s"],
                              "cpu_us_per_interrupt": median["cpu_us_per_interrupt"],
                              "fabric_tlps_per_interrupt": median["fabric_tlps_per_interrupt"]}
+
+        out["delivery"] = await _delivery(lab, per_function * DELIVERY_SCALE, repeat, "case 1", progress)
 
         progress(f"lab: latency: {latency_per_function:,} interrupts on each of {functions} functions, inflight 1")
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1)

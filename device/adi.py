@@ -506,8 +506,12 @@ class Adi:
             return out
         irq = ims.notify(vector)
         if irq is not None:
-            engine.ims_sent += 1
+            burst = engine.irq_burst
+            engine.ims_sent += burst
             out.append(irq)
+            if burst > 1:
+                out += (irq,) * (burst - 1)     # IRQ_BURST (device.engine)
+                ims.sent += burst - 1
         elif vector < ims.nslots and ims.is_pending(vector):
             engine.ims_pended += 1
         else:

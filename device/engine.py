@@ -28,6 +28,9 @@ vector or an IMS slot.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
     0x44   CMPL_HEAD          RW      records the driver has consumed (free-running, like
                                       COMPLETED): frees work-queue space
     0x48   WQ_DEPTH           RO      work items accepted beyond CMPL_HEAD: min(64, ring size)
+    0x4C   IRQ_BURST          RW      interrupts raised per completion, 1..256 (1 after reset;
+                                      0 is taken as 1, more than 256 as 256): an interrupt
+                                      generator, see below
     0x60   CMPL_FORMAT        RW      bit 0 DW: 0 = 16-byte completion records, 1 = DWORD
                                       records (the cookie alone, see below); bits 31:1 read 0
     0x80   DMA_SRC_LO         RW      copy descriptor: source bus address [31:0]
@@ -81,6 +84,14 @@ A read completed with UR or CA (an IOMMU fault, unmapped memory) ends the copy
 early; it still completes (a record, status done) and counts in DMA_ERRORS.  The
 descriptor registers are read at DMA_GO, so software may rewrite them at once.
 
+*Interrupt generator* (IRQ_BURST).  Like the PCI endpoint test function's
+RAISE_IRQ command, it lets software measure interrupt delivery without a work
+item per interrupt: each completion writes its record, then raises its MSI-X
+vector or device-IMS slot IRQ_BURST times in a row (all after the record; the
+first announces it).  Each is a separate interrupt message on the bus, counted
+in MSIX_SENT / IMS_SENT; a masked vector pends once.  A memory-kind IMS slot
+(an ADI's, ``device.adi``) is fetched and raised once whatever IRQ_BURST says.
+
 DWORD records (CMPL_FORMAT.DW = 1, 0 after reset): the record is the u32 cookie
 alone, written to ``CMPL_BASE + (seq % CMPL_RING_ENTRIES) * 4`` with CMPL_BASE
 DWORD-aligned -- one full-DW MWr whose address and data software chose.  Pointed at
@@ -112,6 +123,7 @@ IMS_PENDED = 0x34
 CMPL_FORMAT = 0x60
 CMPL_HEAD = 0x44
 WQ_DEPTH = 0x48
+IRQ_BURST = 0x4C
 DMA_SRC_LO = 0x80
 DMA_SRC_HI = 0x84
 DMA_DST_LO = 0x88
@@ -129,6 +141,9 @@ DMA_TAGS = 32
 
 #: the work queue's size (WQ_DEPTH reads min(this, CMPL_RING_ENTRIES))
 WQ_SIZE = 64
+
+#: IRQ_BURST's largest value: interrupts one completion may raise
+IRQ_BURST_MAX = 256
 
 IRQ_MODE_MSIX = 0
 IRQ_MODE_IMS = 1
@@ -161,7 +176,7 @@ class WorkEngine:
 
     __slots__ = (
         "ims_cap", "cmpl_base", "cmpl_format", "ring_entries", "irq_vector", "irq_mode", "completed",
-        "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full",
+        "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full", "irq_burst",
         "dma_src", "dma_dst", "dma_len", "dma_copies", "dma_errors", "copies", "_tags", "_free_tags",
     )
 
@@ -182,6 +197,7 @@ class WorkEngine:
         self.ims_pended = 0
         self.head = 0
         self.wq_full = 0
+        self.irq_burst = 1
         self.dma_src = self.dma_dst = self.dma_len = 0
         self.dma_copies = self.dma_errors = 0
         self.copies: collections.deque[DmaCopy] = collections.deque()   # in DMA_GO order
@@ -237,6 +253,8 @@ class WorkEngine:
             return self.head
         if off == WQ_DEPTH:
             return self.wq_depth
+        if off == IRQ_BURST:
+            return self.irq_burst
         if DMA_SRC_LO <= off <= DMA_ERRORS:
             return {DMA_SRC_LO: self.dma_src & 0xFFFFFFFF, DMA_SRC_HI: self.dma_src >> 32,
                     DMA_DST_LO: self.dma_dst & 0xFFFFFFFF, DMA_DST_HI: self.dma_dst >> 32,
@@ -260,6 +278,8 @@ class WorkEngine:
             self.irq_vector = value & 0xFFFFFFFF
         elif off == IRQ_MODE:
             self.irq_mode = value & IRQ_MODE_IMS
+        elif off == IRQ_BURST:
+            self.irq_burst = min(max(value & 0xFFFFFFFF, 1), IRQ_BURST_MAX)
         elif off == DMA_SRC_LO:
             self.dma_src = (self.dma_src & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
         elif off == DMA_SRC_HI:

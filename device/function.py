@@ -4,7 +4,7 @@ A function = type-0 config space (PCIe cap v2 with FLR, MSI-X cap) + BAR0::
 
     BAR0 (16 KiB, 32-bit non-prefetchable memory BAR, four 4 KiB pages)
     +---------+--------------------------------------------------------------+
-    | 0x0000  | page 0: work-engine registers (``device.engine``), 0x64 used  |
+    | 0x0000  | page 0: work-engine registers (``device.engine``), 0xA0 used  |
     | 0x1000  | page 1: IMS slots (``device.ims``), 16 bytes each, up to 256; |
     |         |         absent (reads 0) on a function with ims_slots=0       |
     | 0x2000  | page 2: MSI-X table, 16 bytes per vector (BIR 0, off 0x2000)  |
@@ -304,7 +304,8 @@ class Function:
         return self.msix.bus_master and engine.ring_entries != 0 and engine.accepts()
 
     def _finish(self, cookie: int) -> list[Emit]:
-        """A work item ends: ``[record MWr, interrupt MWr]`` (see ``doorbell``)."""
+        """A work item ends: ``[record MWr, interrupt MWr]`` (see ``doorbell``), the interrupt
+        IRQ_BURST times (``device.engine``'s interrupt generator)."""
         engine = self.engine
         msix = self.msix
         address, record = engine.complete(cookie)
@@ -320,15 +321,24 @@ class Function:
                 return out
             irq = ims.notify(vector)
             if irq is not None:
-                engine.ims_sent += 1
+                burst = engine.irq_burst
+                engine.ims_sent += burst
                 out.append(irq)
+                if burst > 1:
+                    out += (irq,) * (burst - 1)
+                    ims.sent += burst - 1
             elif vector < ims.nslots and ims.is_pending(vector):
                 engine.ims_pended += 1
             return out
         irq = msix.notify(vector)
         if irq is not None:
-            engine.msix_sent += 1
+            burst = engine.irq_burst
+            engine.msix_sent += burst
             out.append(irq)
+            if burst > 1:
+                # IRQ_BURST: the same message again; nothing can mask the vector in between
+                out += (irq,) * (burst - 1)
+                msix.sent += burst - 1
         elif vector < msix.nvectors and msix.is_pending(vector):
             engine.msix_pended += 1
         return out

@@ -76,14 +76,17 @@ class DeviceShell:
                     self._waste(link, WorkEngine.refused - refused)
             if emits:
                 send = self.port.send
+                prev = raw = None
                 for e in emits:
+                    if e is not prev:           # an IRQ_BURST repeats one Emit: pack it once
+                        prev, raw = e, e.tlp.pack()
                     if e.origin is None:
-                        send(wire.tlp(e.tlp.pack()))
+                        send(wire.tlp(raw))
                         if tr.on:
                             self._trace_tx(e.tlp)
                     else:
                         t = time.monotonic_ns()
-                        send(wire.tlp(e.tlp.pack(), e.origin, t))
+                        send(wire.tlp(raw, e.origin, t))
                         if tr.on:
                             self._trace_irq(e, t)
         elif kind == wire.CTL:

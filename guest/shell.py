@@ -159,8 +159,10 @@ class OsShell:
         timeout_s = float(args.get("timeout_s", 120))
         stall_s = float(args.get("stall_s", 0) or 0)
         rate = float(args.get("rate", 0) or 0)
-        if per_function < 0 or inflight < 1 or timeout_s <= 0 or rate < 0:
-            raise ValueError("per_function >= 0, inflight >= 1, timeout_s > 0 and rate >= 0 are required")
+        burst = int(args.get("burst", 1) or 1)
+        if per_function < 0 or inflight < 1 or timeout_s <= 0 or rate < 0 or not 1 <= burst <= 256:
+            raise ValueError("per_function >= 0, inflight >= 1, timeout_s > 0, rate >= 0 and "
+                             "1 <= burst <= 256 are required")
         if self.workload is not None and not self.workload.finished:
             raise RuntimeError("a workload is already running")
         loop = asyncio.get_running_loop()
@@ -170,7 +172,7 @@ class OsShell:
         t0 = time.monotonic()
         self.workload = wl = Workload.start(self.engines(), per_function, inflight,
                                             on_finished=lambda: done.done() or done.set_result(True),
-                                            rate=rate)
+                                            rate=rate, burst=burst)
         pacer = loop.create_task(self._pace(wl, done)) if rate else None
         timed_out = stalled = False
         deadline = t0 + timeout_s

@@ -6,7 +6,11 @@ each completion the interrupt handler consumes rings the next one, until
 ``per_function`` work items have completed.  With a ``rate`` (work items per
 second per function) doorbells are paced instead: the shell calls ``tick(now)``
 from a timer, which rings what is due, never more than ``inflight`` outstanding.
-Pure and synchronous; the shell awaits ``done``.
+With a ``burst`` above 1 the
+engine raises each completion's interrupt that many times (IRQ_BURST, the
+device's interrupt generator): a run then waits for ``burst`` interrupts per
+work item, and measures interrupt delivery with one doorbell per ``burst``
+interrupts.  Pure and synchronous; the shell awaits ``done``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class FunctionRun:
     inst: EngineInstance
     target: int
     inflight: int
+    burst: int = 1           # interrupts per work item (IRQ_BURST in force)
     issued: int = 0
     done: int = 0
     lat_start: int = 0       # index into inst.latencies_ns where this run started
@@ -67,11 +72,12 @@ class Workload:
 
     @classmethod
     def start(cls, instances: list[EngineInstance], per_function: int, inflight: int,
-              on_finished=None, rate: float = 0.0) -> "Workload":
+              on_finished=None, rate: float = 0.0, burst: int = 1) -> "Workload":
         wl = cls(on_finished=on_finished, t_start=time.monotonic_ns(),
                  interval_ns=int(1e9 / rate) if rate > 0 else 0)
         for inst in instances:
-            run = FunctionRun(inst, per_function, inflight, lat_start=len(inst.latencies_ns),
+            run = FunctionRun(inst, per_function, inflight, inst.set_burst(burst),
+                              lat_start=len(inst.latencies_ns),
                               arrivals_start=inst.kernel.arrivals.get(inst.irq, 0),
                               interrupts_start=inst.interrupts)
             wl.runs.append(run)
@@ -123,7 +129,8 @@ class Workload:
         """Nothing of this run is in flight: every doorbell rung has completed and interrupted
         (or its function is gone).  A stopped run waits for this so that the next run does not
         count its stragglers."""
-        return all(r.inst.removed or (r.done >= r.issued and self._arrived(r) >= r.issued) for r in self.runs)
+        return all(r.inst.removed or (r.done >= r.issued and self._arrived(r) >= r.issued * r.burst)
+                   for r in self.runs)
 
     @staticmethod
     def _arrived(run: FunctionRun) -> int:
@@ -138,7 +145,7 @@ class Workload:
     def _check_finished(self) -> None:
         # Finished when every record is consumed AND every interrupt announcing one has
         # arrived (records can be consumed by an earlier interrupt, ahead of their own).
-        if not self.finished and all(r.inst.removed or (r.done >= r.target and self._arrived(r) >= r.target)
+        if not self.finished and all(r.inst.removed or (r.done >= r.target and self._arrived(r) >= r.target * r.burst)
                                      for r in self.runs):
             self.finished = True
             if self.on_finished:
@@ -168,6 +175,7 @@ class Workload:
                 "irq_mode": inst.irq_mode,
                 "ims_error": inst.ims_error,
                 "target": r.target,
+                "burst": r.burst,
                 "doorbells": r.issued,
                 "completed": r.done,
                 "interrupts": inst.kernel.arrivals.get(inst.irq, 0) - r.arrivals_start,
@@ -175,7 +183,7 @@ class Workload:
                 "record_missing": inst.record_missing,
                 "removed": inst.removed,
                 "breaches": inst.kernel.breach_irqs.get(inst.irq, 0),
-                "rate_per_s": r.done / span if span > 0 else None,
+                "rate_per_s": r.done * r.burst / span if span > 0 else None,   # interrupts/s
                 "latency": latency_summary(h),
                 # HdrHistogram.encode() is already base64 text (compressed V2 encoding)
                 "hist": h.encode().decode() if h.get_total_count() else "",

@@ -580,8 +580,13 @@ class Lab:
 
     async def run_workload(self, per_function: int | None = None, inflight: int | None = None,
                            timeout_s: float | None = None, stall_s: float = 3.0,
-                           rate: float | None = None, oses: list[str] | None = None) -> dict:
+                           rate: float | None = None, oses: list[str] | None = None,
+                           burst: int | None = None) -> dict:
         """Run the workload on the host and every guest at once; join it with the devices' counts.
+
+        ``burst``: interrupts each work item raises (the engine's IRQ_BURST, 1..256; default the
+        topology's ``workload.burst``): a run then expects ``per_function * burst`` interrupts
+        per function.
 
         ``stall_s``: an OS whose completions stop for this long stops waiting (interrupts that
         never arrive are what some matrix rows are about); the report says so.  ``oses``
@@ -591,7 +596,8 @@ class Lab:
         args = {"per_function": wl.per_function if per_function is None else per_function,
                 "inflight": wl.inflight if inflight is None else inflight,
                 "timeout_s": wl.timeout_s if timeout_s is None else timeout_s,
-                "stall_s": stall_s, "rate": wl.rate if rate is None else rate}
+                "stall_s": stall_s, "rate": wl.rate if rate is None else rate,
+                "burst": wl.burst if burst is None else burst}
         devices = [d.name for d in self.topology.devices if self.children.get(d.name)
                    and self.children[d.name].proc.returncode is None]
         before = {d: await self.call(d, "stats") for d in devices}
@@ -773,7 +779,7 @@ def _adi(topo: Topology, target: str) -> tuple[int, int]:
 
 def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
     """Classify one function's run the way the matrix does (DESIGN.md §5)."""
-    sent, got, target = row["sent"], row["interrupts"], row["target"]
+    sent, got, target = row["sent"], row["interrupts"], row["target"] * row.get("burst", 1)
     why = ""
     if row["ims_error"]:
         fallback = {"msix": "MSI-X", "ims": "device-kind IMS", "ims-memory": "memory-kind IMS"}.get(
@@ -818,7 +824,8 @@ def build_report(topo: Topology, results: dict, before: dict, after: dict, fabri
             sent = sent_by_rid.get(phys, 0)
             row = {"os": os_name, "function": fname, "rid": rid_str(f["rid"]), "phys": describe(phys),
                    "sent": sent, "delivered": f["completed"], "interrupts": f["interrupts"],
-                   "target": f["target"], "lost": max(sent - f["interrupts"], 0),
+                   "handled": f.get("handled", 0),
+                   "target": f["target"], "burst": f.get("burst", 1), "lost": max(sent - f["interrupts"], 0),
                    "record_missing": f["record_missing"], "rate_per_s": f["rate_per_s"],
                    "latency": f["latency"], "hist": f["hist"], "irq_mode": f.get("irq_mode", "msix"),
                    "ims_error": f.get("ims_error", ""), "breaches": f.get("breaches", 0),

@@ -216,6 +216,7 @@ class Workload:
     inflight: int = 8           # doorbells outstanding per function
     rate: float = 0.0           # interrupts/s per function; 0 = as fast as possible
     timeout_s: float = 120.0    # the whole run's deadline
+    burst: int = 1              # interrupts each work item raises (the engine's IRQ_BURST)
 
 
 @dataclass(frozen=True)
@@ -572,6 +573,7 @@ _WORKLOAD_KEYS: dict[str, _Checker] = {
     "inflight": _Int(1, 4096),
     "rate": _Float(0.0),
     "timeout_s": _Float(0.0, lo_open=True),
+    "burst": _Int(1, 256),
 }
 
 # For docs/tests: section name -> (dataclass, schema)

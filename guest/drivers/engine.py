@@ -18,6 +18,8 @@ The driver's own copy of the register map (like a Linux driver's
     BAR0 + 0x60  CMPL_FORMAT        RW  1 = DWORD records (the cookie alone); the driver keeps 0
     BAR0 + 0x44  CMPL_HEAD          RW  records consumed: frees work-queue room
     BAR0 + 0x48  WQ_DEPTH           RO  work items the engine takes beyond CMPL_HEAD
+    BAR0 + 0x4C  IRQ_BURST          RW  interrupts raised per completion, 1..256 (an interrupt
+                                        generator; memory-kind IMS raises one whatever it says)
     BAR0 + 0x1000 IMS slots, 16 B each (addr lo, addr hi, data, ctrl)
     completion record (16 B): u32 cookie | u32 status (1 = done) | u64 seq
 
@@ -61,6 +63,8 @@ IMS_MEM_SLOTS = 0x40
 CMPL_FORMAT = 0x60
 CMPL_HEAD = 0x44
 WQ_DEPTH = 0x48
+IRQ_BURST = 0x4C
+IRQ_BURST_MAX = 256
 IMS_OFFSET = 0x1000
 IMS_SLOT_SIZE = 16
 IRQ_MODE_MSIX, IRQ_MODE_IMS, IRQ_MODE_IMS_MEMORY = 0, 1, 2
@@ -142,6 +146,8 @@ class EngineInstance:
         self.backlog: collections.deque[int] = collections.deque()   # cookies waiting for WQ room
         self.interrupts = 0
         self.record_missing = 0
+        self.burst = 1              # IRQ_BURST as programmed: interrupts per completion
+        self.irqs_allowed = 0       # interrupts the records consumed so far announce (burst each)
         self.latencies_ns: list[int] = []
         self.on_complete: Callable[["EngineInstance", int], None] | None = None
         self.on_irq: Callable[["EngineInstance"], None] | None = None
@@ -243,6 +249,19 @@ class EngineInstance:
         if self.on_remove is not None:
             self.on_remove(self)
 
+    def set_burst(self, n: int) -> int:
+        """Program IRQ_BURST (clamped to 1..256): every later completion raises its interrupt
+        ``n`` times.  Memory-kind IMS raises one whatever it says, so it stays 1 there.  Set it
+        between runs, with nothing in flight: the record check counts each record consumed
+        at the burst in force.  Returns the burst in force."""
+        n = min(max(int(n), 1), IRQ_BURST_MAX)
+        if self.irq_mode == "ims-memory":
+            n = 1
+        if n != self.burst and not self.removed:
+            self.burst = n
+            self.kernel.hw.mmio_write(self.bar0 + IRQ_BURST, _U32.pack(n))
+        return self.burst
+
     def ring_doorbell(self, cookie: int) -> None:
         """Submit one work item; with the work queue full it waits in ``backlog`` (never dropped)."""
         if self.removed:
@@ -290,6 +309,7 @@ class EngineInstance:
         # Account for everything consumed before anyone rings again: records for work we did
         # not submit (a doorbell frame replayed on our link) occupied the device's work queue
         # as ours do, and the room they free must be given back first.
+        self.irqs_allowed += (seq - self.completed) * self.burst
         self.completed = seq
         if seq > self.doorbells:
             self.doorbells = seq
@@ -298,9 +318,10 @@ class EngineInstance:
         if self.on_complete is not None:
             for cookie in cookies:
                 self.on_complete(self, cookie)
-        if self.completed < self.interrupts:
-            # Every interrupt is sent after its record: when the k-th arrives, k records
-            # must be in memory.  Fewer means an interrupt overtook its completion record.
+        if self.irqs_allowed < self.interrupts:
+            # Every interrupt is sent after its record: when the k-th arrives, the records
+            # announcing k interrupts (IRQ_BURST each) must be in memory.  Fewer means an
+            # interrupt overtook its completion record.
             self.record_missing += 1
         # Give the work queue back its room: in batches of a quarter of it (one MWr per
         # WQ_DEPTH/4 records), at once when work waits for it.

@@ -20,6 +20,8 @@ from device.engine import (
     DOORBELL,
     ENGINE_MAGIC,
     ENGINE_VERSION,
+    IRQ_BURST,
+    IRQ_BURST_MAX,
     IRQ_VECTOR,
     MSIX_PENDED,
     MSIX_SENT,
@@ -199,6 +201,34 @@ def test_doorbell_emits_dma_record_then_msix(h: Host) -> None:
     assert irq.tlp.address == MSI | 0x1000 and irq.tlp.requester_id == PF
     assert irq.tlp.data == (0x4041).to_bytes(4, "little")
     assert h.r32(BAR + COMPLETED) == 1 and h.r32(BAR + MSIX_SENT) == 1
+
+
+def test_irq_burst_register_is_clamped_and_reset_by_flr(h: Host) -> None:
+    assert h.r32(BAR + IRQ_BURST) == 1
+    for written, reads in ((32, 32), (0, 1), (IRQ_BURST_MAX, 256), (257, 256), (0xFFFF_FFFF, 256), (3, 3)):
+        h.w32(BAR + IRQ_BURST, written)
+        assert h.r32(BAR + IRQ_BURST) == reads, written
+    assert h.wr16(PF, 0x40 + 0x08, 0x8000 | 0x2810) == []   # DevCtl: Initiate FLR
+    h.bring_up_pf()
+    assert h.r32(BAR + IRQ_BURST) == 1
+
+
+def test_irq_burst_raises_each_completion_interrupt_n_times_after_its_record(h: Host) -> None:
+    h.msix_control(PF, enable=True)
+    h.program_vector(BAR, 2, MSI | 0x1000, 0x4041)
+    h.program_ring(BAR, RING, 4, vector=2)
+    h.w32(BAR + IRQ_BURST, 5)
+    dma, *irqs = h.w32(BAR + DOORBELL, 7)
+    assert dma.tlp.address == RING and dma.origin is None
+    assert len(irqs) == 5 and all(e.tlp == irqs[0].tlp and e.origin == PF for e in irqs)
+    assert irqs[0].tlp.address == MSI | 0x1000 and irqs[0].tlp.data == (0x4041).to_bytes(4, "little")
+    assert h.r32(BAR + MSIX_SENT) == 5 and h.dev.pf.msix.sent == 5 and h.r32(BAR + COMPLETED) == 1
+    # a masked vector pends once, whatever the burst; unmasking replays one message
+    h.program_vector(BAR, 2, MSI | 0x1000, 0x4041, masked=True)
+    (dma,) = h.w32(BAR + DOORBELL, 8)
+    assert h.r32(BAR + MSIX_PENDED) == 1 and h.r32(BAR + MSIX_SENT) == 5
+    (irq,) = h.w32(BAR + MSIX_TABLE_OFFSET + 2 * 16 + 12, 0)
+    assert irq.tlp.address == MSI | 0x1000
 
 
 def test_doorbell_ring_wraps_with_sequence_numbers(h: Host) -> None:

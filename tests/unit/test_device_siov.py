@@ -33,6 +33,7 @@ from device.engine import (
     IMS_CAP,
     IMS_SENT,
     IRQ_MODE,
+    IRQ_BURST,
     IRQ_VECTOR,
 )
 from device.ims import IMS_CTRL_PASID_ENABLE, IMS_CTRL_PASID_SHIFT
@@ -385,6 +386,23 @@ def test_doorbell_device_ims(pasid_interrupts: bool, ctrl_pe: bool) -> None:
     snap = dev.snapshot()["adis"][2]
     assert (snap["doorbells"], snap["completed"], snap["ims_sent"]) == (1, 1, 1)
     assert (snap["pasid"], snap["enabled"]) == (0x102, True)
+
+
+def test_irq_burst_on_device_ims_and_memory_ims_raises_one() -> None:
+    """IRQ_BURST on an ADI: a device-kind slot's message n times after the record; a memory-kind
+    slot is fetched and raised once (the burst does not apply)."""
+    dev, h = make()
+    h.w32(portal(2) + IRQ_BURST, 4)
+    assert h.r32(portal(2) + IRQ_BURST) == 4
+    dma, *irqs = h.w32(portal(2) + DOORBELL, 1)
+    assert dma.tlp.address == ring(2) and len(irqs) == 4
+    assert all(e.tlp == irqs[0].tlp and e.origin == adi_origin(PF, 2) for e in irqs)
+    assert h.r32(portal(2) + IMS_SENT) == 4
+    memory_mode(h, 1, vector=3)
+    h.w32(portal(1) + IRQ_BURST, 4)
+    dma, mrd = h.w32(portal(1) + DOORBELL, 2)
+    (irq,) = dev.handle_tlp(cpl_for(mrd.tlp, slot_bytes(*handle(1), 0)))
+    assert irq.origin == adi_origin(PF, 1) and h.r32(portal(1) + IMS_SENT) == 1
 
 
 def test_irq_mode_0_and_1_both_use_device_ims() -> None:

@@ -177,7 +177,7 @@ def test_to_dict_layout_is_the_file_layout() -> None:
         {"name": "g2", "cpus": 1, "memory_mib": 16, "cpuid": "kvm", "assign": ["d0.vf1"],
          "kernel": "modern", "behaviours": [], "irq": "msix"},
     ]
-    assert d["workload"] == {"per_function": 10000, "inflight": 8, "rate": 0.0, "timeout_s": 120.0}
+    assert d["workload"] == {"per_function": 10000, "inflight": 8, "rate": 0.0, "timeout_s": 120.0, "burst": 1}
 
 
 def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
@@ -249,7 +249,8 @@ def topologies(draw: st.DrawFn) -> dict[str, Any]:
         "workload": {"per_function": draw(st.integers(0, 10**9)),
                      "inflight": draw(st.integers(1, 4096)),
                      "rate": draw(st.floats(0, 1e9)),
-                     "timeout_s": draw(st.floats(1e-3, 1e6))},
+                     "timeout_s": draw(st.floats(1e-3, 1e6)),
+                     "burst": draw(st.integers(1, 256))},
     }
 
 
@@ -366,6 +367,8 @@ BAD: list[tuple[str, str]] = [
      "guest[0].kernel: 'legacy' is not one of 'modern', 'legacy2020' (did you mean 'legacy2020'?)"),
     # unknown keys
     (D0 + "[workload]\nrat = 3\n", "workload.rat: unknown key 'rat' (did you mean 'rate'?)"),
+    (D0 + "[workload]\nburst = 0\n", "workload.burst: 0 is out of range 1..256"),
+    (D0 + "[workload]\nburst = 257\n", "workload.burst: 257 is out of range 1..256"),
     ('[[devices]]\nname = "d0"\n', "devices: unknown key 'devices' (did you mean 'device'?)"),
     (D0 + "vf = 3\n", "device[0].vf: unknown key 'vf' (did you mean 'vfs'?)"),
     (D0 + '[[guest]]\nname = "g1"\nbehaviors = []\n',
