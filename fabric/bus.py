@@ -72,6 +72,10 @@ _CPLT, _CPLD = int(T.TlpType.CPL), int(T.TlpType.CPL_DATA)
 
 #: trace argument names of the hot-path events (fabric.trace.Tracer.rec)
 _TK_DEVICE = ("src", "rid", "key")
+
+# hot path: module globals, not attribute lookups per frame
+_peek = T.peek
+_decode = wire.decode
 _TK_CPU = ("src", "key")
 _TK_REMAP = ("sid", "addr", "data", "pasid", "irte", "apic", "vector")
 _TK_PASSTHROUGH = ("sid", "addr", "data", "pasid", "apic", "vector")
@@ -193,10 +197,14 @@ class PeerSpec:
     buses: tuple[int, int] | None = None  # device ports: (secondary, subordinate)
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     identity: bytes
     spec: PeerSpec
+    handlers: dict = field(default_factory=dict)   # message type -> handler, for its role
+    limit: int = 0              # its largest frame (wire.MAX_CONTROL_FRAME or MAX_DATA_FRAME)
+    bus_lo: int = 0             # a device's bus range (ACS source validation); empty otherwise
+    bus_hi: int = -1
     rx: int = 0
     drops: Counter = field(default_factory=Counter)
     # A guest whose vCPU is in a VM exit for a trapped store: its later frames wait here
@@ -406,16 +414,15 @@ class Fabric:
         if peer.rx >= peer.credit_at:
             peer.credit_at = peer.rx + CREDIT_BATCH
             self.send(identity, wire.credit(peer.rx))
-        limit = wire.MAX_CONTROL_FRAME if peer.spec.role in ("host", "control") else wire.MAX_DATA_FRAME
-        if len(frame) > limit:
+        if len(frame) > peer.limit:
             self._drop(peer, "oversized")
             return
         try:
-            msg = wire.decode(frame)
+            msg = _decode(frame)
         except wire.WireError:
             self._drop(peer, "malformed")
             return
-        handler = self._by_role[peer.spec.role].get(msg[0])
+        handler = peer.handlers.get(msg[0])
         if handler is None:
             self._drop(peer, "unauthorized")
             return
@@ -500,7 +507,10 @@ class Fabric:
             self.send(identity, wire.refused("unknown, used or mismatched token"))
             return
         del self._tokens[hello.token]
-        peer = Peer(identity, spec)
+        peer = Peer(identity, spec, self._by_role[spec.role],
+                    wire.MAX_CONTROL_FRAME if spec.role in ("host", "control") else wire.MAX_DATA_FRAME)
+        if spec.role == "device" and spec.buses:
+            peer.bus_lo, peer.bus_hi = spec.buses
         self.peers[identity] = peer
         self.by_name[spec.name] = peer
         info: dict[str, Any] = {"role": spec.role, "name": spec.name}
@@ -622,13 +632,12 @@ class Fabric:
         raw = msg[1]
         if type(raw) is not bytes:
             raise wire.WireError("TLP payload is not bytes")
-        ftype, off, rid, addr = T.peek(raw)
+        ftype, off, rid, addr = _peek(raw)
         if self.tracer.on:
             self.tracer.rec("i", _TLP_NAMES.get(ftype, "TLP"), "tlp", None, _TK_DEVICE, peer.name, rid, addr)
-        lo, hi = peer.spec.buses or (0, -1)
         # ACS Source Validation: a request's requester ID, a completion's completer ID.
         source = addr if (ftype == _CPLT or ftype == _CPLD) else rid
-        if not lo <= (source >> 8) <= hi:
+        if not peer.bus_lo <= (source >> 8) <= peer.bus_hi:
             self._drop(peer, "spoofed_rid")
             return
         self.tlps += 1
@@ -646,12 +655,12 @@ class Fabric:
 
     def _interrupt(self, peer: Peer, raw: bytes, off: int, ftype: int, rid: int, addr: int,
                    origin: Any, t_ns: Any) -> None:
-        hdr = 12 if ftype == _MWR32 else 16
-        if len(raw) != off + hdr + 4 or raw[off + 7] & 0xFF != 0x0F:
+        end = off + (12 if ftype == _MWR32 else 16)
+        if len(raw) != end + 4 or raw[off + 7] != 0x0F:
             # An interrupt request is exactly one DWORD with all bytes enabled.
             self._ir_fault(rid, FaultReason.IR_REQ_RSVD, 0, addr, 0, T.prefix_pasid(raw), "not a DWORD write")
             return
-        data = int.from_bytes(raw[off + hdr:off + hdr + 4], "little")
+        data = int.from_bytes(raw[end:end + 4], "little")
         pasid = T.prefix_pasid(raw) if off else None
         if pasid is not None and not self.platform.pasid_interrupts:
             # The thread's case 4: "the platform cannot receive a PASID tagged interrupt message".
@@ -662,7 +671,8 @@ class Fabric:
         tr = self.tracer
         if tr.on:
             self._trace_remap(tr, res, rid, addr, data, pasid, origin, t_ns)
-        if type(res) is Remapped or type(res) is Passthrough:
+        kind = type(res)
+        if kind is Remapped or kind is Passthrough:
             dest = self.apic_owner.get(res.dest_id)
             if dest is None:
                 self.counters["irq:no_cpu"] += 1
@@ -670,13 +680,13 @@ class Fabric:
             self.irqs_delivered += 1
             self.send(dest.identity, wire.irq(res.dest_id, res.vector, origin if type(origin) is int else None,
                                               t_ns if type(t_ns) is int else 0,
-                                              res.index if type(res) is Remapped else -1))
-        elif type(res) is IrFault:
+                                              res.index if kind is Remapped else -1))
+        elif kind is Posted:
+            self._post(res, origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
+        else:
             self.counters[f"irq:fault:0x{int(res.reason):02x}"] += 1
             self.src_faults[(rid, int(res.reason))] += 1
             self._announce(FaultRecord(res.reason, rid, "intr", index=res.index & 0xFFFF))
-        else:
-            self._post(res, origin if type(origin) is int else None, t_ns if type(t_ns) is int else 0)
 
     def _post(self, res: Posted, origin: int | None, t_ns: int) -> None:
         """A posted-format IRTE hit: set PIR, notify the running vCPU (see PostedDescriptor)."""
