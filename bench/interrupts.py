@@ -51,7 +51,7 @@ FABRIC_FRAMES_PER_INTERRUPT = 3
 #: flight per function, and interrupts per function per run (a multiple of the per_function
 #: the caller gives for the work-item runs: the delivery runs are faster)
 DELIVERY_BURST = 32
-DELIVERY_INFLIGHT = 4
+DELIVERY_INFLIGHT = 16
 DELIVERY_SCALE = 5
 
 
@@ -85,7 +85,7 @@ def _delivered(report: dict, what: str) -> int:
 
 async def run_injection(per_function: int = 20_000, inflight: int = 32, latency_per_function: int = 10_000,
                         warmup_per_function: int = 1_000, progress: Callable[[str], None] = print,
-                        repeat: int = 1) -> dict:
+                        repeat: int = 1, delivery_burst: int = DELIVERY_BURST) -> dict:
     """Case 2 (the injection path): device -> fabric IR unit -> host vector -> INJECT -> guest.
 
     The default topology as shipped: g1 and g2 each own one VF; only the guests run the
@@ -93,22 +93,23 @@ async def run_injection(per_function: int = 20_000, inflight: int = 32, latency_
     vector whose handler injects it into a guest: 4 fabric crossings per interrupt.
     """
     return await _run_guests(load(None), "injection", per_function, inflight, latency_per_function,
-                             warmup_per_function, progress, repeat)
+                             warmup_per_function, progress, repeat, delivery_burst)
 
 
 async def _delivery(lab: Lab, per_function: int, repeat: int, what: str, progress: Callable[[str], None],
-                    oses: list[str] | None = None, check: Callable[[dict], None] | None = None) -> dict:
+                    oses: list[str] | None = None, check: Callable[[dict], None] | None = None,
+                    burst: int = DELIVERY_BURST) -> dict:
     """Interrupt delivery at saturation: ``repeat`` runs of ``per_function`` interrupts per function,
-    ``DELIVERY_BURST`` per work item, ``DELIVERY_INFLIGHT`` work items in flight; the median run's
+    ``burst`` per work item, ``DELIVERY_INFLIGHT`` work items in flight; the median run's
     figures and every run's."""
-    items = max(1, per_function // DELIVERY_BURST)
+    items = max(1, per_function // burst)
     runs = []
     for i in range(repeat):
-        progress(f"lab: {what} delivery {i + 1}/{repeat}: {items * DELIVERY_BURST:,} interrupts per function, "
-                 f"{DELIVERY_BURST} per work item, {DELIVERY_INFLIGHT} work items in flight")
+        progress(f"lab: {what} delivery {i + 1}/{repeat}: {items * burst:,} interrupts per function, "
+                 f"{burst} per work item, {DELIVERY_INFLIGHT} work items in flight")
         cpu0 = _cpu(lab)
         rep = await lab.run_workload(per_function=items, inflight=DELIVERY_INFLIGHT, oses=oses,
-                                     burst=DELIVERY_BURST)
+                                     burst=burst)
         cpu1 = _cpu(lab)
         n = _delivered(rep, f"{what} delivery")
         if check is not None:
@@ -121,7 +122,7 @@ async def _delivery(lab: Lab, per_function: int, repeat: int, what: str, progres
         progress(f"lab: {what} delivery {i + 1}/{repeat}: {runs[-1]['rate_per_s']:,.0f} interrupts/s")
     rates = sorted(r["rate_per_s"] for r in runs)
     median = next(r for r in runs if r["rate_per_s"] == rates[len(rates) // 2])
-    return {"burst": DELIVERY_BURST, "inflight": DELIVERY_INFLIGHT, "per_function": items * DELIVERY_BURST,
+    return {"burst": burst, "inflight": DELIVERY_INFLIGHT, "per_function": items * burst,
             "runs": runs, "rate_per_s": median["rate_per_s"], "cpu_us_per_interrupt": median["cpu_us_per_interrupt"],
             "handler_runs_per_interrupt": median["handler_runs_per_interrupt"]}
 
@@ -135,13 +136,13 @@ def posted_topology() -> Topology:
 
 async def run_posted(per_function: int = 20_000, inflight: int = 32, latency_per_function: int = 10_000,
                      warmup_per_function: int = 1_000, progress: Callable[[str], None] = print,
-                     repeat: int = 1) -> dict:
+                     repeat: int = 1, delivery_burst: int = DELIVERY_BURST) -> dict:
     """The posted path: device -> fabric IR unit -> the vCPU's posted-interrupt descriptor ->
     POSTED notification -> guest.  Same topology, workload and figures as ``run_injection``
     (saturation interrupts/s; one-way latency device emit -> guest handler at inflight 1),
     on a platform with posted interrupts: 3 fabric crossings per interrupt, no host hop."""
     return await _run_guests(posted_topology(), "posted", per_function, inflight, latency_per_function,
-                             warmup_per_function, progress, repeat)
+                             warmup_per_function, progress, repeat, delivery_burst)
 
 
 def _check_path(rep: dict, guests: list[str], delivery: str, what: str) -> None:
@@ -160,7 +161,8 @@ def _check_path(rep: dict, guests: list[str], delivery: str, what: str) -> None:
 
 async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight: int,
                       latency_per_function: int, warmup_per_function: int,
-                      progress: Callable[[str], None], repeat: int = 1) -> dict:
+                      progress: Callable[[str], None], repeat: int = 1,
+                      delivery_burst: int = DELIVERY_BURST) -> dict:
     guests = [g.name for g in topo.guests]
     out: dict = {"topology": topo.name, "guests": guests, "delivery": delivery}
     async with Lab(topo, on_progress=lambda m: progress(f"lab: {m}")) as lab:
@@ -177,7 +179,8 @@ async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight
                              "rate_per_s": n / rep["elapsed_s"], "interrupts": n, "cpu_us_per_interrupt": cpu}
         progress(f"lab: {delivery} saturation: {out['saturation']['rate_per_s']:,.0f} interrupts/s")
         out["delivery"] = await _delivery(lab, per_function * DELIVERY_SCALE, repeat, delivery, progress, guests,
-                                          lambda r: _check_path(r, guests, delivery, f"{delivery} delivery"))
+                                          lambda r: _check_path(r, guests, delivery, f"{delivery} delivery"),
+                                          delivery_burst)
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1, oses=guests)
         n = _delivered(rep, f"{delivery} latency")
         _check_path(rep, guests, delivery, f"{delivery} latency")
@@ -197,7 +200,7 @@ def case1_topology():
 
 async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
               latency_per_function: int = 10_000, warmup_per_function: int = 1_000,
-              progress: Callable[[str], None] = print) -> dict:
+              progress: Callable[[str], None] = print, delivery_burst: int = DELIVERY_BURST) -> dict:
     topo = case1_topology()
     functions = sum(1 + d.vfs for d in topo.devices)
     out: dict = {"topology": topo.name, "transport": topo.transport, "functions": functions}
@@ -229,7 +232,8 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
                              "cpu_us_per_interrupt": median["cpu_us_per_interrupt"],
                              "fabric_tlps_per_interrupt": median["fabric_tlps_per_interrupt"]}
 
-        out["delivery"] = await _delivery(lab, per_function * DELIVERY_SCALE, repeat, "case 1", progress)
+        out["delivery"] = await _delivery(lab, per_function * DELIVERY_SCALE, repeat, "case 1", progress,
+                                          burst=delivery_burst)
 
         progress(f"lab: latency: {latency_per_function:,} interrupts on each of {functions} functions, inflight 1")
         rep = await lab.run_workload(per_function=latency_per_function, inflight=1)
@@ -257,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--injection", action="store_true", help="the injection path (IR unit -> host -> guest)")
     ap.add_argument("--quick", action="store_true", help="small counts (a few seconds each)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--burst", type=int, default=DELIVERY_BURST, metavar="N",
+                    help=f"interrupts per work item in the delivery runs, 1..256 (default {DELIVERY_BURST})")
     args = ap.parse_args(argv)
+    if not 1 <= args.burst <= 256:
+        ap.error("--burst must be 1..256")
     paths = [p for p in ("posted", "injection") if getattr(args, p)] or ["posted"]
     counts = (dict(per_function=4_000, latency_per_function=1_000, warmup_per_function=200) if args.quick
               else dict(per_function=20_000, latency_per_function=10_000, warmup_per_function=1_000))
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     async def go() -> None:
         for p in paths:
             fn = run_posted if p == "posted" else run_injection
-            results[p] = await fn(inflight=32, progress=log, **counts)
+            results[p] = await fn(inflight=32, progress=log, delivery_burst=args.burst, **counts)
 
     from fabric.loop import run as run_loop
     try:
@@ -283,9 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p:>9}: {r['saturation']['rate_per_s']:>9,.0f} interrupts/s at saturation (inflight 32); "
               f"one-way latency p50 {lat['p50_us']:.0f} µs, p99 {lat['p99_us']:.0f} µs, "
               f"p99.9 {lat['p999_us']:.0f} µs ({lat['count']:,} samples)")
+        d = r["delivery"]
+        print(f"{'':>9}  delivery, {d['burst']} interrupts per work item: {d['rate_per_s']:>9,.0f} interrupts/s, "
+              f"{d['handler_runs_per_interrupt']:.2f} handler runs and "
+              f"{sum(d['cpu_us_per_interrupt'].values()):.1f} µs of CPU per interrupt")
     if len(results) == 2:
-        ratio = results["posted"]["saturation"]["rate_per_s"] / results["injection"]["saturation"]["rate_per_s"]
-        print(f"posted / injection interrupts/s: {ratio:.2f}")
+        for what in ("saturation", "delivery"):
+            ratio = results["posted"][what]["rate_per_s"] / results["injection"][what]["rate_per_s"]
+            print(f"posted / injection interrupts/s, {'one per work item' if what == 'saturation' else 'delivery'}: "
+                  f"{ratio:.2f}")
     return 0
 
 

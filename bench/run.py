@@ -250,10 +250,11 @@ def build_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append(("  rate in the latency run (/s)", _fmt((relay.get("latency") or {}).get("rate_per_s")),
                      _fmt(c1["latency"].get("rate_per_s")), "", ""))
 
-    head("interrupt delivery: the device raises 32 interrupts per work item (IRQ_BURST), "
-         "one fabric crossing each, like one relayed message")
     dl = {name: (res.get(name) or {}).get("delivery") if name in ran and name not in errors else None
           for name in ("case1", "injection", "posted")}
+    bursts = sorted({d.get("burst", 32) for d in dl.values() if d}) or [32]
+    head(f"interrupt delivery: the device raises {'/'.join(map(str, bursts))} interrupts per work item "
+         "(IRQ_BURST), one fabric crossing each, like one relayed message")
     for name, what in (("case1", "case 1 (-> host vector)"), ("injection", "injection (-> host -> guest)"),
                        ("posted", "posted (-> vCPU, no host)")):
         if not dl[name]:
