@@ -23,6 +23,7 @@ import zmq
 
 from fabric.wire import BATCH_MAX
 from fabric.wire import batch as batch_frame
+from fabric.wire import frames_in
 
 #: Coalescing on (the default) or off (``IRQLAB_COALESCE=0`` in the environment, inherited by
 #: every process a Lab starts: bench/ compares both).
@@ -79,13 +80,13 @@ class SocketReader:
         if sender is not None:
             sender.cork()
         try:
-            budget = DRAIN_BATCH              # frames, not messages: a message may be a batch
+            budget = DRAIN_BATCH              # frames, not messages: a BATCH counts its frames
             while budget > 0:
                 try:
                     parts = recv(_NOBLOCK)
                 except zmq.Again:
                     break
-                budget -= len(parts)
+                budget -= len(parts) - 1 + frames_in(parts[-1])
                 on_message(parts)
             else:
                 if sender is not None:
@@ -181,6 +182,13 @@ class QueuedSender:
                 batch[key] = [frame]
             else:
                 frames.append(frame)
+                if len(frames) >= BATCH_MAX:
+                    # a full BATCH leaves now (flush would send this very one): the receiver
+                    # starts on it while we go on, instead of the stages taking turns
+                    del batch[key]
+                    self.batches += 1
+                    self.batched_frames += len(frames)
+                    self._send_msg(key, batch_frame(frames))
             return
         self._send_msg(key, frame)
 

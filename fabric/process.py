@@ -219,7 +219,8 @@ async def serve(endpoint: str, specs: dict[str, PeerSpec], platform: Platform,
     ctx.term()
     frames = sender.messages - sender.batches + sender.batched_frames
     print(f"fabric: stopped ({why}); {fabric.tlps} TLPs, {fabric.irqs_delivered} interrupts delivered; "
-          f"sent {frames} frames in {sender.messages} messages ({sender.batches} batches)",
+          f"sent {frames} frames in {sender.messages} messages ({sender.batches} batches; "
+          f"{sender.queued} waited for a full peer queue)",
           file=sys.stderr, flush=True)
 
 

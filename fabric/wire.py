@@ -228,6 +228,19 @@ def batch(frames: list[bytes]) -> bytes:
     return _packb([BATCH, frames])
 
 
+def frames_in(frame: bytes) -> int:
+    """How many frames one message frame carries, for drain budgets: a BATCH's count as its
+    header says (at most BATCH_MAX; ``unbatch`` checks the rest), else 1."""
+    if frame[:2] != BATCH_PREFIX or len(frame) < 3:
+        return 1
+    b = frame[2]
+    if 0x90 <= b <= 0x9F:                   # fixarray
+        return b & 0x0F
+    if b == 0xDC and len(frame) >= 5:       # array 16
+        return min(int.from_bytes(frame[3:5], "big"), BATCH_MAX)
+    return 1
+
+
 def unbatch(frame: bytes) -> list[bytes]:
     """The frames of a BATCH (``frame`` starts with BATCH_PREFIX); WireError for anything but
     2..BATCH_MAX byte strings, none of them a BATCH itself."""

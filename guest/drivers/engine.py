@@ -147,7 +147,8 @@ class EngineInstance:
         self.interrupts = 0
         self.record_missing = 0
         self.burst = 1              # IRQ_BURST as programmed: interrupts per completion
-        self.irqs_allowed = 0       # interrupts the records consumed so far announce (burst each)
+        self._allowed_base = 0      # interrupts announced by the records consumed before it was set
+        self._burst_from = 0        # ``completed`` when it was set
         self.latencies_ns: list[int] = []
         self.on_complete: Callable[["EngineInstance", int], None] | None = None
         self.on_irq: Callable[["EngineInstance"], None] | None = None
@@ -258,9 +259,16 @@ class EngineInstance:
         if self.irq_mode == "ims-memory":
             n = 1
         if n != self.burst and not self.removed:
+            self._allowed_base, self._burst_from = self.irqs_allowed, self.completed
             self.burst = n
             self.kernel.hw.mmio_write(self.bar0 + IRQ_BURST, _U32.pack(n))
         return self.burst
+
+    @property
+    def irqs_allowed(self) -> int:
+        """Interrupts the records consumed so far announce: ``burst`` each, at the burst in
+        force when they were consumed (``completed`` itself while it is 1)."""
+        return self._allowed_base + (self.completed - self._burst_from) * self.burst
 
     def ring_doorbell(self, cookie: int) -> None:
         """Submit one work item; with the work queue full it waits in ``backlog`` (never dropped)."""
@@ -309,7 +317,6 @@ class EngineInstance:
         # Account for everything consumed before anyone rings again: records for work we did
         # not submit (a doorbell frame replayed on our link) occupied the device's work queue
         # as ours do, and the room they free must be given back first.
-        self.irqs_allowed += (seq - self.completed) * self.burst
         self.completed = seq
         if seq > self.doorbells:
             self.doorbells = seq

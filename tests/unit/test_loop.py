@@ -12,7 +12,8 @@ import pytest
 import zmq
 
 from fabric.loop import QueuedSender, SocketReader
-from fabric.wire import BATCH_MAX, BATCH_PREFIX, unbatch
+from fabric.wire import BATCH_MAX, BATCH_PREFIX, frames_in, unbatch
+from fabric.wire import batch as batch_frame
 
 WAIT_MS = 5000
 
@@ -58,12 +59,17 @@ async def test_corked_sends_coalesce_per_destination_in_order(pair):
     qs = QueuedSender(asyncio.get_running_loop(), router, router=True)
     qs.cork()
     frames = [b"f%d" % i for i in range(BATCH_MAX + 5)]
-    for f in frames:
+    for f in frames[:BATCH_MAX - 1]:
         qs.send(b"d1", f)
-    assert qs.backlog() == len(frames), "collected, not sent, until flush"
+    assert qs.backlog() == BATCH_MAX - 1, "collected, not sent, until flush"
+    qs.send(b"d1", frames[BATCH_MAX - 1])
+    (first,) = dealer.recv_multipart()                # a full BATCH leaves at once
+    for f in frames[BATCH_MAX:]:
+        qs.send(b"d1", f)
+    assert qs.backlog() == 5
     qs.flush()
     assert not qs.corked and qs.backlog() == 0
-    (first,), (second,) = dealer.recv_multipart(), dealer.recv_multipart()
+    (second,) = dealer.recv_multipart()
     # one BATCH frame per message: the frames, in order, at most BATCH_MAX in each
     assert first[:2] == second[:2] == BATCH_PREFIX
     assert unbatch(first) == frames[:BATCH_MAX] and unbatch(second) == frames[BATCH_MAX:]
@@ -110,6 +116,43 @@ async def test_reader_corks_its_sender_for_one_drain(pair):
         assert dealer.recv_multipart() == [b"echo:late"]
     finally:
         reader.close()
+
+
+async def test_a_drain_budget_counts_the_frames_inside_batches(pair, monkeypatch):
+    """DRAIN_BATCH is in frames: a BATCH of 64 counts 64, so a budget of 100 takes two such
+    messages in one wake-up, flushes what they sent, and takes the third in the next."""
+    import fabric.loop
+    monkeypatch.setattr(fabric.loop, "DRAIN_BATCH", 100)
+    router, dealer = pair
+    loop = asyncio.get_running_loop()
+    qs = QueuedSender(loop, router, router=True)
+    got: list[int] = []
+    done = asyncio.Event()
+
+    def on_message(parts: list[bytes]) -> None:
+        got.append(len(unbatch(parts[1])))
+        qs.send(parts[0], b"seen %d" % len(got))
+        if len(got) == 3:
+            done.set()
+
+    for _ in range(3):
+        dealer.send(batch_frame([b"x"] * BATCH_MAX))
+    reader = SocketReader(loop, router, on_message, sender=qs)
+    try:
+        async with asyncio.timeout(WAIT_MS / 1000):
+            await done.wait()
+        (first,) = dealer.recv_multipart()
+        (second,) = dealer.recv_multipart()
+        assert unbatch(first) == [b"seen 1", b"seen 2"] and second == b"seen 3", (first, second)
+    finally:
+        reader.close()
+
+
+def test_frames_in_reads_a_batch_header():
+    for n in (2, 15, 16, BATCH_MAX):
+        assert frames_in(batch_frame([b"ab"] * n)) == n
+    assert frames_in(b"\x94\x01") == 1 and frames_in(BATCH_PREFIX) == 1
+    assert frames_in(BATCH_PREFIX + b"\xdc\xff\xff") == BATCH_MAX     # a header's claim is capped
 
 
 @pytest.mark.parametrize("pair", [1], indirect=True)
