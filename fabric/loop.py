@@ -29,8 +29,9 @@ from fabric.wire import frames_in
 #: every process a Lab starts: bench/ compares both).
 COALESCE = os.environ.get("IRQLAB_COALESCE", "1") != "0"
 
-#: How many frames (message parts) one wake-up drains before yielding to other callbacks --
-#: and, with coalescing, the most a frame sent during a drain waits for the drain's flush.
+#: How many frames one wake-up drains before yielding to other callbacks (a message part
+#: counts one, a BATCH the frames it carries) -- and, with coalescing, the most a frame sent
+#: during a drain waits for the drain's flush.
 DRAIN_BATCH = 512
 
 
