@@ -50,6 +50,11 @@ def render(report: dict, console: Console) -> None:
                   f"{report['elapsed_s']:.2f} s; fabric routed {fab.get('tlps', 0):,} TLPs, injected "
                   f"{fab.get('injected', 0):,}, posted {fab.get('irq:posted', 0):,}, IR faults {fab.get('ir_faults_total', 0)}, DMA faults "
                   f"{fab.get('dma_faults_total', 0)}; isolation breaches {breaches}")
+    bursts = sorted({r.get("burst", 1) for r in report["functions"]} - {1})
+    if bursts:
+        console.print(f"  interrupt generator on: each work item raised its interrupt "
+                      f"{'/'.join(map(str, bursts))} times (workload.burst, the engine's IRQ_BURST)",
+                      soft_wrap=True)
     for line in faults.get("lines", [])[:10]:
         console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     for name, o in report.get("oses", {}).items():

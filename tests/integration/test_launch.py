@@ -78,6 +78,21 @@ async def test_json_report_is_machine_readable():
     assert all(r["lost"] == 0 and r["outcome"] == "delivered" for r in report["functions"])
 
 
+async def test_burst_raises_each_work_items_interrupt_n_times():
+    """``run --burst N``: the engine's interrupt generator; every function delivers N per work item."""
+    rc, out, err = await run_launch("run", "--json", "--per-function", "30", "--burst", "8")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["ok"] is True and report["total_sent"] == report["total_delivered"] == 3 * 30 * 8
+    for r in report["functions"]:
+        assert (r["burst"], r["delivered"], r["sent"], r["lost"], r["outcome"]) == (8, 30, 240, 0, "delivered"), r
+    rc, out, err = await run_launch("run", "--per-function", "10", "--burst", "3")
+    assert rc == 0 and "each work item raised its interrupt 3 times" in out and "total: 90 sent" in out, out
+    for bad in ("0", "257"):
+        rc, out, err = await run_launch("run", "--burst", bad)
+        assert rc == 2 and err.strip() == "launch.py: --burst must be 1..256" and "Traceback" not in err, err
+
+
 async def test_bad_topology_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[device]]\nname = "d0"\nvfs = 9\n')
