@@ -304,7 +304,7 @@ def _remote(args) -> int:
 async def _run(args, console) -> int:
     from rich.console import Console
     from irqlab.lab import Lab, LabError
-    from irqlab.topology import TopologyError, load
+    from irqlab.topology import TopologyError, burst_problem, load
 
     try:
         topo = load(args.topology)
@@ -322,6 +322,9 @@ async def _run(args, console) -> int:
             return EXIT_USAGE
     if args.burst is not None and not 1 <= args.burst <= 256:
         print("launch.py: --burst must be 1..256", file=sys.stderr)
+        return EXIT_USAGE
+    if args.burst is not None and (why := burst_problem(args.burst, topo.devices)):
+        print(f"launch.py: --burst: {why}", file=sys.stderr)
         return EXIT_USAGE
 
     if args.trace:

@@ -24,7 +24,8 @@ notification to the guest, 3 crossings, the host not involved).  Each checks
 that the path it measures is the one taken (the host's injection counter).
 
 Each also measures *interrupt delivery* alone (``delivery``): the engine's
-interrupt generator (IRQ_BURST, ``device.engine``) raises each completion's
+interrupt generator (IRQ_BURST, ``device.engine``; every topology here builds its
+devices with it, ``irq_generator``) raises each completion's
 interrupt ``DELIVERY_BURST`` times, so one doorbell and one record go with 32
 interrupt messages, and the figure is what the IR unit and the path after it
 deliver: one fabric crossing per interrupt, like one relayed message of the
@@ -92,7 +93,7 @@ async def run_injection(per_function: int = 20_000, inflight: int = 32, latency_
     workload (the host's PF stays idle), so every interrupt measured is remapped to a host
     vector whose handler injects it into a guest: 4 fabric crossings per interrupt.
     """
-    return await _run_guests(load(None), "injection", per_function, inflight, latency_per_function,
+    return await _run_guests(injection_topology(), "injection", per_function, inflight, latency_per_function,
                              warmup_per_function, progress, repeat, delivery_burst)
 
 
@@ -127,9 +128,22 @@ async def _delivery(lab: Lab, per_function: int, repeat: int, what: str, progres
             "handler_runs_per_interrupt": median["handler_runs_per_interrupt"]}
 
 
+def _default_with_generator() -> dict:
+    """The default topology, its devices built with the interrupt generator (the delivery runs)."""
+    d = load(None).to_dict()
+    for dev in d["device"]:
+        dev["irq_generator"] = True
+    return d
+
+
+def injection_topology() -> Topology:
+    """The default topology (both guests' VFs injected by the host), with the generator."""
+    return Topology.from_dict(_default_with_generator(), source="bench: default topology")
+
+
 def posted_topology() -> Topology:
     """The default topology on a platform with posted interrupts: both guests' VFs post."""
-    d = load(None).to_dict()
+    d = _default_with_generator()
     d["platform"]["posted"] = True
     return Topology.from_dict(d, source="bench: default topology, posted interrupts")
 
@@ -192,7 +206,7 @@ async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight
 
 def case1_topology():
     """The default topology's machine and devices with no guests: every function is the host's."""
-    d = load(None).to_dict()
+    d = _default_with_generator()
     for key in ("guest", "guests"):
         d.pop(key, None)
     return Topology.from_dict(d, source="bench: default topology without guests")

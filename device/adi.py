@@ -266,9 +266,9 @@ class AdiEngine(WorkEngine):
 
     __slots__ = ("ims_mem_slots", "qctx_base")
 
-    def __init__(self, ims_slots: int, ims_mem_slots: int) -> None:
+    def __init__(self, ims_slots: int, ims_mem_slots: int, generator: bool = False) -> None:
         self.ims_mem_slots = ims_mem_slots
-        super().__init__(ims_slots)
+        super().__init__(ims_slots, generator)
 
     def reset(self) -> None:
         super().reset()
@@ -331,7 +331,7 @@ class Adi:
     __slots__ = ("index", "host", "engine", "ims", "ctrl", "pasid", *_COUNTERS)
 
     def __init__(self, index: int, host: AdiHost, *, ims_slots: int = 8,
-                 ims_mem_slots: int = DEFAULT_IMS_MEM_SLOTS) -> None:
+                 ims_mem_slots: int = DEFAULT_IMS_MEM_SLOTS, irq_generator: bool = False) -> None:
         if not 0 <= index <= 0xFFFF:
             raise ValueError(f"ADI index {index} does not fit in 16 bits")
         if not 0 <= ims_slots <= ADI_MAX_IMS_SLOTS:
@@ -340,7 +340,7 @@ class Adi:
         self.host = host
         for name in _COUNTERS:
             setattr(self, name, 0)
-        self.engine = AdiEngine(ims_slots, ims_mem_slots)
+        self.engine = AdiEngine(ims_slots, ims_mem_slots, irq_generator)
         self.ims = AdiIms(ims_slots, self) if ims_slots else None
         self.ctrl = 0
         self.pasid = 0

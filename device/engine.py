@@ -30,7 +30,8 @@ vector or an IMS slot.  Registers (BAR0 + 0x0000, 32-bit, little-endian)::
     0x48   WQ_DEPTH           RO      work items accepted beyond CMPL_HEAD: min(64, ring size)
     0x4C   IRQ_BURST          RW      interrupts raised per completion, 1..256 (1 after reset;
                                       0 is taken as 1, more than 256 as 256): an interrupt
-                                      generator, see below
+                                      generator, see below; reads 1 and ignores writes on a
+                                      device built without it
     0x60   CMPL_FORMAT        RW      bit 0 DW: 0 = 16-byte completion records, 1 = DWORD
                                       records (the cookie alone, see below); bits 31:1 read 0
     0x80   DMA_SRC_LO         RW      copy descriptor: source bus address [31:0]
@@ -91,6 +92,10 @@ vector or device-IMS slot IRQ_BURST times in a row (all after the record; the
 first announces it).  Each is a separate interrupt message on the bus, counted
 in MSIX_SENT / IMS_SENT; a masked vector pends once.  A memory-kind IMS slot
 (an ADI's, ``device.adi``) is fetched and raised once whatever IRQ_BURST says.
+It is a test feature, present only on a device built with it (``generator``;
+the topology's ``[[device]] irq_generator``): with it a guest's one doorbell
+makes the device send 256 interrupt messages through the shared fabric, work its
+VM's frame budget does not count.
 
 DWORD records (CMPL_FORMAT.DW = 1, 0 after reset): the record is the u32 cookie
 alone, written to ``CMPL_BASE + (seq % CMPL_RING_ENTRIES) * 4`` with CMPL_BASE
@@ -176,12 +181,13 @@ class WorkEngine:
 
     __slots__ = (
         "ims_cap", "cmpl_base", "cmpl_format", "ring_entries", "irq_vector", "irq_mode", "completed",
-        "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full", "irq_burst",
+        "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full", "irq_burst", "generator",
         "dma_src", "dma_dst", "dma_len", "dma_copies", "dma_errors", "copies", "_tags", "_free_tags",
     )
 
-    def __init__(self, ims_slots: int = 0) -> None:
+    def __init__(self, ims_slots: int = 0, generator: bool = False) -> None:
         self.ims_cap = ims_slots
+        self.generator = generator       # IRQ_BURST is writable (the interrupt generator)
         self.reset()
 
     def reset(self) -> None:
@@ -279,7 +285,8 @@ class WorkEngine:
         elif off == IRQ_MODE:
             self.irq_mode = value & IRQ_MODE_IMS
         elif off == IRQ_BURST:
-            self.irq_burst = min(max(value & 0xFFFFFFFF, 1), IRQ_BURST_MAX)
+            if self.generator:
+                self.irq_burst = min(max(value & 0xFFFFFFFF, 1), IRQ_BURST_MAX)
         elif off == DMA_SRC_LO:
             self.dma_src = (self.dma_src & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
         elif off == DMA_SRC_HI:

@@ -108,6 +108,7 @@ class Function:
         on_flr: Callable[["Function"], None] | None = None,
         ims_slots: int = 0,
         pasid_interrupts: bool = True,
+        irq_generator: bool = False,
     ) -> None:
         if not 1 <= vectors <= MAX_VECTORS:
             raise ValueError(f"{vectors} MSI-X vectors do not fit between 0x2000 and 0x3000")
@@ -150,7 +151,7 @@ class Function:
         self.msix = MsixTable(vectors, requester_id=self._rid)
         self.ims = (ImsStore(ims_slots, requester_id=self._rid, pasid_interrupts=pasid_interrupts)
                     if ims_slots else None)
-        self.engine = WorkEngine(ims_slots)
+        self.engine = WorkEngine(ims_slots, irq_generator)
 
     # ---- identity --------------------------------------------------------------------------------
 

@@ -38,14 +38,16 @@ class DeviceShell:
             self.model = SiovDevice(adis=int(cfg.get("adis", 4)), adi_ims_slots=int(cfg.get("adi_ims_slots", 8)),
                                     pf_vectors=int(cfg.get("pf_vectors", 8)),
                                     pf_ims_slots=int(cfg.get("pf_ims_slots", 0)),
-                                    pasid_interrupts=bool(cfg.get("pasid_interrupts", True)))
+                                    pasid_interrupts=bool(cfg.get("pasid_interrupts", True)),
+                                    irq_generator=bool(cfg.get("irq_generator", False)))
         else:
             self.model = SriovDevice(total_vfs=int(cfg.get("total_vfs", 4)),
                                      pf_vectors=int(cfg.get("pf_vectors", 8)),
                                      vf_vectors=int(cfg.get("vf_vectors", 4)),
                                      pf_ims_slots=int(cfg.get("pf_ims_slots", 0)),
                                      vf_ims_slots=int(cfg.get("vf_ims_slots", 0)),
-                                     pasid_interrupts=bool(cfg.get("pasid_interrupts", True)))
+                                     pasid_interrupts=bool(cfg.get("pasid_interrupts", True)),
+                                     irq_generator=bool(cfg.get("irq_generator", False)))
         self.bad_tlps = 0
         self._wasted: dict[int, int] = {}           # guest link -> refused stores not yet reported
         self.stop = asyncio.get_running_loop().create_future()

@@ -155,10 +155,12 @@ class SiovDevice:
         pf_vectors: int = 8,
         pf_ims_slots: int = 0,
         pasid_interrupts: bool = True,
+        irq_generator: bool = False,
     ) -> None:
         """``adis``: ADIs (0..448).  ``adi_ims_slots``: device-kind IMS slots per ADI (0..256; each
         ADI also has 16 memory-kind slots).  ``pf_ims_slots``: the PF's own IMS (BAR0 page 1).
-        ``pasid_interrupts``: whether the device can PASID-tag interrupt MWrs (case 3 vs 4)."""
+        ``pasid_interrupts``: whether the device can PASID-tag interrupt MWrs (case 3 vs 4).
+        ``irq_generator``: the engines' IRQ_BURST works (``device.engine``)."""
         if not 0 <= adis <= MAX_ADIS:
             raise ValueError(f"{adis} ADIs do not fit in the ADI table (0..{MAX_ADIS})")
         if not 0 <= adi_ims_slots <= ADI_MAX_IMS_SLOTS:
@@ -167,7 +169,8 @@ class SiovDevice:
         self.pasid_interrupts = pasid_interrupts
         self.bus = 0
         pf = self.pf = SiovPf(0, vendor_id=vendor_id, device_id=device_id, vectors=pf_vectors,
-                              on_flr=self._pf_flr, ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts)
+                              on_flr=self._pf_flr, ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts,
+                              irq_generator=irq_generator)
         pf.device = self
         self.bar2_size = bar2_size(adis)
         pf.cfg.add_bar(BAR2_INDEX, self.bar2_size)
@@ -181,7 +184,8 @@ class SiovDevice:
         pf.cfg.seal()
 
         self.fetches = FetchTable()
-        self._adis = [Adi(i, self, ims_slots=adi_ims_slots, ims_mem_slots=DEFAULT_IMS_MEM_SLOTS)
+        self._adis = [Adi(i, self, ims_slots=adi_ims_slots, ims_mem_slots=DEFAULT_IMS_MEM_SLOTS,
+                          irq_generator=irq_generator)
                       for i in range(adis)]
         self._bar0: int | None = None
         self._bar2: int | None = None

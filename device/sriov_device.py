@@ -66,17 +66,19 @@ class SriovDevice:
         pf_ims_slots: int = 0,
         vf_ims_slots: int = 0,
         pasid_interrupts: bool = True,
+        irq_generator: bool = False,
     ) -> None:
         """``*_ims_slots``: IMS slots (kind ``device``, BAR0 + 0x1000) of the PF / of each VF,
         0 = none.  ``pasid_interrupts``: whether the device can PASID-tag interrupt MWrs
-        (``device.ims``)."""
+        (``device.ims``).  ``irq_generator``: the engines' IRQ_BURST works (``device.engine``)."""
         self.vendor_id = vendor_id
         self.vf_vectors = vf_vectors
         self.vf_ims_slots = vf_ims_slots
         self.pasid_interrupts = pasid_interrupts
+        self.irq_generator = irq_generator
         self.bus = 0
         self.pf = Function(0, vendor_id=vendor_id, device_id=device_id, vectors=pf_vectors, on_flr=self._pf_flr,
-                           ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts)
+                           ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts, irq_generator=irq_generator)
         self.sriov = SriovCap(
             total_vfs=total_vfs,
             vf_device_id=vf_device_id,
@@ -231,6 +233,7 @@ class SriovDevice:
             on_flr=self._vf_flr,
             ims_slots=self.vf_ims_slots,
             pasid_interrupts=self.pasid_interrupts,
+            irq_generator=self.irq_generator,
         )
         self.vfs.append(vf)
         self._by_rid[vf.rid] = vf

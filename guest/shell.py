@@ -170,9 +170,11 @@ class OsShell:
         done = self._workload_done = loop.create_future()
         ended = self._workload_ended = asyncio.Event()
         t0 = time.monotonic()
-        self.workload = wl = Workload.start(self.engines(), per_function, inflight,
+        engines = self.engines()
+        await asyncio.gather(*(inst.set_burst(burst) for inst in engines))
+        self.workload = wl = Workload.start(engines, per_function, inflight,
                                             on_finished=lambda: done.done() or done.set_result(True),
-                                            rate=rate, burst=burst)
+                                            rate=rate)
         pacer = loop.create_task(self._pace(wl, done)) if rate else None
         timed_out = stalled = False
         deadline = t0 + timeout_s

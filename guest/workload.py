@@ -6,11 +6,12 @@ each completion the interrupt handler consumes rings the next one, until
 ``per_function`` work items have completed.  With a ``rate`` (work items per
 second per function) doorbells are paced instead: the shell calls ``tick(now)``
 from a timer, which rings what is due, never more than ``inflight`` outstanding.
-With a ``burst`` above 1 the
-engine raises each completion's interrupt that many times (IRQ_BURST, the
-device's interrupt generator): a run then waits for ``burst`` interrupts per
-work item, and measures interrupt delivery with one doorbell per ``burst``
-interrupts.  Pure and synchronous; the shell awaits ``done``.
+With an instance's ``burst``
+above 1 (``EngineInstance.set_burst``, which the shell awaits first) the engine
+raises each completion's interrupt that many times (IRQ_BURST, the device's
+interrupt generator): a run then waits for ``burst`` interrupts per work item,
+and measures interrupt delivery with one doorbell per ``burst`` interrupts.
+Pure and synchronous; the shell awaits ``done``.
 """
 
 from __future__ import annotations
@@ -72,12 +73,11 @@ class Workload:
 
     @classmethod
     def start(cls, instances: list[EngineInstance], per_function: int, inflight: int,
-              on_finished=None, rate: float = 0.0, burst: int = 1) -> "Workload":
+              on_finished=None, rate: float = 0.0) -> "Workload":
         wl = cls(on_finished=on_finished, t_start=time.monotonic_ns(),
                  interval_ns=int(1e9 / rate) if rate > 0 else 0)
         for inst in instances:
-            run = FunctionRun(inst, per_function, inflight, inst.set_burst(burst),
-                              lat_start=len(inst.latencies_ns),
+            run = FunctionRun(inst, per_function, inflight, inst.burst, lat_start=len(inst.latencies_ns),
                               arrivals_start=inst.kernel.arrivals.get(inst.irq, 0),
                               interrupts_start=inst.interrupts)
             wl.runs.append(run)

@@ -52,7 +52,7 @@ from fabric import trace as tracing
 from fabric import wire
 from fabric.port import Port, PortError
 from fabric.provenance import adi_origin, describe
-from irqlab.topology import Topology
+from irqlab.topology import Topology, burst_problem
 from irqlab.zygote import ZygoteClient
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,8 @@ class Lab:
                                            "vf_vectors": d.vf_vectors, "pf_ims_slots": d.pf_ims_slots,
                                            "vf_ims_slots": d.vf_ims_slots, "adis": d.adis,
                                            "adi_ims_slots": d.adi_ims_slots,
-                                           "pasid_interrupts": d.pasid_interrupts})
+                                           "pasid_interrupts": d.pasid_interrupts,
+                                           "irq_generator": d.irq_generator})
         plat = topo.platform
         max_bus = max((d.bus_range[1] for d in topo.devices), default=1)
         security = {"curve": {"public": server_pub.decode(), "secret": server_sec.decode(),
@@ -593,6 +594,8 @@ class Lab:
         restricts the run to some of the OSes (default: the host and every guest).
         """
         wl = self.topology.workload
+        if burst is not None and burst > 1 and (why := burst_problem(burst, self.topology.devices)):
+            raise LabError(f"burst: {why}")
         args = {"per_function": wl.per_function if per_function is None else per_function,
                 "inflight": wl.inflight if inflight is None else inflight,
                 "timeout_s": wl.timeout_s if timeout_s is None else timeout_s,

@@ -163,6 +163,7 @@ class Device:
     vf_ims_slots: int = 0           # ... and on each VF
     ims: str = "device"             # which IMS kind drivers prefer: "device" (BAR slots) or "memory"
     pasid_interrupts: bool = True   # the device tags interrupt MWrs with the ADI's PASID
+    irq_generator: bool = False     # the engines' IRQ_BURST works (a test feature: workload.burst)
 
     @property
     def buses(self) -> int:
@@ -554,6 +555,7 @@ _DEVICE_KEYS: dict[str, _Checker] = {
     "vf_ims_slots": _Int(0, 256),
     "ims": _Choice(("device", "memory")),
     "pasid_interrupts": _Bool(),
+    "irq_generator": _Bool(),
 }
 
 _GUEST_KEYS: dict[str, _Checker] = {
@@ -654,6 +656,7 @@ def _build(d: Any, source: str) -> Topology:
 
     _check_unique_names(devices, guests)
     _check_delivery(platform, guests)
+    _check_burst(workload, devices)
     devices = _assign_buses(devices)
     _check_assignments(devices, guests)
     _check_behaviours(guests)
@@ -685,6 +688,22 @@ def _device(table: Any, path: str) -> Device:
         raise _Problem(f"{path}.adis", f"{dev.adis} ADIs need kind = 'siov' "
                                        f"({path}.kind is {dev.kind!r})")
     return dev
+
+
+def burst_problem(burst: int, devices: Sequence[Device]) -> str:
+    """Why a workload cannot raise ``burst`` interrupts per work item here ("" if it can):
+    only a device built with the interrupt generator has a working IRQ_BURST."""
+    without = [f"device[{i}] ({d.name})" for i, d in enumerate(devices) if not d.irq_generator]
+    if burst > 1 and without:
+        return (f"{burst} interrupts per work item need the interrupt generator on every device "
+                f"(irq_generator = true); {', '.join(without)} do{'es' if len(without) == 1 else ''} not have it")
+    return ""
+
+
+def _check_burst(workload: Workload, devices: Sequence[Device]) -> None:
+    why = burst_problem(workload.burst, devices)
+    if why:
+        raise _Problem("workload.burst", why)
 
 
 def _check_delivery(platform: Platform, guests: Sequence[Guest]) -> None:

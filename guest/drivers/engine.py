@@ -41,6 +41,7 @@ import struct
 import time
 from typing import Callable
 
+from guest.hw import VmExitError
 from guest.pci import regs as R
 from guest.pci.core import PciDev
 
@@ -250,18 +251,26 @@ class EngineInstance:
         if self.on_remove is not None:
             self.on_remove(self)
 
-    def set_burst(self, n: int) -> int:
+    async def set_burst(self, n: int) -> int:
         """Program IRQ_BURST (clamped to 1..256): every later completion raises its interrupt
-        ``n`` times.  Memory-kind IMS raises one whatever it says, so it stays 1 there.  Set it
-        between runs, with nothing in flight: the record check counts each record consumed
-        at the burst in force.  Returns the burst in force."""
+        ``n`` times -- on a device with the interrupt generator; it reads back what the device
+        took (1 without it).  Memory-kind IMS raises one whatever it says, so it stays 1 there.
+        Set it between runs, with nothing in flight: the record check counts each record
+        consumed at the burst in force.  Returns the burst in force."""
         n = min(max(int(n), 1), IRQ_BURST_MAX)
         if self.irq_mode == "ims-memory":
             n = 1
         if n != self.burst and not self.removed:
-            self._allowed_base, self._burst_from = self.irqs_allowed, self.completed
-            self.burst = n
-            self.kernel.hw.mmio_write(self.bar0 + IRQ_BURST, _U32.pack(n))
+            hw = self.kernel.hw
+            hw.mmio_write(self.bar0 + IRQ_BURST, _U32.pack(n))
+            try:
+                raw = await hw.mmio_read(self.bar0 + IRQ_BURST, 4)
+            except VmExitError:
+                raw = _U32.pack(n)           # no answer (the device is going away): as written
+            took = int.from_bytes(raw, "little") if raw else 1
+            if took != self.burst:
+                self._allowed_base, self._burst_from = self.irqs_allowed, self.completed
+                self.burst = max(took, 1)
         return self.burst
 
     @property

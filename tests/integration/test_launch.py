@@ -78,19 +78,40 @@ async def test_json_report_is_machine_readable():
     assert all(r["lost"] == 0 and r["outcome"] == "delivered" for r in report["functions"])
 
 
-async def test_burst_raises_each_work_items_interrupt_n_times():
-    """``run --burst N``: the engine's interrupt generator; every function delivers N per work item."""
-    rc, out, err = await run_launch("run", "--json", "--per-function", "30", "--burst", "8")
+GENERATOR_TOPOLOGY = """
+[[device]]
+name = "d0"
+vfs = 2
+irq_generator = true
+
+[[guest]]
+name = "g1"
+assign = ["d0.vf0"]
+
+[[guest]]
+name = "g2"
+assign = ["d0.vf1"]
+"""
+
+
+async def test_burst_raises_each_work_items_interrupt_n_times(tmp_path):
+    """``run --burst N``: the engine's interrupt generator; every function delivers N per work
+    item.  A device without the generator, or N outside 1..256, is refused in one line."""
+    topo = tmp_path / "gen.toml"
+    topo.write_text(GENERATOR_TOPOLOGY)
+    rc, out, err = await run_launch("run", str(topo), "--json", "--per-function", "30", "--burst", "8")
     assert rc == 0, err
     report = json.loads(out)
     assert report["ok"] is True and report["total_sent"] == report["total_delivered"] == 3 * 30 * 8
     for r in report["functions"]:
         assert (r["burst"], r["delivered"], r["sent"], r["lost"], r["outcome"]) == (8, 30, 240, 0, "delivered"), r
-    rc, out, err = await run_launch("run", "--per-function", "10", "--burst", "3")
+    rc, out, err = await run_launch("run", str(topo), "--per-function", "10", "--burst", "3")
     assert rc == 0 and "each work item raised its interrupt 3 times" in out and "total: 90 sent" in out, out
-    for bad in ("0", "257"):
-        rc, out, err = await run_launch("run", "--burst", bad)
-        assert rc == 2 and err.strip() == "launch.py: --burst must be 1..256" and "Traceback" not in err, err
+    for args, why in ((["--burst", "0"], "--burst must be 1..256"), (["--burst", "257"], "--burst must be 1..256"),
+                      (["--burst", "2"], "--burst: 2 interrupts per work item need the interrupt generator on "
+                                         "every device (irq_generator = true); device[0] (d0) does not have it")):
+        rc, out, err = await run_launch("run", *args)
+        assert rc == 2 and err.strip() == f"launch.py: {why}" and "Traceback" not in err, err
 
 
 async def test_bad_topology_is_one_clear_line(tmp_path):

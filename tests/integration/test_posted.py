@@ -166,7 +166,7 @@ async def test_interrupt_generator_delivers_every_interrupt_on_each_path(start_l
     """The engine's interrupt generator (workload ``burst``, IRQ_BURST): every completion raises
     its interrupt B times.  Each path delivers all of them -- the host's PF (case 1), g1 by
     injection, g2 posted -- after their records; a later run at burst 1 keeps the record check."""
-    lab = await start_lab({**POSTED, "guest": [
+    lab = await start_lab({**POSTED, "device": [{"name": "d0", "vfs": 2, "irq_generator": True}], "guest": [
         {"name": "g1", "cpus": 2, "assign": ["d0.vf0"], "delivery": "injection"},
         {"name": "g2", "assign": ["d0.vf1"]}]})
     items, burst = 60, 16

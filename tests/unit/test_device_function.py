@@ -203,7 +203,26 @@ def test_doorbell_emits_dma_record_then_msix(h: Host) -> None:
     assert h.r32(BAR + COMPLETED) == 1 and h.r32(BAR + MSIX_SENT) == 1
 
 
-def test_irq_burst_register_is_clamped_and_reset_by_flr(h: Host) -> None:
+@pytest.fixture
+def g() -> Host:
+    """A device built with the interrupt generator (IRQ_BURST works)."""
+    host = Host(SriovDevice(irq_generator=True))
+    host.bring_up_pf()
+    return host
+
+
+def test_irq_burst_needs_the_generator(h: Host) -> None:
+    """Without the interrupt generator IRQ_BURST reads 1 and ignores writes: one interrupt each."""
+    h.w32(BAR + IRQ_BURST, 32)
+    assert h.r32(BAR + IRQ_BURST) == 1
+    h.msix_control(PF, enable=True)
+    h.program_vector(BAR, 0, MSI, 0x20)
+    h.program_ring(BAR, RING, 4, vector=0)
+    assert len(h.w32(BAR + DOORBELL, 1)) == 2
+
+
+def test_irq_burst_register_is_clamped_and_reset_by_flr(g: Host) -> None:
+    h = g
     assert h.r32(BAR + IRQ_BURST) == 1
     for written, reads in ((32, 32), (0, 1), (IRQ_BURST_MAX, 256), (257, 256), (0xFFFF_FFFF, 256), (3, 3)):
         h.w32(BAR + IRQ_BURST, written)
@@ -213,7 +232,8 @@ def test_irq_burst_register_is_clamped_and_reset_by_flr(h: Host) -> None:
     assert h.r32(BAR + IRQ_BURST) == 1
 
 
-def test_irq_burst_raises_each_completion_interrupt_n_times_after_its_record(h: Host) -> None:
+def test_irq_burst_raises_each_completion_interrupt_n_times_after_its_record(g: Host) -> None:
+    h = g
     h.msix_control(PF, enable=True)
     h.program_vector(BAR, 2, MSI | 0x1000, 0x4041)
     h.program_ring(BAR, RING, 4, vector=2)

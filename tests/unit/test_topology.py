@@ -208,6 +208,7 @@ def topologies(draw: st.DrawFn) -> dict[str, Any]:
             "adis": draw(st.integers(0, 64)) if kind == "siov" else 0,
             "ims": draw(st.sampled_from(["device", "memory"])),
             "pasid_interrupts": draw(st.booleans()),
+            "irq_generator": draw(st.booleans()),
         })
         if kind == "siov":
             devices[-1].update(adi_ims_slots=draw(st.integers(0, 256)), vmm_emulation=draw(st.booleans()),
@@ -250,7 +251,7 @@ def topologies(draw: st.DrawFn) -> dict[str, Any]:
                      "inflight": draw(st.integers(1, 4096)),
                      "rate": draw(st.floats(0, 1e9)),
                      "timeout_s": draw(st.floats(1e-3, 1e6)),
-                     "burst": draw(st.integers(1, 256))},
+                     "burst": draw(st.integers(1, 256)) if all(dv.get("irq_generator") for dv in devices) else 1},
     }
 
 
@@ -368,6 +369,9 @@ BAD: list[tuple[str, str]] = [
     # unknown keys
     (D0 + "[workload]\nrat = 3\n", "workload.rat: unknown key 'rat' (did you mean 'rate'?)"),
     (D0 + "[workload]\nburst = 0\n", "workload.burst: 0 is out of range 1..256"),
+    (D0 + "[workload]\nburst = 8\n", "workload.burst: 8 interrupts per work item need the interrupt "
+                                      "generator on every device (irq_generator = true); device[0] (d0) "
+                                      "does not have it"),
     (D0 + "[workload]\nburst = 257\n", "workload.burst: 257 is out of range 1..256"),
     ('[[devices]]\nname = "d0"\n', "devices: unknown key 'devices' (did you mean 'device'?)"),
     (D0 + "vf = 3\n", "device[0].vf: unknown key 'vf' (did you mean 'vfs'?)"),
