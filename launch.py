@@ -345,8 +345,10 @@ async def _run(args, console) -> int:
             await lab.start()
             n = sum(1 + d.vfs + d.adis for d in topo.devices)
             per = topo.workload.per_function if args.per_function is None else args.per_function
+            burst = topo.workload.burst if args.burst is None else args.burst
             progress(f"booted: host {lab.boot_info.get('cpuid')}, {len(topo.guests)} guests; "
-                     f"running {per:,} interrupts on each of {n} functions")
+                     f"running {per * burst:,} interrupts on each of {n} functions"
+                     + (f" ({per:,} work items of {burst})" if burst > 1 else ""))
             report = await lab.run_workload(per_function=args.per_function, inflight=args.inflight,
                                             rate=args.rate, burst=args.burst)
             views = {}

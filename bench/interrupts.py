@@ -34,7 +34,7 @@ that each function's device sent ``per_function * DELIVERY_BURST`` and its OS
 received as many.
 Just these two, briefly::
 
-    python -m bench.interrupts --posted --injection [--quick]
+    python -m bench.interrupts --posted --injection [--quick] [--burst N] [--json]
 """
 
 from __future__ import annotations

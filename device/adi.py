@@ -506,12 +506,7 @@ class Adi:
             return out
         irq = ims.notify(vector)
         if irq is not None:
-            burst = engine.irq_burst
-            engine.ims_sent += burst
-            out.append(irq)
-            if burst > 1:
-                out += (irq,) * (burst - 1)     # IRQ_BURST (device.engine)
-                ims.sent += burst - 1
+            engine.ims_sent += engine.emit_burst(out, irq, ims)      # IRQ_BURST (device.engine)
         elif vector < ims.nslots and ims.is_pending(vector):
             engine.ims_pended += 1
         else:

@@ -226,6 +226,17 @@ class WorkEngine:
         WorkEngine.refused += 1
         return False
 
+    def emit_burst(self, out: list, irq, table) -> int:
+        """Append the interrupt ``irq`` (an Emit) to ``out`` IRQ_BURST times -- the same message
+        again: nothing can mask it in between -- and count the repeats in ``table.sent`` (the
+        MSI-X table or IMS store that sent it).  Returns how many were sent."""
+        burst = self.irq_burst
+        out.append(irq)
+        if burst > 1:
+            out += (irq,) * (burst - 1)
+            table.sent += burst - 1
+        return burst
+
     def read32(self, off: int) -> int:
         if off == COMPLETED:
             return self.completed & 0xFFFFFFFF

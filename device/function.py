@@ -322,24 +322,13 @@ class Function:
                 return out
             irq = ims.notify(vector)
             if irq is not None:
-                burst = engine.irq_burst
-                engine.ims_sent += burst
-                out.append(irq)
-                if burst > 1:
-                    out += (irq,) * (burst - 1)
-                    ims.sent += burst - 1
+                engine.ims_sent += engine.emit_burst(out, irq, ims)
             elif vector < ims.nslots and ims.is_pending(vector):
                 engine.ims_pended += 1
             return out
         irq = msix.notify(vector)
         if irq is not None:
-            burst = engine.irq_burst
-            engine.msix_sent += burst
-            out.append(irq)
-            if burst > 1:
-                # IRQ_BURST: the same message again; nothing can mask the vector in between
-                out += (irq,) * (burst - 1)
-                msix.sent += burst - 1
+            engine.msix_sent += engine.emit_burst(out, irq, msix)
         elif vector < msix.nvectors and msix.is_pending(vector):
             engine.msix_pended += 1
         return out

@@ -230,15 +230,18 @@ def batch(frames: list[bytes]) -> bytes:
 
 def frames_in(frame: bytes) -> int:
     """How many frames one message frame carries, for drain budgets: a BATCH's count as its
-    header says (at most BATCH_MAX; ``unbatch`` checks the rest), else 1."""
+    header says, but at least 1 and no more than BATCH_MAX or the frame's bytes can hold (2
+    bytes each at least); else 1.  Only an estimate for a hostile header: ``unbatch`` checks."""
     if frame[:2] != BATCH_PREFIX or len(frame) < 3:
         return 1
     b = frame[2]
     if 0x90 <= b <= 0x9F:                   # fixarray
-        return b & 0x0F
-    if b == 0xDC and len(frame) >= 5:       # array 16
-        return min(int.from_bytes(frame[3:5], "big"), BATCH_MAX)
-    return 1
+        n, body = b & 0x0F, len(frame) - 3
+    elif b == 0xDC and len(frame) >= 5:     # array 16
+        n, body = int.from_bytes(frame[3:5], "big"), len(frame) - 5
+    else:
+        return 1
+    return max(1, min(n, BATCH_MAX, body >> 1))
 
 
 def unbatch(frame: bytes) -> list[bytes]:

@@ -791,7 +791,7 @@ def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
     if row["breaches"]:
         return "breach", f"{row['breaches']} interrupts reached a vector their emitter does not own"
     if row.get("removed"):
-        return "clean error", f"{row['removed']} ({row['interrupts']}/{row['target']} delivered before)"
+        return "clean error", f"{row['removed']} ({row['interrupts']}/{target} delivered before)"
     if row["record_missing"]:
         return "ordering violated", f"{row['record_missing']} interrupts overtook their completion record"
     if target and got >= target and sent == got:
@@ -802,7 +802,7 @@ def _outcome(row: dict, faults_by_source: dict) -> tuple[str, str]:
         detail = (f"{sent} interrupts sent by {row['phys']}, {got} reached {row['os']}"
                   + (f"; the IR unit blocked them ({reasons})" if reasons else ""))
         return ("silent loss detected" if not why else "lost"), detail
-    return "incomplete", f"{got}/{target} completions, {sent} interrupts sent"
+    return "incomplete", f"{got}/{target} interrupts, {sent} sent"
 
 
 def build_report(topo: Topology, results: dict, before: dict, after: dict, fabric: dict, faults: dict,

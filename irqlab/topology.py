@@ -213,9 +213,9 @@ class Guest:
 class Workload:
     """What every function does once the system is up."""
 
-    per_function: int = 4000    # interrupts each PF/VF sends
+    per_function: int = 4000    # work items each PF/VF runs (an interrupt each, ``burst`` with it)
     inflight: int = 8           # doorbells outstanding per function
-    rate: float = 0.0           # interrupts/s per function; 0 = as fast as possible
+    rate: float = 0.0           # doorbells/s per function; 0 = as fast as possible
     timeout_s: float = 120.0    # the whole run's deadline
     burst: int = 1              # interrupts each work item raises (the engine's IRQ_BURST)
 

@@ -148,8 +148,11 @@ class EngineInstance:
         self.interrupts = 0
         self.record_missing = 0
         self.burst = 1              # IRQ_BURST as programmed: interrupts per completion
-        self._allowed_base = 0      # interrupts announced by the records consumed before it was set
-        self._burst_from = 0        # ``completed`` when it was set
+        # the record check across a change of IRQ_BURST: the work items rung before the write
+        # (``_burst_from``) complete at ``_burst_before``; ``_allowed_base`` is what they announce
+        self._burst_from = 0
+        self._burst_before = 1
+        self._allowed_base = 0
         self.latencies_ns: list[int] = []
         self.on_complete: Callable[["EngineInstance", int], None] | None = None
         self.on_irq: Callable[["EngineInstance"], None] | None = None
@@ -269,15 +272,23 @@ class EngineInstance:
                 raw = _U32.pack(n)           # no answer (the device is going away): as written
             took = int.from_bytes(raw, "little") if raw else 1
             if took != self.burst:
-                self._allowed_base, self._burst_from = self.irqs_allowed, self.completed
+                # work rung before the write is ahead of it on the link: it completes (and its
+                # records announce interrupts) at the burst it was rung at
+                self._allowed_base = self._allowance(self.doorbells)
+                self._burst_from, self._burst_before = self.doorbells, self.burst
                 self.burst = max(took, 1)
         return self.burst
 
     @property
     def irqs_allowed(self) -> int:
-        """Interrupts the records consumed so far announce: ``burst`` each, at the burst in
-        force when they were consumed (``completed`` itself while it is 1)."""
-        return self._allowed_base + (self.completed - self._burst_from) * self.burst
+        """Interrupts the records consumed so far announce: each at the burst its work item was
+        rung at (``completed`` itself while it is 1)."""
+        return self._allowance(self.completed)
+
+    def _allowance(self, records: int) -> int:
+        if records >= self._burst_from:
+            return self._allowed_base + (records - self._burst_from) * self.burst
+        return self._allowed_base - (self._burst_from - records) * self._burst_before
 
     def ring_doorbell(self, cookie: int) -> None:
         """Submit one work item; with the work queue full it waits in ``backlog`` (never dropped)."""

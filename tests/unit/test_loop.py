@@ -152,7 +152,31 @@ def test_frames_in_reads_a_batch_header():
     for n in (2, 15, 16, BATCH_MAX):
         assert frames_in(batch_frame([b"ab"] * n)) == n
     assert frames_in(b"\x94\x01") == 1 and frames_in(BATCH_PREFIX) == 1
-    assert frames_in(BATCH_PREFIX + b"\xdc\xff\xff") == BATCH_MAX     # a header's claim is capped
+    # a hostile header: at least 1, never more than BATCH_MAX or than its bytes can hold (2 each)
+    assert frames_in(BATCH_PREFIX + b"\x90") == frames_in(BATCH_PREFIX + b"\x91") == 1
+    assert frames_in(BATCH_PREFIX + b"\xdc\xff\xff") == 1
+    assert frames_in(BATCH_PREFIX + b"\xdc\xff\xff" + bytes(1000)) == BATCH_MAX
+    assert frames_in(BATCH_PREFIX + b"\xdc\xff") == frames_in(BATCH_PREFIX + b"\xdd\0\0\0\x05") == 1
+
+
+@pytest.mark.parametrize("pair", [1], indirect=True)
+async def test_a_full_batch_sent_early_waits_its_turn_and_drop_forgets_it(pair):
+    """Behind a full peer, a BATCH that left early (it reached BATCH_MAX while corked) queues
+    after what was already waiting, the rest of the drain's frames stay collected, and ``drop``
+    (the peer is gone) forgets both."""
+    router, dealer = pair
+    qs = QueuedSender(asyncio.get_running_loop(), router, router=True)
+    for i in range(50):
+        qs.send(b"d1", b"lone %d" % i)              # until the high-water mark is reached
+    assert qs.queued >= 1
+    waiting = qs.backlog()
+    qs.cork()
+    for i in range(BATCH_MAX + 3):
+        qs.send(b"d1", b"f%d" % i)
+    assert qs.backlog() == waiting + 1 + 3 and qs.batches == 1      # one queued BATCH, 3 collected
+    assert qs.drop(b"d1") == waiting + 1 + 3 and qs.backlog() == 0
+    qs.flush()
+    assert qs.backlog() == 0
 
 
 @pytest.mark.parametrize("pair", [1], indirect=True)

@@ -289,3 +289,16 @@ def test_batch_roundtrip_and_refusals() -> None:
             wire.unbatch(wire._packb([wire.BATCH, bad]))
     with pytest.raises(wire.WireError):
         wire.unbatch(wire._packb([wire.BATCH, 7]))
+
+
+def test_decode_is_the_same_on_both_sides_of_its_64_kib_fast_path() -> None:
+    """Up to 64 KiB decode lets msgpack bound lengths by the buffer (no looser than its own
+    limits); above, its explicit limits apply: an array of more than 65,536 items is refused."""
+    for size in (wire._SMALL - 1, wire._SMALL, wire._SMALL + 1):
+        n = size - len(wire.ctl_rep(7, True, b"x" * 1000)) + 1000    # bin 16 or 32: fixed headers
+        frame = wire.ctl_rep(7, True, b"x" * n)
+        assert len(frame) == size, (len(frame), size)
+        assert wire.decode(frame) == [wire.CTL_REP, 7, True, b"x" * n]
+    big = msgpack.packb([wire.CTL_REP, 7, True, [None] * (wire._SMALL + 1)])
+    with pytest.raises(wire.WireError, match="not msgpack"):
+        wire.decode(big)
