@@ -456,6 +456,7 @@ class Fabric:
                 frames = wire.unbatch(frame)
             except wire.WireError:
                 peer.rx += 1
+                peer.tokens -= 1.0             # a guest pays for it like one frame (inf for others)
                 self._drop(peer, "malformed")
                 return
             parts = [identity, *frames]

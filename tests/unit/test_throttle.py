@@ -131,6 +131,21 @@ def test_wasted_from_anyone_but_a_device_or_for_no_guest_is_refused() -> None:
     assert c.peer("d0").drops["invalid"] == 3 and c.peer("g1").wasted == 0
 
 
+def test_a_malformed_batch_costs_the_guest_a_frame_of_budget() -> None:
+    """A BATCH dropped whole (here: a BATCH inside a BATCH) still cost the fabric work: it
+    is charged like one frame, so a flood of them runs the guest out of budget too."""
+    c = Clocked(rate=1000, burst=10)
+    bad = wire.batch([wire.batch([b"a", b"b"]), b"c"])
+    for _ in range(10):
+        c.f.on_multipart([G1, bad])
+    assert c.peer("g1").drops["malformed"] == 10 and c.peer("g1").tokens == 0.0
+    c.take()
+    c.exit(G1, 1)                                    # the next frame waits for budget
+    assert c.forwarded() == [] and c.peer("g1").throttles == 1
+    c.f.on_multipart([D0, bad])
+    assert c.peer("d0").tokens == float("inf")       # only guests have a budget
+
+
 def test_rate_zero_means_no_budget_at_all() -> None:
     c = Clocked(rate=0, burst=1)
     c.f.on_frame(D0, wire.wasted(c.peer("g1").link, 100))
