@@ -25,6 +25,8 @@ class Emit(NamedTuple):
 
     tlp: Tlp
     origin: int | None = None
+    #: ``tlp.pack()`` made already (an MSI-X message cached per vector), or None: the shell packs
+    raw: bytes | None = None
 
 
 _FOUR_GIB = 1 << 32

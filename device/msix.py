@@ -44,6 +44,7 @@ from __future__ import annotations
 import struct
 
 from device.emit import Emit, mem_write_dw
+from fabric.tlp import TlpError
 
 PCI_MSIX_ENTRY_SIZE = 16
 PCI_MSIX_ENTRY_LOWER_ADDR = 0x0
@@ -60,7 +61,7 @@ class MsixTable:
 
     __slots__ = (
         "nvectors", "table", "pba", "enabled", "function_mask", "bus_master", "requester_id",
-        "sent", "pended", "replayed", "blocked_no_bme", "invalid_vector",
+        "sent", "pended", "replayed", "blocked_no_bme", "invalid_vector", "_cache",
     )
 
     def __init__(self, nvectors: int, *, requester_id: int = 0) -> None:
@@ -78,6 +79,7 @@ class MsixTable:
         self.replayed = 0
         self.blocked_no_bme = 0
         self.invalid_vector = 0
+        self._cache: dict[int, tuple[tuple[int, int, int, int], Emit]] = {}
         self.reset()
 
     # ---- state -----------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class MsixTable:
         self.pba[:] = bytes(len(self.pba))
         self.enabled = False
         self.function_mask = False
+        self._cache.clear()
 
     def is_masked(self, vector: int) -> bool:
         return (
@@ -127,7 +130,19 @@ class MsixTable:
         lo, hi, data, _ = _ENTRY.unpack_from(self.table, vector * PCI_MSIX_ENTRY_SIZE)
         self.sent += 1
         rid = self.requester_id
-        return Emit(mem_write_dw(hi << 32 | lo, data.to_bytes(4, "little"), rid), rid)
+        # The message, built and encoded once per (entry, RID): a vector fires the same bytes
+        # until software rewrites its entry (the key is what the entry says now).
+        key = (lo, hi, data, rid)
+        hit = self._cache.get(vector)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        tlp = mem_write_dw(hi << 32 | lo, data.to_bytes(4, "little"), rid)
+        try:
+            emit = Emit(tlp, rid, tlp.pack())
+        except TlpError:
+            return Emit(tlp, rid)              # the shell's pack says what is wrong with it
+        self._cache[vector] = (key, emit)
+        return emit
 
     def _replay_if_unmasked(self, vector: int) -> Emit | None:
         """QEMU ``msix_handle_mask_update``: a pending vector that is now unmasked fires."""

@@ -78,10 +78,13 @@ class DeviceShell:
                     self._waste(link, WorkEngine.refused - refused)
             if emits:
                 send = self.port.send
-                prev = raw = None
+                prev = packed = None
                 for e in emits:
-                    if e is not prev:           # an IRQ_BURST repeats one Emit: pack it once
-                        prev, raw = e, e.tlp.pack()
+                    raw = e.raw
+                    if raw is None:
+                        if e is not prev:       # an IRQ_BURST repeats one Emit: pack it once
+                            prev, packed = e, e.tlp.pack()
+                        raw = packed
                     if e.origin is None:
                         send(wire.tlp(raw))
                         if tr.on:

@@ -51,6 +51,7 @@ class Host:
         out = self.dev.handle_tlp(tlp)
         for e in out:  # everything the model emits must survive the wire
             assert Tlp.unpack(e.tlp.pack()) == e.tlp
+            assert e.raw is None or e.raw == e.tlp.pack()     # a cached encoding is the TLP's
         return out
 
     # config

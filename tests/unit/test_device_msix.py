@@ -38,6 +38,27 @@ def assert_msg(emit, addr: int, data: int) -> None:
     assert tlp.data == data.to_bytes(4, "little")
     assert tlp.requester_id == RID and emit.origin == RID
     assert Tlp.unpack(tlp.pack()) == tlp
+    assert emit.raw is None or emit.raw == tlp.pack()
+
+
+def test_a_vector_message_is_encoded_once_until_its_entry_changes() -> None:
+    """The device sends a vector's message from a cache keyed by the entry and the RID: the same
+    bytes until software rewrites the entry (or the RID moves), then the new message."""
+    t = live()
+    program(t, 1, MSI_ADDR, 0x30)
+    first = t.notify(1)
+    assert t.notify(1) is first and first.raw == first.tlp.pack() and t.sent == 2
+    program(t, 1, MSI_ADDR + 8, 0x31)
+    assert_msg(t.notify(1), MSI_ADDR + 8, 0x31)
+    t.requester_id = RID + 1
+    assert t.notify(1).tlp.requester_id == RID + 1
+    t.requester_id = RID
+    t.reset()
+    t.bus_master = True
+    t.set_control(True, False)
+    program(t, 1, MSI_ADDR, 0x30)
+    again = t.notify(1)
+    assert again is not first and again == first       # re-encoded after the reset, same bytes
 
 
 def test_reset_state() -> None:
