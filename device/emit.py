@@ -25,7 +25,8 @@ class Emit(NamedTuple):
 
     tlp: Tlp
     origin: int | None = None
-    #: ``tlp.pack()`` made already (an MSI-X message cached per vector), or None: the shell packs
+    #: ``tlp.pack()`` made already (an MSI-X message cached per vector), or None: the shell packs.
+    #: A cached Emit and its ``Tlp`` are sent again and again: never modify an emitted ``Tlp``.
     raw: bytes | None = None
 
 

@@ -76,6 +76,7 @@ _TK_DEVICE = ("src", "rid", "key")
 # hot path: module globals, not attribute lookups per frame
 _peek = T.peek
 _decode = wire.decode
+_INF = float("inf")
 _TK_CPU = ("src", "key")
 _TK_REMAP = ("sid", "addr", "data", "pasid", "irte", "apic", "vector")
 _TK_PASSTHROUGH = ("sid", "addr", "data", "pasid", "apic", "vector")
@@ -456,7 +457,8 @@ class Fabric:
                 frames = wire.unbatch(frame)
             except wire.WireError:
                 peer.rx += 1
-                peer.tokens -= 1.0             # a guest pays for it like one frame (inf for others)
+                if peer.tokens != _INF:        # a guest pays for it like one frame (debt capped as for WASTED)
+                    peer.tokens = max(-self.platform.vm_frame_rate * MAX_DEBT_S, peer.tokens - 1.0)
                 self._drop(peer, "malformed")
                 return
             parts = [identity, *frames]

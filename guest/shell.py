@@ -34,6 +34,7 @@ class OsShell:
         self.kernel = kernel
         self.hw = hw
         self.workload: Workload | None = None
+        self._starting = False          # a workload.run is programming the engines / behaviours
         self.stop = asyncio.get_running_loop().create_future()
         self.bad_tlps = 0
         self.dma_writes = 0
@@ -163,15 +164,19 @@ class OsShell:
         if per_function < 0 or inflight < 1 or timeout_s <= 0 or rate < 0 or not 1 <= burst <= 256:
             raise ValueError("per_function >= 0, inflight >= 1, timeout_s > 0, rate >= 0 and "
                              "1 <= burst <= 256 are required")
-        if self.workload is not None and not self.workload.finished:
+        if (self.workload is not None and not self.workload.finished) or self._starting:
             raise RuntimeError("a workload is already running")
         loop = asyncio.get_running_loop()
-        background = await self.before_workload(args)
+        self._starting = True
+        try:
+            engines = self.engines()
+            await asyncio.gather(*(inst.set_burst(burst) for inst in engines))    # never raises
+            background = await self.before_workload(args)
+        finally:
+            self._starting = False
         done = self._workload_done = loop.create_future()
         ended = self._workload_ended = asyncio.Event()
         t0 = time.monotonic()
-        engines = self.engines()
-        await asyncio.gather(*(inst.set_burst(burst) for inst in engines))
         self.workload = wl = Workload.start(engines, per_function, inflight,
                                             on_finished=lambda: done.done() or done.set_result(True),
                                             rate=rate)

@@ -41,7 +41,6 @@ import struct
 import time
 from typing import Callable
 
-from guest.hw import VmExitError
 from guest.pci import regs as R
 from guest.pci.core import PciDev
 
@@ -148,11 +147,10 @@ class EngineInstance:
         self.interrupts = 0
         self.record_missing = 0
         self.burst = 1              # IRQ_BURST as programmed: interrupts per completion
-        # the record check across a change of IRQ_BURST: the work items rung before the write
-        # (``_burst_from``) complete at ``_burst_before``; ``_allowed_base`` is what they announce
-        self._burst_from = 0
-        self._burst_before = 1
-        self._allowed_base = 0
+        # The record check across changes of IRQ_BURST: (first work item, interrupts announced by
+        # the records before it, burst from it on), one entry per change, oldest first.  A work
+        # item completes at the burst in force when it was rung (the write is ordered with them).
+        self._bursts: list[tuple[int, int, int]] = [(0, 0, 1)]
         self.latencies_ns: list[int] = []
         self.on_complete: Callable[["EngineInstance", int], None] | None = None
         self.on_irq: Callable[["EngineInstance"], None] | None = None
@@ -255,29 +253,35 @@ class EngineInstance:
             self.on_remove(self)
 
     async def set_burst(self, n: int) -> int:
-        """Program IRQ_BURST (clamped to 1..256): every later completion raises its interrupt
-        ``n`` times -- on a device with the interrupt generator; it reads back what the device
-        took (1 without it).  Memory-kind IMS raises one whatever it says, so it stays 1 there.
-        Set it between runs, with nothing in flight: the record check counts each record
-        consumed at the burst in force.  Returns the burst in force."""
+        """Program IRQ_BURST (clamped to 1..256): every work item rung after it raises its
+        interrupt ``n`` times -- on a device with the interrupt generator; it reads back what
+        the device took (1 without it).  Memory-kind IMS raises one whatever it says, so it
+        stays 1 there.  Work already rung completes at the burst it was rung at, and the record
+        check counts it so.  Returns the burst in force; never raises (a device that does not
+        answer is taken to have taken ``n``)."""
         n = min(max(int(n), 1), IRQ_BURST_MAX)
         if self.irq_mode == "ims-memory":
             n = 1
-        if n != self.burst and not self.removed:
-            hw = self.kernel.hw
-            hw.mmio_write(self.bar0 + IRQ_BURST, _U32.pack(n))
-            try:
-                raw = await hw.mmio_read(self.bar0 + IRQ_BURST, 4)
-            except VmExitError:
-                raw = _U32.pack(n)           # no answer (the device is going away): as written
-            took = int.from_bytes(raw, "little") if raw else 1
-            if took != self.burst:
-                # work rung before the write is ahead of it on the link: it completes (and its
-                # records announce interrupts) at the burst it was rung at
-                self._allowed_base = self._allowance(self.doorbells)
-                self._burst_from, self._burst_before = self.doorbells, self.burst
-                self.burst = max(took, 1)
-        return self.burst
+        if n == self.burst or self.removed:
+            return self.burst
+        hw = self.kernel.hw
+        at = self.doorbells                   # what the interrupt handler rings from now on is after it
+        hw.mmio_write(self.bar0 + IRQ_BURST, _U32.pack(n))
+        bursts = self._bursts
+        while len(bursts) > 1 and bursts[1][0] <= self.completed:
+            del bursts[0]                     # changes every consumed record is past
+        base = self._allowance(at)
+        bursts.append((at, base, n))
+        entry = len(bursts) - 1               # (one set_burst at a time: the shell's workload.run)
+        try:
+            raw = await hw.mmio_read(self.bar0 + IRQ_BURST, 4)
+        except RuntimeError:                  # no completion (VmExitError; CompletionTimeout on the host)
+            raw = None if self.removed else _U32.pack(n)
+        took = min(max(int.from_bytes(raw, "little") if raw else 1, 1), IRQ_BURST_MAX)
+        if took != n:
+            bursts[entry] = (at, base, took)
+        self.burst = took
+        return took
 
     @property
     def irqs_allowed(self) -> int:
@@ -286,9 +290,10 @@ class EngineInstance:
         return self._allowance(self.completed)
 
     def _allowance(self, records: int) -> int:
-        if records >= self._burst_from:
-            return self._allowed_base + (records - self._burst_from) * self.burst
-        return self._allowed_base - (self._burst_from - records) * self._burst_before
+        for start, base, burst in reversed(self._bursts):
+            if records >= start:
+                return base + (records - start) * burst
+        return records                        # before every kept change: not reached
 
     def ring_doorbell(self, cookie: int) -> None:
         """Submit one work item; with the work queue full it waits in ``backlog`` (never dropped)."""

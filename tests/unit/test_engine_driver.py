@@ -101,3 +101,78 @@ async def test_work_rung_before_a_burst_change_is_checked_at_the_burst_it_was_ru
     inst.handle_irq(inst.irq, 0)
     assert inst.record_missing == 1
     assert [off for off, _ in inst.kernel.hw.writes].count(DOORBELL) == 3
+
+
+async def test_two_changes_with_work_in_flight_keep_each_item_at_its_own_burst():
+    inst, ram = instance()
+    inst.ring_doorbell(0)
+    inst.ring_doorbell(1)                            # both at burst 1
+    await inst.set_burst(4)
+    await inst.set_burst(8)
+    for seq in (0, 1):                               # one interrupt each, in order
+        complete(inst, ram, seq)
+        inst.handle_irq(inst.irq, 0)
+    assert inst.record_missing == 0
+    inst.ring_doorbell(2)                            # at burst 8
+    complete(inst, ram, 2)
+    for _ in range(8):
+        inst.handle_irq(inst.irq, 0)
+    assert inst.record_missing == 0
+    inst.handle_irq(inst.irq, 0)
+    assert inst.record_missing == 1
+
+
+async def test_interrupts_that_overtake_a_record_rung_between_two_changes_are_caught():
+    inst, ram = instance()
+    await inst.set_burst(4)
+    inst.ring_doorbell(0)
+    inst.ring_doorbell(1)                            # 4 each
+    await inst.set_burst(1)
+    inst.ring_doorbell(2)                            # 1
+    await inst.set_burst(4)
+    complete(inst, ram, 0)
+    for _ in range(4):
+        inst.handle_irq(inst.irq, 0)
+    assert inst.record_missing == 0
+    for _ in range(3):                               # record 1's interrupts, ahead of record 1
+        inst.handle_irq(inst.irq, 0)
+    assert inst.record_missing == 3
+
+
+async def test_work_the_handler_rings_while_the_burst_is_read_back_runs_at_the_new_burst():
+    """A straggler interrupt during the read-back rings backlog work: it is on the link after
+    the IRQ_BURST write, so the device runs it at the new burst, and the check counts it so."""
+    inst, ram = instance()
+    inst.wq_depth = 4                                # 3 in flight, the rest waits in the backlog
+    for cookie in range(5):
+        inst.ring_doorbell(cookie)
+    assert inst.doorbells == 3 and len(inst.backlog) == 2
+    hw = inst.kernel.hw
+    read = hw.mmio_read
+
+    async def read_with_a_straggler(addr: int, size: int) -> bytes:
+        complete(inst, ram, 0)
+        inst.handle_irq(inst.irq, 0)                 # record 0's one interrupt: rings item 3
+        return await read(addr, size)
+
+    hw.mmio_read = read_with_a_straggler
+    assert await inst.set_burst(4) == 4 and inst.doorbells == 4
+    for seq, n in ((1, 1), (2, 1), (3, 4)):          # rung before the write: 1; after it: 4
+        complete(inst, ram, seq)
+        for _ in range(n):
+            inst.handle_irq(inst.irq, 0)
+    assert inst.record_missing == 0
+    inst.handle_irq(inst.irq, 0)
+    assert inst.record_missing == 1
+
+
+async def test_a_device_that_does_not_answer_is_taken_at_its_word_and_nothing_raises():
+    inst, _ = instance()
+
+    async def no_answer(addr: int, size: int) -> bytes:
+        raise RuntimeError("no completion within 5 s")
+
+    inst.kernel.hw.mmio_read = no_answer
+    assert await inst.set_burst(16) == 16
+    inst.removed = "surprise removal"
+    assert await inst.set_burst(2) == 16             # a removed function is left alone

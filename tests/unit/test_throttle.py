@@ -144,6 +144,9 @@ def test_a_malformed_batch_costs_the_guest_a_frame_of_budget() -> None:
     assert c.forwarded() == [] and c.peer("g1").throttles == 1
     c.f.on_multipart([D0, bad])
     assert c.peer("d0").tokens == float("inf")       # only guests have a budget
+    for _ in range(5000):                            # the debt is capped at 1 s of rate
+        c.f.on_multipart([G1, bad])
+    assert c.peer("g1").tokens == -1000 * MAX_DEBT_S
 
 
 def test_rate_zero_means_no_budget_at_all() -> None:
