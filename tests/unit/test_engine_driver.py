@@ -59,26 +59,36 @@ def complete(inst: EngineInstance, ram: Ram, seq: int) -> None:
     _RECORD.pack_into(ram.data, inst.ring + (seq % inst.entries) * _RECORD.size, seq, CMPL_STATUS_DONE, seq)
 
 
+def interrupts(inst: EngineInstance, n: int) -> None:
+    """``n`` interrupts reach the handler, one at a time."""
+    for _ in range(n):
+        inst.handle_irq(inst.irq, 0)
+
+
+def deliver_in_order_then_one_too_many(inst: EngineInstance, ram: Ram, items: list[tuple[int, int]]) -> None:
+    """Each record of ``items`` (seq, its interrupts) lands, then its interrupts: nothing
+    overtakes; then one interrupt with no record behind it is caught."""
+    for seq, n in items:
+        complete(inst, ram, seq)
+        interrupts(inst, n)
+    assert inst.record_missing == 0
+    interrupts(inst, 1)
+    assert inst.record_missing == 1
+
+
 async def test_a_burst_of_interrupts_after_their_record_is_in_order_and_one_more_is_not():
     inst, ram = instance()
     assert await inst.set_burst(4) == 4 and (IRQ_BURST, 4) in inst.kernel.hw.writes
     inst.ring_doorbell(0)
-    complete(inst, ram, 0)
-    for _ in range(4):
-        inst.handle_irq(inst.irq, 0)
-    assert inst.completed == 1 and inst.interrupts == 4 and inst.record_missing == 0
-    inst.handle_irq(inst.irq, 0)                     # a fifth, with no record behind it
-    assert inst.record_missing == 1
+    deliver_in_order_then_one_too_many(inst, ram, [(0, 4)])   # a fifth has no record behind it
+    assert inst.completed == 1 and inst.interrupts == 5
 
 
 async def test_a_device_without_the_generator_keeps_one_per_record():
     inst, ram = instance(generator=False)
     assert await inst.set_burst(8) == 1               # read back: the device took 1
     inst.ring_doorbell(0)
-    complete(inst, ram, 0)
-    inst.handle_irq(inst.irq, 0)
-    inst.handle_irq(inst.irq, 0)
-    assert inst.record_missing == 1
+    deliver_in_order_then_one_too_many(inst, ram, [(0, 1)])
 
 
 async def test_work_rung_before_a_burst_change_is_checked_at_the_burst_it_was_rung_at():
@@ -91,15 +101,10 @@ async def test_work_rung_before_a_burst_change_is_checked_at_the_burst_it_was_ru
     assert await inst.set_burst(1) == 1
     for seq in (0, 1):
         complete(inst, ram, seq)
-        for _ in range(4):
-            inst.handle_irq(inst.irq, 0)
+        interrupts(inst, 4)
     assert inst.record_missing == 0, "records rung at burst 4 announce 4 interrupts each"
     inst.ring_doorbell(2)
-    complete(inst, ram, 2)
-    inst.handle_irq(inst.irq, 0)
-    assert inst.record_missing == 0
-    inst.handle_irq(inst.irq, 0)
-    assert inst.record_missing == 1
+    deliver_in_order_then_one_too_many(inst, ram, [(2, 1)])
     assert [off for off, _ in inst.kernel.hw.writes].count(DOORBELL) == 3
 
 
@@ -111,15 +116,10 @@ async def test_two_changes_with_work_in_flight_keep_each_item_at_its_own_burst()
     await inst.set_burst(8)
     for seq in (0, 1):                               # one interrupt each, in order
         complete(inst, ram, seq)
-        inst.handle_irq(inst.irq, 0)
+        interrupts(inst, 1)
     assert inst.record_missing == 0
     inst.ring_doorbell(2)                            # at burst 8
-    complete(inst, ram, 2)
-    for _ in range(8):
-        inst.handle_irq(inst.irq, 0)
-    assert inst.record_missing == 0
-    inst.handle_irq(inst.irq, 0)
-    assert inst.record_missing == 1
+    deliver_in_order_then_one_too_many(inst, ram, [(2, 8)])
 
 
 async def test_interrupts_that_overtake_a_record_rung_between_two_changes_are_caught():
@@ -131,11 +131,9 @@ async def test_interrupts_that_overtake_a_record_rung_between_two_changes_are_ca
     inst.ring_doorbell(2)                            # 1
     await inst.set_burst(4)
     complete(inst, ram, 0)
-    for _ in range(4):
-        inst.handle_irq(inst.irq, 0)
+    interrupts(inst, 4)
     assert inst.record_missing == 0
-    for _ in range(3):                               # record 1's interrupts, ahead of record 1
-        inst.handle_irq(inst.irq, 0)
+    interrupts(inst, 3)                              # record 1's interrupts, ahead of record 1
     assert inst.record_missing == 3
 
 
@@ -157,13 +155,7 @@ async def test_work_the_handler_rings_while_the_burst_is_read_back_runs_at_the_n
 
     hw.mmio_read = read_with_a_straggler
     assert await inst.set_burst(4) == 4 and inst.doorbells == 4
-    for seq, n in ((1, 1), (2, 1), (3, 4)):          # rung before the write: 1; after it: 4
-        complete(inst, ram, seq)
-        for _ in range(n):
-            inst.handle_irq(inst.irq, 0)
-    assert inst.record_missing == 0
-    inst.handle_irq(inst.irq, 0)
-    assert inst.record_missing == 1
+    deliver_in_order_then_one_too_many(inst, ram, [(1, 1), (2, 1), (3, 4)])   # before the write 1, after 4
 
 
 async def test_a_device_that_does_not_answer_is_taken_at_its_word_and_nothing_raises():
