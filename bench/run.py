@@ -1,6 +1,6 @@
 """irqlab benchmark suite: every figure in one run, each beside a baseline measured in that run.
 
-    python -m bench                       # full run (about 3 minutes on 2 cores)
+    python -m bench                       # full run (3-4 minutes on 2 cores)
     python -m bench --quick               # smoke run (about a minute)
     python -m bench --only relay,codec    # some sections (names below)
     python -m bench --json out.json       # results there (default bench/results/latest.json)
