@@ -1252,6 +1252,39 @@ def _cpl_packer(t: TlpType, has_data: bool):
     return pack
 
 
+def _decoded(cls, t, rid, tag, length, fbe, lbe, addr, cid, status, bcm, bc, la, data, pasid, pmr, er):
+    """The ``Tlp`` a fast decoder returns: the given fields, and the defaults of every one the
+    fast paths only accept at its default (TC, Attr, AT, TH, TD, EP, LN, PH, no digest).  Slot
+    stores on ``object.__new__``: the 25-argument ``__init__`` and its checks cost more."""
+    o = _new(cls)
+    o.type = t
+    o.requester_id = rid
+    o.tag = tag
+    o.tc = 0
+    o.attr = 0
+    o.at = 0
+    o.th = False
+    o.td = False
+    o.ep = False
+    o.ln = False
+    o.length = length
+    o.first_be = fbe
+    o.last_be = lbe
+    o.address = addr
+    o.ph = 0
+    o.completer_id = cid
+    o.status = status
+    o.bcm = bcm
+    o.byte_count = bc
+    o.lower_address = la
+    o.data = data
+    o.digest = None
+    o.pasid = pasid
+    o.pmr = pmr
+    o.er = er
+    return o
+
+
 def _mem_decoder(t: TlpType, hlen: int, has_data: bool, prefixed: bool):
     wide = hlen == 16   # 3DW below 4 GiB, 4DW at/above
     hs = (_DPMEM4 if wide else _DPMEM3) if prefixed else (_DMEM4 if wide else _DMEM3)
@@ -1292,38 +1325,9 @@ def _mem_decoder(t: TlpType, hlen: int, has_data: bool, prefixed: bool):
                 data = bytes(data)
         else:
             data = b""
-        o = _new(cls)
-        o.type = t
-        o.requester_id = rid
-        o.tag = tag
-        o.tc = 0
-        o.attr = 0
-        o.at = 0
-        o.th = False
-        o.td = False
-        o.ep = False
-        o.ln = False
-        o.length = length
-        o.first_be = fbe
-        o.last_be = lbe
-        o.address = addr
-        o.ph = 0
-        o.completer_id = 0
-        o.status = _SC
-        o.bcm = False
-        o.byte_count = 0
-        o.lower_address = 0
-        o.data = data
-        o.digest = None
         if prefixed:
-            o.pasid = phi | plo
-            o.pmr = pmr
-            o.er = er
-        else:
-            o.pasid = None
-            o.pmr = False
-            o.er = False
-        return o
+            return _decoded(cls, t, rid, tag, length, fbe, lbe, addr, 0, _SC, False, 0, 0, data, phi | plo, pmr, er)
+        return _decoded(cls, t, rid, tag, length, fbe, lbe, addr, 0, _SC, False, 0, 0, data, None, False, False)
 
     return decode
 
@@ -1342,33 +1346,7 @@ def _cfg_decoder(t: TlpType, has_data: bool):
                 data = bytes(data)
         else:
             data = b""
-        o = _new(cls)
-        o.type = t
-        o.requester_id = rid
-        o.tag = tag
-        o.tc = 0
-        o.attr = 0
-        o.at = 0
-        o.th = False
-        o.td = False
-        o.ep = False
-        o.ln = False
-        o.length = 1
-        o.first_be = be
-        o.last_be = 0
-        o.address = reg
-        o.ph = 0
-        o.completer_id = cid
-        o.status = _SC
-        o.bcm = False
-        o.byte_count = 0
-        o.lower_address = 0
-        o.data = data
-        o.digest = None
-        o.pasid = None
-        o.pmr = False
-        o.er = False
-        return o
+        return _decoded(cls, t, rid, tag, 1, be, 0, reg, cid, _SC, False, 0, 0, data, None, False, False)
 
     return decode
 
@@ -1403,33 +1381,7 @@ def _cpl_decoder(t: TlpType, has_data: bool):
                 data = bytes(data)
         else:
             data = b""
-        o = _new(cls)
-        o.type = t
-        o.requester_id = rid
-        o.tag = tag
-        o.tc = 0
-        o.attr = 0
-        o.at = 0
-        o.th = False
-        o.td = False
-        o.ep = False
-        o.ln = False
-        o.length = length
-        o.first_be = 0
-        o.last_be = 0
-        o.address = 0
-        o.ph = 0
-        o.completer_id = cid
-        o.status = status
-        o.bcm = bcm
-        o.byte_count = bc
-        o.lower_address = la
-        o.data = data
-        o.digest = None
-        o.pasid = None
-        o.pmr = False
-        o.er = False
-        return o
+        return _decoded(cls, t, rid, tag, length, 0, 0, 0, cid, status, bcm, bc, la, data, None, False, False)
 
     return decode
 
