@@ -457,8 +457,7 @@ class Fabric:
                 frames = wire.unbatch(frame)
             except wire.WireError:
                 peer.rx += 1
-                if peer.tokens != _INF:        # a guest pays for it like one frame (debt capped as for WASTED)
-                    peer.tokens = max(-self.platform.vm_frame_rate * MAX_DEBT_S, peer.tokens - 1.0)
+                self._charge(peer, 1)          # a guest pays for it like one frame
                 self._drop(peer, "malformed")
                 return
             parts = [identity, *frames]
@@ -614,9 +613,13 @@ class Fabric:
             return
         guest.wasted += count
         self.counters["wasted"] += count
-        rate = self.platform.vm_frame_rate
-        if rate:
-            guest.tokens = max(-rate * MAX_DEBT_S, guest.tokens - count * self.platform.waste_penalty)
+        self._charge(guest, count * self.platform.waste_penalty)
+
+    def _charge(self, peer: Peer, frames: int) -> None:
+        """Take ``frames`` off a guest's budget beyond what ``on_frame`` takes, its debt capped at
+        MAX_DEBT_S of its rate (a peer without a budget -- not a guest, or rate 0 -- pays nothing)."""
+        if peer.tokens != _INF:
+            peer.tokens = max(-self.platform.vm_frame_rate * MAX_DEBT_S, peer.tokens - frames)
 
     # ------------------------------------------------------------------
     # drops
