@@ -162,18 +162,8 @@ class QueuedSender:
         batch, self._batch = self._batch, None
         if not batch:
             return
-        for key, frames in batch.items():
-            if len(frames) == 1:
-                self.send(key, frames[0])
-                continue
-            for i in range(0, len(frames), BATCH_MAX):
-                chunk = frames[i:i + BATCH_MAX]
-                if len(chunk) > 1:
-                    self.batches += 1
-                    self.batched_frames += len(chunk)
-                    self._send_msg(key, batch_frame(chunk))
-                else:
-                    self._send_msg(key, chunk[0])
+        for key, frames in batch.items():     # fewer than BATCH_MAX each: send() sent full ones
+            self._send_collected(key, frames)
 
     def send(self, key: bytes | None, frame: bytes) -> None:
         batch = self._batch
@@ -187,11 +177,18 @@ class QueuedSender:
                     # a full BATCH leaves now (flush would send this very one): the receiver
                     # starts on it while we go on, instead of the stages taking turns
                     del batch[key]
-                    self.batches += 1
-                    self.batched_frames += len(frames)
-                    self._send_msg(key, batch_frame(frames))
+                    self._send_collected(key, frames)
             return
         self._send_msg(key, frame)
+
+    def _send_collected(self, key: bytes | None, frames: list[bytes]) -> None:
+        """One message for 1..BATCH_MAX collected frames: a lone frame as itself, else a BATCH."""
+        if len(frames) == 1:
+            self._send_msg(key, frames[0])
+            return
+        self.batches += 1
+        self.batched_frames += len(frames)
+        self._send_msg(key, batch_frame(frames))
 
     def _send_msg(self, key: bytes | None, msg: bytes) -> None:
         self.messages += 1
