@@ -32,6 +32,7 @@ EXIT_OK, EXIT_LOST, EXIT_USAGE, EXIT_LAB = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
+    from irqlab.topology import BURST_MAX
     ap = argparse.ArgumentParser(
         prog="launch.py",
         description="Run an irqlab topology: a fabric (PCIe bus + IOMMU + IR unit), device and host "
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--inflight", type=int, metavar="N", help="override workload.inflight")
     run.add_argument("--rate", type=float, metavar="R", help="override workload.rate (doorbells/s per function)")
     run.add_argument("--burst", type=int, metavar="N",
-                     help="override workload.burst: interrupts each work item raises (1..256, the "
+                     help=f"override workload.burst: interrupts each work item raises (1..{BURST_MAX}, the "
                           "engine's interrupt generator)")
     run.add_argument("--views", action="store_true",
                      help="also print every OS's /proc/interrupts, irq-domain hierarchy, lspci -vv, ADIs and "
@@ -304,7 +305,7 @@ def _remote(args) -> int:
 async def _run(args, console) -> int:
     from rich.console import Console
     from irqlab.lab import Lab, LabError
-    from irqlab.topology import TopologyError, burst_problem, load
+    from irqlab.topology import BURST_MAX, TopologyError, burst_problem, load
 
     try:
         topo = load(args.topology)
@@ -320,8 +321,8 @@ async def _run(args, console) -> int:
             print(f"launch.py: --{opt.replace('_', '-')} must be >= {0 if opt == 'per_function' else 1}",
                   file=sys.stderr)
             return EXIT_USAGE
-    if args.burst is not None and not 1 <= args.burst <= 256:
-        print("launch.py: --burst must be 1..256", file=sys.stderr)
+    if args.burst is not None and not 1 <= args.burst <= BURST_MAX:
+        print(f"launch.py: --burst must be 1..{BURST_MAX}", file=sys.stderr)
         return EXIT_USAGE
     if args.burst is not None and (why := burst_problem(args.burst, topo.devices)):
         print(f"launch.py: --burst: {why}", file=sys.stderr)

@@ -44,7 +44,7 @@ from typing import Callable
 
 from bench.relay import merged_latency
 from irqlab.lab import Lab
-from irqlab.topology import Topology, load
+from irqlab.topology import BURST_MAX, Topology, load
 
 FABRIC_FRAMES_PER_INTERRUPT = 3
 
@@ -276,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts (a few seconds each)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--burst", type=int, default=DELIVERY_BURST, metavar="N",
-                    help=f"interrupts per work item in the delivery runs, 1..256 (default {DELIVERY_BURST})")
+                    help=f"interrupts per work item in the delivery runs, 1..{BURST_MAX} (default {DELIVERY_BURST})")
     args = ap.parse_args(argv)
-    if not 1 <= args.burst <= 256:
-        ap.error("--burst must be 1..256")
+    if not 1 <= args.burst <= BURST_MAX:
+        ap.error(f"--burst must be 1..{BURST_MAX}")
     paths = [p for p in ("posted", "injection") if getattr(args, p)] or ["posted"]
     counts = (dict(per_function=4_000, latency_per_function=1_000, warmup_per_function=200) if args.quick
               else dict(per_function=20_000, latency_per_function=10_000, warmup_per_function=1_000))

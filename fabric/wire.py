@@ -90,13 +90,14 @@ BATCH = 60
 MESSAGE_NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", REFUSED: "REFUSED", TLP: "TLP", IRQ: "IRQ",
     REG: "REG", REG_ACK: "REG_ACK", CTL: "CTL", CTL_REP: "CTL_REP", EVENT: "EVENT",
-    DROPPED: "DROPPED", CREDIT: "CREDIT", WASTED: "WASTED", VMEXIT: "VMEXIT", VMENTRY: "VMENTRY", INJECT: "INJECT", POSTED: "POSTED",
-    BATCH: "BATCH",
+    DROPPED: "DROPPED", CREDIT: "CREDIT", WASTED: "WASTED", VMEXIT: "VMEXIT", VMENTRY: "VMENTRY",
+    INJECT: "INJECT", POSTED: "POSTED", BATCH: "BATCH",
 }
 
 # Arity of each message (number of array elements including the type).
 _ARITY = {HELLO: 4, WELCOME: 4, REFUSED: 2, TLP: 4, IRQ: 6, REG: 4, REG_ACK: 4,
-          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3, CREDIT: 2, WASTED: 3, VMEXIT: 5, VMENTRY: 5, INJECT: 6, POSTED: 3, BATCH: 2}
+          CTL: 5, CTL_REP: 4, EVENT: 4, DROPPED: 3, CREDIT: 2, WASTED: 3, VMEXIT: 5, VMENTRY: 5, INJECT: 6,
+          POSTED: 3, BATCH: 2}
 
 #: Frames larger than this are dropped unread by the fabric (a TLP is at most
 #: 4 KiB payload + 20 bytes of header and prefix; control replies are larger).

@@ -16,7 +16,7 @@ from fabric import wire
 from fabric.bdf import rid_str
 from fabric.trace import TLP_NAMES, Tracer, chunk_budget, flow_id, requested
 from fabric.tlp import CplStatus, Tlp, TlpError, TlpType, peek
-from guest.drivers.engine import EngineInstance
+from guest.drivers.engine import IRQ_BURST_MAX, EngineInstance
 from guest.views import lspci
 from guest.workload import Workload
 
@@ -161,9 +161,9 @@ class OsShell:
         stall_s = float(args.get("stall_s", 0) or 0)
         rate = float(args.get("rate", 0) or 0)
         burst = int(args.get("burst", 1) or 1)
-        if per_function < 0 or inflight < 1 or timeout_s <= 0 or rate < 0 or not 1 <= burst <= 256:
+        if per_function < 0 or inflight < 1 or timeout_s <= 0 or rate < 0 or not 1 <= burst <= IRQ_BURST_MAX:
             raise ValueError("per_function >= 0, inflight >= 1, timeout_s > 0, rate >= 0 and "
-                             "1 <= burst <= 256 are required")
+                             f"1 <= burst <= {IRQ_BURST_MAX} are required")
         if (self.workload is not None and not self.workload.finished) or self._starting:
             raise RuntimeError("a workload is already running")
         loop = asyncio.get_running_loop()

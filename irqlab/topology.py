@@ -209,6 +209,10 @@ class Guest:
                                     # (Topology.delivery(guest) resolves it)
 
 
+#: the most interrupts a work item may raise (the engine's IRQ_BURST_MAX)
+BURST_MAX = 256
+
+
 @dataclass(frozen=True)
 class Workload:
     """What every function does once the system is up."""
@@ -575,7 +579,7 @@ _WORKLOAD_KEYS: dict[str, _Checker] = {
     "inflight": _Int(1, 4096),
     "rate": _Float(0.0),
     "timeout_s": _Float(0.0, lo_open=True),
-    "burst": _Int(1, 256),
+    "burst": _Int(1, BURST_MAX),
 }
 
 # For docs/tests: section name -> (dataclass, schema)
