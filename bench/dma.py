@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from bench.interrupts import median_run
 from irqlab.lab import Lab
 from irqlab.topology import Topology
 
@@ -81,8 +82,7 @@ async def run(quick: bool = False, progress: Callable[[str], None] = print) -> d
             runs.append(r)
             progress(f"dma: run {i + 1}/{repeat}: {r['mb_per_s']:.1f} MB/s, {r['tlps_per_s']:,.0f} TLPs/s "
                      f"({r['tlps']:,} TLPs, {r['mrd']:,} MRd, {r['mwr_data']:,} data MWr)")
-        rates = sorted(x["mb_per_s"] for x in runs)
-        median = next(x for x in runs if x["mb_per_s"] == rates[len(rates) // 2])
+        median = median_run(runs, "mb_per_s")
         out.update(runs=runs, mb_per_s=median["mb_per_s"], tlps_per_s=median["tlps_per_s"],
                    tlps_per_copy=median["tlps"] / copies)
     return out

@@ -70,6 +70,17 @@ def _cpu(lab: Lab) -> dict[str, float | None]:
     return {name: _cpu_s(c.proc.pid) for name, c in lab.children.items()}
 
 
+def cpu_per(cpu0: dict, cpu1: dict, n: int) -> dict[str, float]:
+    """CPU µs per item (``n`` of them) of each process between two ``_cpu`` readings."""
+    return {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1 if cpu0.get(k) is not None and cpu1[k] is not None}
+
+
+def median_run(runs: list[dict], key: str = "rate_per_s") -> dict:
+    """The run whose ``key`` is the median (the upper one of an even count)."""
+    values = sorted(r[key] for r in runs)
+    return next(r for r in runs if r[key] == values[len(values) // 2])
+
+
 def _delivered(report: dict, what: str) -> int:
     """Interrupts of one clean run: each function's device sent exactly its target and the OS
     completed every work item, in order.  (Uses the devices' per-run ``sent`` rather than the
@@ -117,12 +128,9 @@ async def _delivery(lab: Lab, per_function: int, repeat: int, what: str, progres
             check(rep)
         handled = sum(r.get("handled", 0) for r in rep["functions"])
         runs.append({"interrupts": n, "elapsed_s": rep["elapsed_s"], "rate_per_s": n / rep["elapsed_s"],
-                     "handler_runs_per_interrupt": handled / n,
-                     "cpu_us_per_interrupt": {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1
-                                              if cpu0.get(k) is not None and cpu1[k] is not None}})
+                     "handler_runs_per_interrupt": handled / n, "cpu_us_per_interrupt": cpu_per(cpu0, cpu1, n)})
         progress(f"lab: {what} delivery {i + 1}/{repeat}: {runs[-1]['rate_per_s']:,.0f} interrupts/s")
-    rates = sorted(r["rate_per_s"] for r in runs)
-    median = next(r for r in runs if r["rate_per_s"] == rates[len(rates) // 2])
+    median = median_run(runs)
     return {"burst": burst, "inflight": DELIVERY_INFLIGHT, "per_function": items * burst,
             "runs": runs, "rate_per_s": median["rate_per_s"], "cpu_us_per_interrupt": median["cpu_us_per_interrupt"],
             "handler_runs_per_interrupt": median["handler_runs_per_interrupt"]}
@@ -188,7 +196,7 @@ async def _run_guests(topo: Topology, delivery: str, per_function: int, inflight
         rep = await lab.run_workload(per_function=per_function, inflight=inflight, oses=guests)
         cpu1 = _cpu(lab)
         n = _delivered(rep, f"{delivery} saturation")
-        cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1 if cpu0.get(k) is not None and cpu1[k] is not None}
+        cpu = cpu_per(cpu0, cpu1, n)
         out["saturation"] = {"per_function": per_function, "inflight": inflight,
                              "rate_per_s": n / rep["elapsed_s"], "interrupts": n, "cpu_us_per_interrupt": cpu}
         progress(f"lab: {delivery} saturation: {out['saturation']['rate_per_s']:,.0f} interrupts/s")
@@ -234,13 +242,12 @@ async def run(per_function: int = 20_000, inflight: int = 32, repeat: int = 3,
             n = _delivered(rep, "saturation")
             rate = n / rep["elapsed_s"]
             tlps, frames = rep["fabric"].get("tlps", 0), (rep["fabric"].get("tlps", 0) - tlps) / n
-            cpu = {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1 if cpu0.get(k) is not None and cpu1[k] is not None}
+            cpu = cpu_per(cpu0, cpu1, n)
             runs.append({"interrupts": n, "elapsed_s": rep["elapsed_s"], "rate_per_s": rate,
                          "per_function_rate_per_s": [r["rate_per_s"] for r in rep["functions"]],
                          "cpu_us_per_interrupt": cpu, "fabric_tlps_per_interrupt": frames})
             progress(f"lab: saturation {i + 1}/{repeat}: {rate:,.0f} interrupts/s")
-        rates = sorted(r["rate_per_s"] for r in runs)
-        median = next(r for r in runs if r["rate_per_s"] == rates[len(rates) // 2])
+        median = median_run(runs)
         out["saturation"] = {"per_function": per_function, "inflight": inflight, "runs": runs,
                              "rate_per_s": median["rate_per_s"],
                              "cpu_us_per_interrupt": median["cpu_us_per_interrupt"],

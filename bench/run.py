@@ -94,6 +94,7 @@ def parse_only(text: str | None) -> tuple[str, ...]:
 
 def run_relay(p: dict, log) -> dict:
     from bench import relay
+    from bench.interrupts import median_run
     runs = []
     for i in range(p["relay_repeat"]):
         log(f"relay: throughput {i + 1}/{p['relay_repeat']}: {p['relay_n']:,} frames of "
@@ -103,8 +104,7 @@ def run_relay(p: dict, log) -> dict:
             raise RuntimeError(f"relay throughput run timed out ({r['received']:,} of {p['relay_n']:,} received)")
         runs.append(r)
         log(f"relay: throughput {i + 1}/{p['relay_repeat']}: {r['rate_per_s']:,.0f} msg/s")
-    rates = sorted(r["rate_per_s"] for r in runs)
-    median = next(r for r in runs if r["rate_per_s"] == rates[len(rates) // 2])
+    median = median_run(runs)
     log(f"relay: latency at {p['relay_rate']:,.0f} msg/s for {p['relay_seconds']} s")
     lat = relay.latency(p["relay_rate"], p["relay_seconds"])
     lat.pop("hist", None)

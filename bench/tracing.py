@@ -35,7 +35,7 @@ from typing import Callable
 if __package__ in (None, ""):          # python bench/tracing.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.interrupts import _cpu, _delivered  # noqa: E402
+from bench.interrupts import _cpu, _delivered, cpu_per  # noqa: E402
 from bench.relay import merged_latency  # noqa: E402
 
 FULL = {"per_function": 10_000, "inflight": 32, "latency_per_function": 2_000, "warmup_per_function": 500,
@@ -57,8 +57,7 @@ async def _round(lab, p: dict, traced: bool, log: Callable[[str], None]) -> dict
         cpu1 = _cpu(lab)
         n = _delivered(rep, f"tracing {label} {kind}")
         fig = {"interrupts": n, "rate_per_s": n / rep["elapsed_s"],
-               "cpu_us_per_interrupt": {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1
-                                        if cpu0.get(k) is not None and cpu1[k] is not None}}
+               "cpu_us_per_interrupt": cpu_per(cpu0, cpu1, n)}
         if kind == "latency":
             fig["latency"] = merged_latency(rep)
         if traced:
