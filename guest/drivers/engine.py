@@ -146,10 +146,10 @@ class EngineInstance:
         self.backlog: collections.deque[int] = collections.deque()   # cookies waiting for WQ room
         self.interrupts = 0
         self.record_missing = 0
-        self.burst = 1              # IRQ_BURST as programmed: interrupts per completion
-        # The record check across changes of IRQ_BURST: (first work item, interrupts announced by
-        # the records before it, burst from it on), one entry per change, oldest first.  A work
-        # item completes at the burst in force when it was rung (the write is ordered with them).
+        # IRQ_BURST as programmed, and the record check across its changes: (first work item,
+        # interrupts announced by the records before it, burst from it on), one entry per change,
+        # oldest first.  A work item completes at the burst in force when it was rung (the write
+        # is ordered with the doorbells).
         self._bursts: list[tuple[int, int, int]] = [(0, 0, 1)]
         self.latencies_ns: list[int] = []
         self.on_complete: Callable[["EngineInstance", int], None] | None = None
@@ -280,8 +280,12 @@ class EngineInstance:
         took = min(max(int.from_bytes(raw, "little") if raw else 1, 1), IRQ_BURST_MAX)
         if took != n:
             bursts[entry] = (at, base, took)
-        self.burst = took
         return took
+
+    @property
+    def burst(self) -> int:
+        """IRQ_BURST as programmed: interrupts per work item rung from now on."""
+        return self._bursts[-1][2]
 
     @property
     def irqs_allowed(self) -> int:
