@@ -117,7 +117,7 @@ from typing import Any, Protocol
 
 from device.config import BE_MASK
 from device.emit import Emit, mem_write_dw
-from device.engine import DOORBELL, IRQ_MODE, WorkEngine
+from device.engine import DOORBELL, IRQ_MODE, EngineShared, WorkEngine
 from device.ims import IMS_CTRL_PASID_ENABLE, IMS_CTRL_VECTOR_MASKBIT, IMS_SLOT_SIZE, ImsStore
 from fabric.provenance import ADI_FLAG, describe
 from fabric.tlp import CplStatus, Tlp, TlpType
@@ -266,9 +266,9 @@ class AdiEngine(WorkEngine):
 
     __slots__ = ("ims_mem_slots", "qctx_base")
 
-    def __init__(self, ims_slots: int, ims_mem_slots: int, generator: bool = False) -> None:
+    def __init__(self, ims_slots: int, ims_mem_slots: int, shared: EngineShared | None = None) -> None:
         self.ims_mem_slots = ims_mem_slots
-        super().__init__(ims_slots, generator)
+        super().__init__(ims_slots, shared)
 
     def reset(self) -> None:
         super().reset()
@@ -331,7 +331,7 @@ class Adi:
     __slots__ = ("index", "host", "engine", "ims", "ctrl", "pasid", *_COUNTERS)
 
     def __init__(self, index: int, host: AdiHost, *, ims_slots: int = 8,
-                 ims_mem_slots: int = DEFAULT_IMS_MEM_SLOTS, irq_generator: bool = False) -> None:
+                 ims_mem_slots: int = DEFAULT_IMS_MEM_SLOTS, engines: EngineShared | None = None) -> None:
         if not 0 <= index <= 0xFFFF:
             raise ValueError(f"ADI index {index} does not fit in 16 bits")
         if not 0 <= ims_slots <= ADI_MAX_IMS_SLOTS:
@@ -340,7 +340,7 @@ class Adi:
         self.host = host
         for name in _COUNTERS:
             setattr(self, name, 0)
-        self.engine = AdiEngine(ims_slots, ims_mem_slots, irq_generator)
+        self.engine = AdiEngine(ims_slots, ims_mem_slots, engines)
         self.ims = AdiIms(ims_slots, self) if ims_slots else None
         self.ctrl = 0
         self.pasid = 0

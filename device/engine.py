@@ -92,10 +92,10 @@ vector or device-IMS slot IRQ_BURST times in a row (all after the record; the
 first announces it).  Each is a separate interrupt message on the bus, counted
 in MSIX_SENT / IMS_SENT; a masked vector pends once.  A memory-kind IMS slot
 (an ADI's, ``device.adi``) is fetched and raised once whatever IRQ_BURST says.
-It is a test feature, present only on a device built with it (``generator``;
-the topology's ``[[device]] irq_generator``): with it a guest's one doorbell
-makes the device send 256 interrupt messages through the shared fabric, work its
-VM's frame budget does not count.
+It is a test feature, present only on a device built with it
+(``EngineShared.generator``; the topology's ``[[device]] irq_generator``): with
+it a guest's one doorbell makes the device send 256 interrupt messages through
+the shared fabric, work its VM's frame budget does not count.
 
 DWORD records (CMPL_FORMAT.DW = 1, 0 after reset): the record is the u32 cookie
 alone, written to ``CMPL_BASE + (seq % CMPL_RING_ENTRIES) * 4`` with CMPL_BASE
@@ -164,6 +164,19 @@ CMPL_DWORD = struct.Struct("<I")
 _ADDR_MASK = (1 << 64) - 1
 
 
+class EngineShared:
+    """What every engine of one device shares: whether the device was built with the interrupt
+    generator (IRQ_BURST works), and how many doorbells any of them refused for a full work
+    queue -- the device shell reads that around each guest store to tell the fabric whose
+    stores rang full queues (WASTED)."""
+
+    __slots__ = ("generator", "refused")
+
+    def __init__(self, generator: bool = False) -> None:
+        self.generator = generator
+        self.refused = 0
+
+
 class DmaCopy:
     """One copy work item in flight."""
 
@@ -181,13 +194,13 @@ class WorkEngine:
 
     __slots__ = (
         "ims_cap", "cmpl_base", "cmpl_format", "ring_entries", "irq_vector", "irq_mode", "completed",
-        "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full", "irq_burst", "generator",
+        "msix_sent", "msix_pended", "ims_sent", "ims_pended", "head", "wq_full", "irq_burst", "shared",
         "dma_src", "dma_dst", "dma_len", "dma_copies", "dma_errors", "copies", "_tags", "_free_tags",
     )
 
-    def __init__(self, ims_slots: int = 0, generator: bool = False) -> None:
+    def __init__(self, ims_slots: int = 0, shared: "EngineShared | None" = None) -> None:
         self.ims_cap = ims_slots
-        self.generator = generator       # IRQ_BURST is writable (the interrupt generator)
+        self.shared = shared if shared is not None else EngineShared()   # the device's, for all its engines
         self.reset()
 
     def reset(self) -> None:
@@ -214,16 +227,12 @@ class WorkEngine:
     def wq_depth(self) -> int:
         return min(WQ_SIZE, self.ring_entries)
 
-    #: Refusals (full work queue) by every engine of this process, ever: the device shell reads
-    #: it around each guest store to tell the fabric whose stores rang full queues (WASTED).
-    refused = 0
-
     def accepts(self) -> bool:
         """Room in the work queue: fewer than WQ_DEPTH completed records not yet consumed."""
         if (self.completed + len(self.copies) - self.head) & 0xFFFFFFFF < min(WQ_SIZE, self.ring_entries):
             return True
         self.wq_full += 1
-        WorkEngine.refused += 1
+        self.shared.refused += 1
         return False
 
     def emit_burst(self, out: list, irq, table) -> int:
@@ -296,7 +305,7 @@ class WorkEngine:
         elif off == IRQ_MODE:
             self.irq_mode = value & IRQ_MODE_IMS
         elif off == IRQ_BURST:
-            if self.generator:
+            if self.shared.generator:
                 self.irq_burst = min(max(value & 0xFFFFFFFF, 1), IRQ_BURST_MAX)
         elif off == DMA_SRC_LO:
             self.dma_src = (self.dma_src & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)

@@ -53,7 +53,7 @@ from device.config import (
     ConfigSpace,
 )
 from device.emit import Emit, mem_write_dw
-from device.engine import DMA_GO, DOORBELL, WorkEngine
+from device.engine import DMA_GO, DOORBELL, EngineShared, WorkEngine
 from device.ims import ImsStore
 from device.msix import MsixTable
 from fabric.bdf import rid_str
@@ -108,7 +108,7 @@ class Function:
         on_flr: Callable[["Function"], None] | None = None,
         ims_slots: int = 0,
         pasid_interrupts: bool = True,
-        irq_generator: bool = False,
+        engines: EngineShared | None = None,
     ) -> None:
         if not 1 <= vectors <= MAX_VECTORS:
             raise ValueError(f"{vectors} MSI-X vectors do not fit between 0x2000 and 0x3000")
@@ -151,7 +151,7 @@ class Function:
         self.msix = MsixTable(vectors, requester_id=self._rid)
         self.ims = (ImsStore(ims_slots, requester_id=self._rid, pasid_interrupts=pasid_interrupts)
                     if ims_slots else None)
-        self.engine = WorkEngine(ims_slots, irq_generator)
+        self.engine = WorkEngine(ims_slots, engines)
 
     # ---- identity --------------------------------------------------------------------------------
 

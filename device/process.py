@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 
-from device.engine import WorkEngine
 from device.sriov_device import SriovDevice
 from fabric import wire
 from fabric.loop import die_with_parent, run
@@ -72,10 +71,11 @@ class DeviceShell:
                 emits = self.model.handle_tlp(tlp)
             else:
                 # a guest's store (the fabric stamped its link): did it ring a full work queue?
-                refused = WorkEngine.refused
+                engines = self.model.engines
+                refused = engines.refused
                 emits = self.model.handle_tlp(tlp)
-                if WorkEngine.refused != refused and type(link) is int:
-                    self._waste(link, WorkEngine.refused - refused)
+                if engines.refused != refused and type(link) is int:
+                    self._waste(link, engines.refused - refused)
             if emits:
                 send = self.port.send
                 prev = packed = None

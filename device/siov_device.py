@@ -80,6 +80,7 @@ from device.caps.dvsec import IntelSiovDvsec
 from device.caps.pasid import PasidCap
 from device.config import BE_MASK, PCI_COMMAND
 from device.emit import Emit
+from device.engine import EngineShared
 from device.function import BAR0_SIZE, IMS_OFFSET, Function
 from fabric.bdf import rid_str
 from fabric.provenance import function_origin
@@ -167,10 +168,11 @@ class SiovDevice:
             raise ValueError(f"{adi_ims_slots} IMS slots per ADI do not fit in a page (0..{ADI_MAX_IMS_SLOTS})")
         self.vendor_id = vendor_id
         self.pasid_interrupts = pasid_interrupts
+        self.engines = EngineShared(irq_generator)   # what its engines share (device.engine)
         self.bus = 0
         pf = self.pf = SiovPf(0, vendor_id=vendor_id, device_id=device_id, vectors=pf_vectors,
                               on_flr=self._pf_flr, ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts,
-                              irq_generator=irq_generator)
+                              engines=self.engines)
         pf.device = self
         self.bar2_size = bar2_size(adis)
         pf.cfg.add_bar(BAR2_INDEX, self.bar2_size)
@@ -185,7 +187,7 @@ class SiovDevice:
 
         self.fetches = FetchTable()
         self._adis = [Adi(i, self, ims_slots=adi_ims_slots, ims_mem_slots=DEFAULT_IMS_MEM_SLOTS,
-                          irq_generator=irq_generator)
+                          engines=self.engines)
                       for i in range(adis)]
         self._bar0: int | None = None
         self._bar2: int | None = None

@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from device.caps.sriov import SriovCap
 from device.emit import Emit
+from device.engine import EngineShared
 from device.function import BAR0_SIZE, Function
 from fabric.bdf import rid_str
 from fabric.tlp import CplStatus, Tlp, TlpType
@@ -75,10 +76,10 @@ class SriovDevice:
         self.vf_vectors = vf_vectors
         self.vf_ims_slots = vf_ims_slots
         self.pasid_interrupts = pasid_interrupts
-        self.irq_generator = irq_generator
+        self.engines = EngineShared(irq_generator)   # what its engines share (device.engine)
         self.bus = 0
         self.pf = Function(0, vendor_id=vendor_id, device_id=device_id, vectors=pf_vectors, on_flr=self._pf_flr,
-                           ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts, irq_generator=irq_generator)
+                           ims_slots=pf_ims_slots, pasid_interrupts=pasid_interrupts, engines=self.engines)
         self.sriov = SriovCap(
             total_vfs=total_vfs,
             vf_device_id=vf_device_id,
@@ -233,7 +234,7 @@ class SriovDevice:
             on_flr=self._vf_flr,
             ims_slots=self.vf_ims_slots,
             pasid_interrupts=self.pasid_interrupts,
-            irq_generator=self.irq_generator,
+            engines=self.engines,
         )
         self.vfs.append(vf)
         self._by_rid[vf.rid] = vf
